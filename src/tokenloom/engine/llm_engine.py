@@ -1,0 +1,194 @@
+"""LLMEngine: the synchronous core. add_request / abort_request / step.
+
+One step::
+
+    out   = scheduler.schedule()          # which sequences, how many tokens, which blocks
+    model = runner.execute(out)           # one forward over the mixed batch + sampling
+    seqs  = scheduler.update(out, model)  # append tokens, stop, free blocks
+    deltas = outputs.make_outputs(seqs)   # text, stop strings, logprobs -> RequestOutput
+
+Requests enter in two halves so that a server can validate on its own thread:
+``prepare_request`` checks and tokenizes (touches no engine state) and
+``admit`` hands the prepared sequences to the scheduler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from tokenloom.config import CacheConfig, EngineConfig, ModelArchConfig, ModelConfig, SchedulerConfig
+from tokenloom.engine.memory import default_kv_cache_memory, num_kv_blocks, resolve_max_model_len
+from tokenloom.engine.output_processor import OutputProcessor
+from tokenloom.engine.tokenizer import Tokenizer
+from tokenloom.kv_cache.manager import KVCacheManager
+from tokenloom.model.loader import load_model
+from tokenloom.model_files import resolve_model
+from tokenloom.request import Request, RequestOutput, RequestStatus
+from tokenloom.runner.model_runner import ModelRunner
+from tokenloom.sampling_params import InvalidParameter, SamplingParams
+from tokenloom.sched.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedRequest:
+    """A validated, tokenized request, ready to be admitted (n sequences)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    sequences: tuple[Request, ...]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        config.validate()
+        started = time.perf_counter()
+        path = resolve_model(config.model.model)
+        device = torch.device(config.model.device)
+        dtype = _DTYPES[config.model.dtype]
+        torch.manual_seed(config.model.seed)
+        self.tokenizer = Tokenizer.from_path(path)
+        model, arch = load_model(path, dtype, device)
+        self.arch = arch
+        self.config = _resolve_config(config, arch, dtype)
+        cache = self.config.cache
+        self.kv_manager = KVCacheManager(cache.num_blocks, cache.block_size)
+        self.scheduler = Scheduler(self.config.scheduler, self.kv_manager)
+        self.runner = ModelRunner(model, arch, cache.num_blocks, cache.block_size, dtype, device)
+        self.outputs = OutputProcessor(self.tokenizer)
+        self.eos_token_ids = tuple(dict.fromkeys(self.tokenizer.eos_token_ids + arch.eos_token_ids))
+        self.debug = os.environ.get("TOKENLOOM_DEBUG") == "1"
+        logger.info("engine ready in %.1fs: %s, %s on %s, %d KV blocks x %d tokens, max_model_len %d",
+                    time.perf_counter() - started, path.name, config.model.dtype, device,
+                    cache.num_blocks, cache.block_size, self.config.scheduler.max_model_len)
+
+    @classmethod
+    def from_options(cls, model: str = "smollm2-135m", **options) -> LLMEngine:
+        return cls(build_engine_config(model=model, **options))
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.scheduler.max_model_len
+
+    # -- requests ----------------------------------------------------------
+
+    def prepare_request(self, request_id: str, prompt: str | list[int],
+                        params: SamplingParams) -> PreparedRequest:
+        """Validate and tokenize; raises ValueError (InvalidParameter names the field)."""
+        params.validate(self.arch.vocab_size)
+        prompt_text = prompt if isinstance(prompt, str) else None
+        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._check_prompt(token_ids)
+        if params.max_tokens is not None and len(token_ids) + params.max_tokens > self.max_model_len:
+            raise InvalidParameter(
+                "max_tokens", f"({params.max_tokens}) plus the prompt ({len(token_ids)} tokens) exceeds "
+                f"the context length {self.max_model_len}")
+        return PreparedRequest(request_id, prompt_text, token_ids, params,
+                               self._make_sequences(request_id, token_ids, params))
+
+    def admit(self, prepared: PreparedRequest) -> None:
+        if prepared.request_id in self.outputs:
+            raise ValueError(f"request id {prepared.request_id!r} is already running")
+        self.outputs.add(prepared.request_id, prepared.prompt, prepared.prompt_token_ids,
+                         prepared.params, [s.request_id for s in prepared.sequences])
+        for seq in prepared.sequences:
+            self.scheduler.add_request(seq)
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+        self.admit(self.prepare_request(request_id, prompt, params))
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a user request now: its KV blocks are freed before this returns."""
+        self.scheduler.finish_requests(self._sequence_ids(request_id), RequestStatus.FINISHED_ABORTED)
+        self.outputs.remove(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # -- the loop ------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            self._check_idle()
+            return []
+        model_out = self.runner.execute(out)
+        updated = self.scheduler.update(out, model_out)
+        for req in self.outputs.stop_string_hits(updated):
+            self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
+            req.stop_reason = self.outputs.stop_string_of(req)
+        return self.outputs.make_outputs(updated)
+
+    def check_integrity(self) -> None:
+        self.scheduler.check_integrity()
+
+    # -- helpers -------------------------------------------------------------
+
+    def _check_prompt(self, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise InvalidParameter("prompt", "must contain at least one token")
+        if len(token_ids) > self.max_model_len:
+            raise InvalidParameter(
+                "prompt", f"is {len(token_ids)} tokens long, more than the context length "
+                f"{self.max_model_len}")
+        vocab = self.arch.vocab_size
+        bad = next((t for t in token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidParameter("prompt", f"token id {bad} is out of vocabulary (size {vocab})")
+
+    def _make_sequences(self, request_id: str, token_ids: list[int],
+                        params: SamplingParams) -> tuple[Request, ...]:
+        if params.n == 1:
+            return (Request(request_id, token_ids, params, self.eos_token_ids),)
+        # Only sample 0 computes prompt logprobs: the others share its prompt blocks.
+        sibling_params = dataclasses.replace(params, prompt_logprobs=None)
+        return tuple(
+            Request(f"{request_id}#{i}", token_ids, params if i == 0 else sibling_params,
+                    self.eos_token_ids, sample_index=i, parent_id=request_id)
+            for i in range(params.n))
+
+    def _sequence_ids(self, request_id: str) -> list[str]:
+        return self.outputs.sequence_ids(request_id)
+
+    def _check_idle(self) -> None:
+        if self.debug and not self.scheduler.has_unfinished_requests():
+            self.check_integrity()
+
+
+def build_engine_config(model: str = "smollm2-135m", *, dtype: str = "float32", device: str = "cpu",
+                        max_model_len: int | None = None, seed: int = 0, block_size: int = 16,
+                        kv_cache_memory: float | None = None, num_kv_blocks: int | None = None,
+                        max_num_batched_tokens: int = 2048, max_num_seqs: int = 256) -> EngineConfig:
+    """The engine's options as keyword arguments (LLM(...) and the CLI use this)."""
+    return EngineConfig(
+        model=ModelConfig(model=model, dtype=dtype, device=device, max_model_len=max_model_len, seed=seed),
+        cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory, num_blocks=num_kv_blocks),
+        scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs),
+    )
+
+
+def _resolve_config(config: EngineConfig, arch: ModelArchConfig, dtype: torch.dtype) -> EngineConfig:
+    """Fill in what depends on the model: the number of KV blocks and max_model_len."""
+    cache = config.cache
+    num_blocks = cache.num_blocks
+    if num_blocks is None:
+        budget = cache.kv_cache_memory or default_kv_cache_memory()
+        num_blocks = num_kv_blocks(arch, dtype.itemsize, cache.block_size, budget)
+    max_len = resolve_max_model_len(config.model.max_model_len, arch.max_position_embeddings,
+                                    num_blocks * cache.block_size)
+    return dataclasses.replace(
+        config,
+        cache=dataclasses.replace(cache, num_blocks=num_blocks),
+        scheduler=dataclasses.replace(config.scheduler, max_model_len=max_len),
+    )

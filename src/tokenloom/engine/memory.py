@@ -1,0 +1,69 @@
+"""Sizing the paged KV cache from a memory budget (never from max_model_len x max_num_seqs)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from tokenloom.config import ModelArchConfig
+
+logger = logging.getLogger(__name__)
+
+GiB = 1 << 30
+# Without a budget from the user, take this share of the RAM that is free at start-up,
+# within [MIN, MAX]: generous enough for batching, modest enough to leave room for
+# activations, the tokenizer and the rest of the machine.
+DEFAULT_SHARE_OF_FREE_RAM = 0.25
+MIN_DEFAULT_GIB = 0.25
+MAX_DEFAULT_GIB = 8.0
+
+
+def available_memory_bytes() -> int:
+    """MemAvailable from /proc/meminfo; falls back to total physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def default_kv_cache_memory() -> float:
+    """The default KV budget in GiB, derived from free RAM."""
+    share = available_memory_bytes() * DEFAULT_SHARE_OF_FREE_RAM / GiB
+    return min(MAX_DEFAULT_GIB, max(MIN_DEFAULT_GIB, share))
+
+
+def kv_bytes_per_token(arch: ModelArchConfig, dtype_size: int) -> int:
+    """K and V, every layer: 2 * layers * kv_heads * head_dim * bytes."""
+    return 2 * arch.num_hidden_layers * arch.num_key_value_heads * arch.head_dim * dtype_size
+
+
+def num_kv_blocks(arch: ModelArchConfig, dtype_size: int, block_size: int,
+                  kv_cache_memory_gib: float) -> int:
+    per_block = kv_bytes_per_token(arch, dtype_size) * block_size
+    num_blocks = int(kv_cache_memory_gib * GiB) // per_block
+    if num_blocks < 1:
+        raise ValueError(
+            f"kv_cache_memory={kv_cache_memory_gib} GiB holds no KV block "
+            f"(one block of {block_size} tokens needs {per_block} bytes)")
+    return num_blocks
+
+
+def resolve_max_model_len(requested: int | None, model_max: int, capacity_tokens: int) -> int:
+    """The longest sequence the engine accepts: the model's context, capped so that a
+    lone request always fits in the KV cache (so preemption can always make progress)."""
+    if requested is not None:
+        if requested > model_max:
+            raise ValueError(f"max_model_len={requested} exceeds the model's context length {model_max}")
+        if requested > capacity_tokens:
+            raise ValueError(
+                f"max_model_len={requested} does not fit in the KV cache ({capacity_tokens} tokens); "
+                "raise kv_cache_memory or lower max_model_len")
+        return requested
+    if capacity_tokens < model_max:
+        logger.warning("KV cache holds %d tokens, less than the model's context %d: "
+                       "max_model_len capped to %d", capacity_tokens, model_max, capacity_tokens)
+    return min(model_max, capacity_tokens)

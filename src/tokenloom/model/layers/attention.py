@@ -1,0 +1,118 @@
+"""Attention over the paged KV cache (plain PyTorch, any device).
+
+Cache layout, one pair per layer::
+
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+
+    slot = block_id * block_size + offset      (flat index into the first two dims)
+
+    block_table of a sequence:  [b7, b2, b9]   -> tokens 0..15 in b7, 16..31 in b2, ...
+
+A step's batch is flat: the new tokens of every sequence back to back. Sequence
+i owns rows ``query_start_loc[i]:query_start_loc[i+1]`` and, after this step,
+has ``seq_lens[i]`` tokens of context in the cache. A sequence's new tokens
+attend causally to each other and fully to everything computed before them,
+so prefill chunks, decodes and recomputation after preemption are one case.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionMetadata:
+    """Runner -> model, passed explicitly to every attention layer."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64: where each new token's K/V goes
+    block_tables: torch.Tensor  # [num_seqs, max_num_blocks] int64, rows padded with block 0
+    seq_lens: torch.Tensor  # [num_seqs] int64: context length after this step
+    query_start_loc: tuple[int, ...]  # len num_seqs + 1, host ints
+    seq_lens_host: tuple[int, ...]  # seq_lens as host ints
+    block_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_host)
+
+    @property
+    def is_decode_only(self) -> bool:
+        """Every sequence feeds exactly one new token (the common serving step)."""
+        return self.query_start_loc[-1] == self.num_seqs
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Scatter this step's keys/values ([num_tokens, num_kv_heads, head_dim]) into their slots."""
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q: [num_tokens, num_heads, head_dim] -> [num_tokens, num_heads, head_dim].
+
+    The new tokens' K/V must already be written to the cache (``write_kv``).
+    """
+    if meta.is_decode_only:
+        return _decode_attention(q, k_cache, v_cache, meta, scale)
+    out = torch.empty_like(q)
+    starts = meta.query_start_loc
+    for i, seq_len in enumerate(meta.seq_lens_host):
+        lo, hi = starts[i], starts[i + 1]
+        k, v = _gather_context(k_cache, v_cache, meta.block_tables[i], seq_len)
+        out[lo:hi] = _attend(q[lo:hi], k, v, scale, causal_offset=seq_len - (hi - lo))
+    return out
+
+
+def _gather_context(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                    seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence's cached K/V: [seq_len, num_kv_heads, head_dim] each."""
+    num_blocks = -(-seq_len // k_cache.shape[1])
+    blocks = block_table[:num_blocks]
+    k = k_cache[blocks].flatten(0, 1)[:seq_len]
+    v = v_cache[blocks].flatten(0, 1)[:seq_len]
+    return k, v
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+            causal_offset: int) -> torch.Tensor:
+    """q: [q_len, H, D]; k, v: [kv_len, KVH, D]; query j sits at position causal_offset + j."""
+    q_len, kv_len = q.shape[0], k.shape[0]
+    qh = q.transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
+    kh = k.transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, KVH, kv_len, D]
+    vh = v.transpose(0, 1).unsqueeze(0).to(q.dtype)
+    mask = None
+    if q_len > 1:
+        rows = torch.arange(q_len, device=q.device).unsqueeze(1) + causal_offset
+        mask = torch.arange(kv_len, device=q.device).unsqueeze(0) <= rows  # [q_len, kv_len]
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale,
+                                         enable_gqa=kh.shape[1] != qh.shape[1])
+    return out.squeeze(0).transpose(0, 1)  # [q_len, H, D]
+
+
+def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """All sequences decode one token: one padded batched attention call.
+
+    Padding keys are masked out; they add exact zeros, so a sequence's result
+    does not depend on what else is in the batch.
+    """
+    num_seqs = meta.num_seqs
+    block_size = k_cache.shape[1]
+    max_len = max(meta.seq_lens_host)
+    num_blocks = -(-max_len // block_size)
+    tables = meta.block_tables[:, :num_blocks]  # [S, nb]
+    k = k_cache[tables].flatten(1, 2)[:, :max_len]  # [S, max_len, KVH, D]
+    v = v_cache[tables].flatten(1, 2)[:, :max_len]
+    mask = torch.arange(max_len, device=q.device).unsqueeze(0) < meta.seq_lens.unsqueeze(1)
+    qh = q.unsqueeze(2)  # [S, H, 1, D]
+    kh = k.transpose(1, 2).to(q.dtype)  # [S, KVH, max_len, D]
+    vh = v.transpose(1, 2).to(q.dtype)
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask[:, None, None, :], scale=scale,
+                                         enable_gqa=kh.shape[1] != qh.shape[1])
+    return out.squeeze(2)  # [S, H, D]

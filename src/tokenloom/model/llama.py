@@ -1,0 +1,145 @@
+"""The Llama family (Llama 2/3, Mistral, Qwen2, SmolLM) as one network.
+
+The variants differ only in configuration: q/k/v bias (Qwen2), tied
+embeddings (SmolLM, small Qwen2), rope scaling (Llama 3.1) and the head counts
+of grouped-query attention. One flat batch of tokens goes through per step::
+
+    input_ids [num_tokens] -> embed -> N x (attention + MLP) -> norm -> hidden [num_tokens, hidden]
+
+The model knows nothing about requests: the runner hands it the token ids,
+their positions, the per-layer paged KV caches and an ``AttentionMetadata``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenloom.config import ModelArchConfig
+from tokenloom.model.layers.attention import AttentionMetadata, paged_attention, write_kv
+from tokenloom.model.layers.embedding import VocabEmbedding
+from tokenloom.model.layers.linear import Linear, MergedLinear
+from tokenloom.model.layers.norm import RMSNorm
+from tokenloom.model.layers.rotary import RotaryEmbedding, apply_rotary
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+class LlamaAttention(nn.Module):
+    """Grouped-query self-attention over the paged KV cache."""
+
+    def __init__(self, config: ModelArchConfig, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim ** -0.5
+        q_size = self.num_heads * self.head_dim
+        kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = MergedLinear(config.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size},
+                                     config.attention_bias, dtype, device)
+        self.o_proj = Linear(q_size, config.hidden_size, False, dtype, device)
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv_cache: KVCache, attn_metadata: AttentionMetadata) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        q, k, v = self.qkv_proj(hidden).split(self.qkv_proj.split_sizes, dim=-1)
+        q = apply_rotary(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        k_cache, v_cache = kv_cache
+        write_kv(k_cache, v_cache, k, v, attn_metadata.slot_mapping)
+        out = paged_attention(q, k_cache, v_cache, attn_metadata, self.scale)  # [n, H, D]
+        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))`` with gate/up fused."""
+
+    def __init__(self, config: ModelArchConfig, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        super().__init__()
+        size = config.intermediate_size
+        self.gate_up_proj = MergedLinear(config.hidden_size, {"gate": size, "up": size}, False,
+                                         dtype, device)
+        self.down_proj = Linear(size, config.hidden_size, False, dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [num_tokens, intermediate] each
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm block: ``h = x + attn(norm(x)); out = h + mlp(norm(h))``."""
+
+    def __init__(self, config: ModelArchConfig, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, dtype, device)
+        self.self_attn = LlamaAttention(config, dtype, device)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype, device)
+        self.mlp = LlamaMLP(config, dtype, device)
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv_cache: KVCache, attn_metadata: AttentionMetadata) -> torch.Tensor:
+        attn_out = self.self_attn(self.input_layernorm(hidden), cos, sin, kv_cache, attn_metadata)
+        hidden = hidden + attn_out
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class LlamaModel(nn.Module):
+    """Embedding, decoder layers and final norm (no LM head)."""
+
+    def __init__(self, config: ModelArchConfig, dtype: torch.dtype, device: torch.device | str,
+                 rope_freq_factors: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype, device)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, dtype, device)
+                                    for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings,
+                                          config.rope_theta, config.rope_scaling, dtype, device,
+                                          freq_factors=rope_freq_factors)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[KVCache], attn_metadata: AttentionMetadata) -> torch.Tensor:
+        if len(kv_caches) != len(self.layers):
+            raise ValueError(f"got {len(kv_caches)} KV caches for {len(self.layers)} layers")
+        cos, sin = self.rotary_emb.cos_sin(positions)  # shared by every layer
+        hidden = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            hidden = layer(hidden, cos, sin, kv_cache, attn_metadata)
+        return self.norm(hidden)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama-family causal LM over a paged KV cache.
+
+    ``forward(input_ids [n], positions [n], kv_caches, attn_metadata) -> hidden [n, hidden_size]``
+    writes the new tokens' K/V into ``kv_caches`` (one ``(k_cache, v_cache)``
+    per layer, each ``[num_blocks, block_size, num_kv_heads, head_dim]``) and
+    attends over each sequence's cached context. ``compute_logits`` turns
+    selected hidden rows into float32 logits. Parameters are allocated
+    uninitialized in ``dtype`` on ``device``; a loader fills them.
+    ``rope_freq_factors`` carries a GGUF ``rope_freqs.weight`` tensor.
+    """
+
+    def __init__(self, config: ModelArchConfig, dtype: torch.dtype, device: torch.device | str,
+                 rope_freq_factors: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config, dtype, device, rope_freq_factors)
+        self.lm_head = (None if config.tie_word_embeddings
+                        else Linear(config.hidden_size, config.vocab_size, False, dtype, device))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[KVCache], attn_metadata: AttentionMetadata) -> torch.Tensor:
+        return self.model(input_ids, positions, kv_caches, attn_metadata)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [n, hidden_size] -> logits [n, vocab_size] float32."""
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()

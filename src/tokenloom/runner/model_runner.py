@@ -1,0 +1,87 @@
+"""ModelRunner: SchedulerOutput -> one forward over the mixed batch -> sampling -> ModelOutput.
+
+It owns the KV cache tensors (one (k, v) pair per layer) and the sampler; it
+knows which rows to sample but nothing of stop conditions or text.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokenloom.config import ModelArchConfig
+from tokenloom.request import Logprob, PositionLogprobs
+from tokenloom.runner.inputs import ModelInputs, PromptLogprobsSlice, prepare_inputs
+from tokenloom.sample.sampler import Sampler, SamplerOutput, compute_prompt_logprobs
+from tokenloom.sample.metadata import build_sampling_metadata
+from tokenloom.sched.output import ModelOutput, SampledToken, SchedulerOutput
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, arch: ModelArchConfig, num_blocks: int,
+                 block_size: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.model = model
+        self.arch = arch
+        self.block_size = block_size
+        self.device = device
+        self.sampler = Sampler()
+        shape = (num_blocks, block_size, arch.num_key_value_heads, arch.head_dim)
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(arch.num_hidden_layers)
+        ]
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> ModelOutput:
+        inputs = prepare_inputs(out, self.block_size, self.device)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches,
+                            inputs.attn_metadata)  # [num_tokens, hidden_size]
+        sampled = self._sample(hidden, inputs)
+        prompt_logprobs = {s.request_id: self._prompt_logprobs(hidden, s) for s in inputs.prompt_logprobs}
+        return ModelOutput(
+            request_ids=tuple(sr.request_id for sr in inputs.sampled),
+            sampled=sampled,
+            prompt_logprobs=prompt_logprobs,
+        )
+
+    def _sample(self, hidden: torch.Tensor, inputs: ModelInputs) -> tuple[SampledToken, ...]:
+        if not inputs.sampled:
+            return ()
+        logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [num_sampled, vocab]
+        meta = build_sampling_metadata(inputs.sampled, self.arch.vocab_size, self.device)
+        result = self.sampler(logits, meta)
+        return _to_sampled_tokens(result, [sr.sampling_params.logprobs for sr in inputs.sampled])
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, s: PromptLogprobsSlice) -> list[PositionLogprobs | None]:
+        entries: list[PositionLogprobs | None] = [None] if s.include_first_none else []
+        if not s.target_ids:
+            return entries
+        rows = hidden[s.row_start:s.row_start + len(s.target_ids)]
+        logits = self.model.compute_logits(rows)  # [n, vocab]
+        targets = torch.tensor(s.target_ids, dtype=torch.int64, device=self.device)
+        ids, logprobs, ranks = compute_prompt_logprobs(logits, targets, s.num_logprobs)
+        entries.extend(_position_logprobs(ids[i].tolist(), logprobs[i].tolist(), int(ranks[i]))
+                       for i in range(len(s.target_ids)))
+        return entries
+
+
+def _to_sampled_tokens(result: SamplerOutput, wanted: list[int | None]) -> tuple[SampledToken, ...]:
+    token_ids = result.token_ids.tolist()
+    if result.logprobs is None:
+        return tuple(SampledToken(t) for t in token_ids)
+    ids = result.logprob_token_ids.tolist()
+    values = result.logprobs.tolist()
+    ranks = result.sampled_ranks.tolist()
+    tokens = []
+    for i, token in enumerate(token_ids):
+        k = wanted[i]
+        entry = None if k is None else _position_logprobs(ids[i][:k + 1], values[i][:k + 1], ranks[i])
+        tokens.append(SampledToken(token, entry))
+    return tuple(tokens)
+
+
+def _position_logprobs(ids: list[int], values: list[float], chosen_rank: int) -> PositionLogprobs:
+    """Column 0 is the chosen token (with its true rank); columns 1.. are the top-k, ranks 1..k."""
+    entry = {ids[0]: Logprob(values[0], chosen_rank)}
+    for rank, (tok, value) in enumerate(zip(ids[1:], values[1:]), start=1):
+        entry.setdefault(tok, Logprob(value, rank))
+    return entry

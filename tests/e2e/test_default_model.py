@@ -1,0 +1,106 @@
+"""The real default model (SmolLM2-135M-Instruct Q4_1 GGUF) end to end.
+
+transformers loads the same GGUF (dequantized to fp32) and is the reference.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokenloom import LLM, SamplingParams
+
+pytestmark = pytest.mark.slow
+
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You are a terse assistant."},
+     {"role": "user", "content": "Name three primary colors."}],
+    [{"role": "user", "content": "Write a haiku about rain."},
+     {"role": "assistant", "content": "Soft rain on the roof."},
+     {"role": "user", "content": "Another one, about snow."}],
+]
+
+MIXED_PROMPTS = [
+    "The quick brown fox",
+    "Once upon a time, in a land far away, there lived a",
+    "def fibonacci(n):",
+    "1, 2, 3, 4,",
+    "The meaning of life is",
+    "Paris is the capital of",
+    "In 1492, Columbus",
+    "A list of fruits: apple, banana,",
+    "Hello",
+    "The best way to learn programming is to write a lot of code and read even more code written by",
+    "Water boils at",
+    "Translate to French: cheese ->",
+    "Q: What is 2 + 2?\nA:",
+    "The mitochondria is",
+    "Roses are red, violets are",
+    "import numpy as np\nx = np.",
+]
+
+
+@pytest.fixture(scope="module")
+def llm(default_model_path):
+    return LLM(str(default_model_path), dtype="float32", max_model_len=2048, kv_cache_memory=0.5)
+
+
+@pytest.fixture(scope="module")
+def hf_model(default_model_path):
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(default_model_path.parent), gguf_file=default_model_path.name, dtype=torch.float32)
+    return model.eval()
+
+
+def _hf_greedy(hf_model, prompt_ids: list[int], max_new_tokens: int, eos_id: int) -> list[int]:
+    """Plain greedy loop with HF's forward (no generation-config surprises)."""
+    ids = torch.tensor([prompt_ids])
+    past = None
+    out: list[int] = []
+    with torch.no_grad():
+        step_input = ids
+        for _ in range(max_new_tokens):
+            res = hf_model(input_ids=step_input, past_key_values=past, use_cache=True)
+            past = res.past_key_values
+            token = int(res.logits[0, -1].argmax())
+            out.append(token)
+            if token == eos_id:
+                break
+            step_input = torch.tensor([[token]])
+    return out
+
+
+def test_greedy_chat_matches_transformers(llm, hf_model):
+    params = SamplingParams(temperature=0, max_tokens=32)
+    outputs = llm.chat(CHATS, params)
+    for conv, out in zip(CHATS, outputs):
+        prompt_ids = llm.tokenizer.encode_chat(conv)
+        assert out.prompt_token_ids == prompt_ids
+        expected = _hf_greedy(hf_model, prompt_ids, 32, eos_id=2)
+        assert out.outputs[0].token_ids == expected, conv
+        assert out.outputs[0].finish_reason == ("stop" if expected[-1] == 2 else "length")
+        assert out.outputs[0].text == llm.tokenizer.decode(expected)
+
+
+def test_batch_invariance_16_mixed_prompts(llm):
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    together = llm.generate(MIXED_PROMPTS, params, use_tqdm=False)
+    for prompt, batched in zip(MIXED_PROMPTS, together):
+        alone = llm.generate(prompt, params, use_tqdm=False)[0]
+        assert alone.outputs[0].token_ids == batched.outputs[0].token_ids, prompt
+        assert len(alone.outputs[0].token_ids) == 32
+    llm.engine.check_integrity()
+    assert llm.engine.kv_manager.num_free_blocks == llm.engine.config.cache.num_blocks
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(llm):
+    params = SamplingParams(temperature=0.9, top_p=0.95, seed=1234, max_tokens=24, ignore_eos=True)
+    alone = llm.generate("Tell me a story about a dragon.", params, use_tqdm=False)[0]
+    others = SamplingParams(temperature=1.0, max_tokens=24, ignore_eos=True)
+    batch = llm.generate(MIXED_PROMPTS[:5] + ["Tell me a story about a dragon."],
+                         [others] * 5 + [params], use_tqdm=False)
+    assert batch[-1].outputs[0].token_ids == alone.outputs[0].token_ids
+    again = llm.generate("Tell me a story about a dragon.", params, use_tqdm=False)[0]
+    assert again.outputs[0].text == alone.outputs[0].text
