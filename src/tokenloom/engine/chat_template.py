@@ -144,7 +144,8 @@ def normalize_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
 def _normalize_message(index: int, message: Message) -> dict[str, Any]:
     where = f"messages[{index}]"
     if not isinstance(message, Mapping):
-        raise ChatTemplateError(f"{where} must be an object with 'role' and 'content', got {type(message).__name__}")
+        raise ChatTemplateError(
+            f"{where} must be an object with 'role' and 'content', got {type(message).__name__}")
     role = message.get("role")
     if not isinstance(role, str) or not role:
         raise ChatTemplateError(f"{where} needs a 'role' string")

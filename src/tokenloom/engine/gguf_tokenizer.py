@@ -40,9 +40,10 @@ class TokenType(enum.IntEnum):
     BYTE = 6
 
 
-_GPT2_PRES = frozenset({"default", "gpt2", "gpt-2", "phi-2", "roberta-bpe", "olmo", "jais"})
+_GPT2_PRES = frozenset({"default", "gpt2", "gpt-2", "phi-2", "roberta-bpe", "mpt", "olmo", "jais", "trillion"})
 # These first isolate every digit, then apply GPT-2's regex (StarCoder's tokenizer family).
-_DIGITS_THEN_GPT2_PRES = frozenset({"smollm", "starcoder", "refact", "codeshell", "command-r"})
+_DIGITS_THEN_GPT2_PRES = frozenset({"smollm", "starcoder", "refact", "codeshell", "command-r",
+                                    "exaone", "minerva"})
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
@@ -166,8 +167,8 @@ def _sentencepiece_backend(meta: GGUFTokenizerMetadata) -> BackendTokenizer:
     if len(meta.scores) != len(meta.tokens):
         raise ValueError("a 'llama' GGUF tokenizer needs one tokenizer.ggml.scores entry per token")
     vocab = {token: i for i, token in enumerate(meta.tokens)}
-    bpe = models.BPE(vocab=vocab, merges=sentencepiece_merges(meta), unk_token=meta.token_or_none(meta.unk_token_id),
-                     fuse_unk=True, byte_fallback=True)
+    bpe = models.BPE(vocab=vocab, merges=sentencepiece_merges(meta),
+                     unk_token=meta.token_or_none(meta.unk_token_id), fuse_unk=True, byte_fallback=True)
     backend = BackendTokenizer(bpe)
     add_space_prefix = True if meta.add_space_prefix is None else meta.add_space_prefix
     # A normalizer (not Metaspace) so that, as in llama.cpp, the prefix space is

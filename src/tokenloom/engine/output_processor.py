@@ -53,7 +53,8 @@ class OutputProcessor:
         for seq_id in sequence_ids:
             state.sequences[seq_id] = _SequenceState(IncrementalDetokenizer(
                 self.tokenizer, skip_special_tokens=params.skip_special_tokens, stop=params.stop,
-                include_stop_str_in_output=params.include_stop_str_in_output))
+                include_stop_str_in_output=params.include_stop_str_in_output,
+                prompt_token_ids=prompt_token_ids))
         self._requests[request_id] = state
 
     def remove(self, request_id: str) -> None:

@@ -9,7 +9,6 @@ prepended, which ids end generation, and how a conversation is rendered.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +23,6 @@ from tokenloom.engine.gguf_tokenizer import (
     default_add_bos_token,
     read_gguf_tokenizer_metadata,
 )
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,16 +154,22 @@ class Tokenizer:
 
     # -- chat ----------------------------------------------------------------
 
-    def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True,
-                            **extra: object) -> str:
-        """The conversation rendered to prompt text; raises ChatTemplateError (a ValueError)."""
-        return render_chat_template(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+    def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True, *,
+                            chat_template: str | None = None, **extra: object) -> str:
+        """The conversation rendered to prompt text; raises ChatTemplateError (a ValueError).
+
+        ``chat_template`` replaces the model's own; ``extra`` become template
+        variables (``tools``, ``documents``, ``enable_thinking`` ...).
+        """
+        source = chat_template if chat_template is not None else self.chat_template
+        return render_chat_template(source, messages, add_generation_prompt=add_generation_prompt,
                                     special_tokens=self._special.template_tokens, **extra)
 
-    def encode_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True,
-                    **extra: object) -> list[int]:
+    def encode_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True, *,
+                    chat_template: str | None = None, **extra: object) -> list[int]:
         """Prompt ids of a conversation; a BOS the template writes is not added again."""
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt, **extra))
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt,
+                                                    chat_template=chat_template, **extra))
 
 
 def _read_json(path: Path) -> dict:

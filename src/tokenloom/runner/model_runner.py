@@ -11,8 +11,7 @@ import torch
 from tokenloom.config import ModelArchConfig
 from tokenloom.request import Logprob, PositionLogprobs
 from tokenloom.runner.inputs import ModelInputs, PromptLogprobsSlice, prepare_inputs
-from tokenloom.sample.sampler import Sampler, SamplerOutput, compute_prompt_logprobs
-from tokenloom.sample.metadata import build_sampling_metadata
+from tokenloom.sample import Sampler, SamplerOutput, build_sampling_metadata, compute_prompt_logprobs
 from tokenloom.sched.output import ModelOutput, SampledToken, SchedulerOutput
 
 

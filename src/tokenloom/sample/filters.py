@@ -60,20 +60,26 @@ def _nucleus_thresholds(
     values = logits.topk(num_candidates, dim=-1).values  # [num_seqs, num_candidates], descending
     log_norm = logits.logsumexp(dim=-1, keepdim=True)  # [num_seqs, 1]; over the whole row
     keep_k = torch.ones_like(values, dtype=torch.bool)  # [num_seqs, num_candidates]
+    has_k = torch.zeros_like(log_norm, dtype=torch.bool)  # [num_seqs, 1]
     if top_k is not None:
-        # Rows with top-k have all k survivors among the candidates (num_candidates >= max_top_k).
-        has_k = (top_k <= num_candidates)[:, None]  # [num_seqs, 1]
+        # A row with top-k has all its k survivors among the candidates (num_candidates >= max_top_k).
+        has_k = (top_k <= num_candidates)[:, None]
         kth = values.gather(-1, (top_k.clamp(max=num_candidates) - 1)[:, None])  # [num_seqs, 1]
         keep_k = ~has_k | (values >= kth)
         k_norm = values.masked_fill(~keep_k, _NEG_INF).logsumexp(dim=-1, keepdim=True)
         log_norm = torch.where(has_k, k_norm, log_norm)
     probs = (values - log_norm).exp_().masked_fill_(~keep_k, 0.0)  # [num_seqs, num_candidates]
     mass_before = probs.cumsum(dim=-1).sub_(probs)  # [num_seqs, num_candidates]
-    keep = keep_k & (mass_before < top_p[:, None])
+    # top_p == 1 must keep everything even where float cumsum rounds past 1.
+    no_top_p = (top_p >= 1.0)[:, None]  # [num_seqs, 1]
+    keep = keep_k & ((mass_before < top_p[:, None]) | no_top_p)
     keep[:, 0] = True
     last_kept = keep.sum(dim=-1, keepdim=True) - 1  # [num_seqs, 1]; keep is a prefix of the row
-    complete = ~keep[:, -1]  # the nucleus ended before the last candidate
-    return values.gather(-1, last_kept), complete
+    thresholds = values.gather(-1, last_kept)  # [num_seqs, 1]
+    thresholds.masked_fill_(no_top_p & ~has_k, _NEG_INF)  # neither cut applies to these rows
+    # Found when the kept prefix ends before the last candidate or cannot extend past it.
+    complete = (has_k | no_top_p | ~keep[:, -1:])[:, 0]  # [num_seqs]
+    return thresholds, complete
 
 
 def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:

@@ -115,7 +115,7 @@ def build_sampling_metadata(
         num_seqs=len(seqs),
         vocab_size=vocab_size,
         random=_build_random_rows(seqs, vocab_size, device),
-        logit_bias=_build_logit_bias(params, vocab_size, device),
+        logit_bias=_build_logit_bias(params, device),
         min_tokens_mask=_build_min_tokens_mask(seqs, vocab_size, device),
         penalties=_build_penalties(seqs, vocab_size, device),
         max_num_logprobs=max(logprobs) if logprobs else None,
@@ -155,9 +155,7 @@ def _optional_row_param(values: list[float], neutral: float, device: torch.devic
     return _tensor(values, torch.float32, device)
 
 
-def _build_logit_bias(
-    params: list[SamplingParams], vocab_size: int, device: torch.device | str
-) -> SparseLogitEntries | None:
+def _build_logit_bias(params: list[SamplingParams], device: torch.device | str) -> SparseLogitEntries | None:
     rows, token_ids, values = [], [], []
     for row, p in enumerate(params):
         for token_id, bias in (p.logit_bias or {}).items():

@@ -34,7 +34,8 @@ def compute_inv_freq(head_dim: int, rope_theta: float, scaling: RopeScaling,
     elif scaling.kind == "llama3":
         inv_freq = _llama3_inv_freq(inv_freq, scaling)
     elif scaling.kind != "none":
-        raise ValueError(f"unsupported rope scaling {scaling.kind!r} (supported: none, linear, llama3)")
+        raise ValueError(f"unsupported rope scaling {scaling.kind!r} "
+                         "(supported: none, linear, llama3)")
     if freq_factors is not None:
         if freq_factors.shape != inv_freq.shape:
             raise ValueError(f"rope_freqs has shape {tuple(freq_factors.shape)}, "
@@ -61,6 +62,8 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: RopeScaling) -> torch.Tens
 class RotaryEmbedding(nn.Module):
     """Holds ``cos_sin_cache`` ``[max_position, head_dim]`` = ``[cos | sin]``
     in the model dtype (rounded once, like the reference implementations)."""
+
+    cos_sin_cache: torch.Tensor
 
     def __init__(self, head_dim: int, max_position: int, rope_theta: float, scaling: RopeScaling,
                  dtype: torch.dtype, device: torch.device | str,

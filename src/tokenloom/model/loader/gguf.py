@@ -41,7 +41,8 @@ def read_gguf_config(reader: GGUFReader) -> ModelArchConfig:
     head_dim = _field(reader, f"{arch}.attention.key_length", hidden // heads)
     rope_dim = _field(reader, f"{arch}.rope.dimension_count", head_dim)
     if rope_dim != head_dim:
-        raise ValueError(f"partial rotary embedding ({rope_dim} of {head_dim} dims) is not supported")
+        raise ValueError(f"partial rotary embedding ({rope_dim} of {head_dim} dims) "
+                         "is not supported")
     tensor_names = {tensor.name for tensor in reader.tensors}
     eos_ids = [_field(reader, key, None) for key in _EOS_KEYS]
     return ModelArchConfig(
@@ -64,9 +65,12 @@ def read_gguf_config(reader: GGUFReader) -> ModelArchConfig:
     )
 
 
-def load_gguf_model(path: Path, dtype: torch.dtype,
+def load_gguf_model(source: Path | GGUFReader, dtype: torch.dtype,
                     device: torch.device | str) -> tuple[LlamaForCausalLM, ModelArchConfig]:
-    reader = GGUFReader(path)
+    """Build and fill the model of a GGUF file. Opening a reader parses every
+    metadata array (the whole vocabulary: seconds for a 49k vocab), so a caller
+    that also reads the tokenizer from the file can pass its open reader."""
+    reader = source if isinstance(source, GGUFReader) else GGUFReader(source)
     config = read_gguf_config(reader)
     model_class = get_model_class(config.architecture)
     model = model_class(config, dtype, device, rope_freq_factors=_rope_freq_factors(reader))

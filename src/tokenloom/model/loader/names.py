@@ -3,7 +3,8 @@
 Our fused projections receive several checkpoint tensors each::
 
     HF   model.layers.3.self_attn.k_proj.weight  \\
-    GGUF blk.3.attn_k.weight                     -> model.layers.3.self_attn.qkv_proj.weight, part "k"
+    GGUF blk.3.attn_k.weight                     -> model.layers.3.self_attn.qkv_proj.weight
+                                                    (rows of part "k")
 
 ``None`` means "known, not a parameter" (e.g. HF's cached ``rotary_emb.inv_freq``,
 GGUF's ``rope_freqs``, which feeds the rotary embedding instead).
