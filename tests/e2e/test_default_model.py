@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.helpers.reference import hf_greedy
 from tokenloom import LLM, SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -54,31 +55,13 @@ def hf_model(default_model_path):
     return model.eval()
 
 
-def _hf_greedy(hf_model, prompt_ids: list[int], max_new_tokens: int, eos_id: int) -> list[int]:
-    """Plain greedy loop with HF's forward (no generation-config surprises)."""
-    ids = torch.tensor([prompt_ids])
-    past = None
-    out: list[int] = []
-    with torch.no_grad():
-        step_input = ids
-        for _ in range(max_new_tokens):
-            res = hf_model(input_ids=step_input, past_key_values=past, use_cache=True)
-            past = res.past_key_values
-            token = int(res.logits[0, -1].argmax())
-            out.append(token)
-            if token == eos_id:
-                break
-            step_input = torch.tensor([[token]])
-    return out
-
-
 def test_greedy_chat_matches_transformers(llm, hf_model):
     params = SamplingParams(temperature=0, max_tokens=32)
     outputs = llm.chat(CHATS, params)
     for conv, out in zip(CHATS, outputs):
         prompt_ids = llm.tokenizer.encode_chat(conv)
         assert out.prompt_token_ids == prompt_ids
-        expected = _hf_greedy(hf_model, prompt_ids, 32, eos_id=2)
+        expected = hf_greedy(hf_model, prompt_ids, 32, eos_id=2)
         assert out.outputs[0].token_ids == expected, conv
         assert out.outputs[0].finish_reason == ("stop" if expected[-1] == 2 else "length")
         assert out.outputs[0].text == llm.tokenizer.decode(expected)

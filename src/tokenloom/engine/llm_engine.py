@@ -19,8 +19,10 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from gguf import GGUFReader
 
 from tokenloom.config import CacheConfig, EngineConfig, ModelArchConfig, ModelConfig, SchedulerConfig
 from tokenloom.engine.memory import default_kv_cache_memory, num_kv_blocks, resolve_max_model_len
@@ -28,6 +30,7 @@ from tokenloom.engine.output_processor import OutputProcessor
 from tokenloom.engine.tokenizer import Tokenizer
 from tokenloom.kv_cache.manager import KVCacheManager
 from tokenloom.model.loader import load_model
+from tokenloom.model.loader.gguf import load_gguf_model
 from tokenloom.model_files import resolve_model
 from tokenloom.request import Request, RequestOutput, RequestStatus
 from tokenloom.runner.model_runner import ModelRunner
@@ -58,8 +61,7 @@ class LLMEngine:
         device = torch.device(config.model.device)
         dtype = _DTYPES[config.model.dtype]
         torch.manual_seed(config.model.seed)
-        self.tokenizer = Tokenizer.from_path(path)
-        model, arch = load_model(path, dtype, device)
+        self.tokenizer, (model, arch) = _load_tokenizer_and_model(path, dtype, device)
         self.arch = arch
         self.config = _resolve_config(config, arch, dtype)
         cache = self.config.cache
@@ -164,6 +166,14 @@ class LLMEngine:
     def _check_idle(self) -> None:
         if self.debug and not self.scheduler.has_unfinished_requests():
             self.check_integrity()
+
+
+def _load_tokenizer_and_model(path: Path, dtype: torch.dtype, device: torch.device):
+    """A GGUF file is parsed once (its vocabulary alone takes seconds) for both."""
+    if path.suffix == ".gguf" and path.is_file():
+        reader = GGUFReader(path)
+        return Tokenizer.from_gguf_reader(reader), load_gguf_model(reader, dtype, device)
+    return Tokenizer.from_path(path), load_model(path, dtype, device)
 
 
 def build_engine_config(model: str = "smollm2-135m", *, dtype: str = "float32", device: str = "cpu",

@@ -15,7 +15,7 @@ GiB = 1 << 30
 # activations, the tokenizer and the rest of the machine.
 DEFAULT_SHARE_OF_FREE_RAM = 0.25
 MIN_DEFAULT_GIB = 0.25
-MAX_DEFAULT_GIB = 8.0
+MAX_DEFAULT_GIB = 4.0
 
 
 def available_memory_bytes() -> int:
