@@ -74,6 +74,8 @@ class Request:
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
+        # Prompt tokens whose KV came from the prefix cache (or a sibling) instead of compute.
+        self.num_cached_tokens = 0
         # Prompt logprobs are gathered once, on the first pass over the prompt.
         self.num_prompt_logprobs_done = 0
         # Filled by the scheduler when sampling_params asks for (prompt) logprobs.
@@ -141,3 +143,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     prompt_logprobs: list[PositionLogprobs | None] | None = None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache

@@ -27,6 +27,7 @@ from gguf import GGUFReader
 from tokenloom.config import CacheConfig, EngineConfig, ModelArchConfig, ModelConfig, SchedulerConfig
 from tokenloom.engine.memory import default_kv_cache_memory, num_kv_blocks, resolve_max_model_len
 from tokenloom.engine.output_processor import OutputProcessor
+from tokenloom.engine.stats import StatsCollector
 from tokenloom.engine.tokenizer import Tokenizer
 from tokenloom.kv_cache.manager import KVCacheManager
 from tokenloom.model.loader import load_model
@@ -35,10 +36,12 @@ from tokenloom.model_files import resolve_model
 from tokenloom.request import Request, RequestOutput, RequestStatus
 from tokenloom.runner.model_runner import ModelRunner
 from tokenloom.sampling_params import InvalidParameter, SamplingParams
+from tokenloom.sched.output import SchedulerOutput
 from tokenloom.sched.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
+_NOTHING_SCHEDULED = SchedulerOutput(scheduled=(), num_batched_tokens=0)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -69,6 +72,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.config.scheduler, self.kv_manager)
         self.runner = ModelRunner(model, arch, cache.num_blocks, cache.block_size, dtype, device)
         self.outputs = OutputProcessor(self.tokenizer)
+        self.stats = StatsCollector()
         self.eos_token_ids = tuple(dict.fromkeys(self.tokenizer.eos_token_ids + arch.eos_token_ids))
         self.debug = os.environ.get("TOKENLOOM_DEBUG") == "1"
         logger.info("engine ready in %.1fs: %s, %s on %s, %d KV blocks x %d tokens, max_model_len %d",
@@ -114,6 +118,7 @@ class LLMEngine:
         """Stop a user request now: its KV blocks are freed before this returns."""
         self.scheduler.finish_requests(self._sequence_ids(request_id), RequestStatus.FINISHED_ABORTED)
         self.outputs.remove(request_id)
+        self._record_stats(_NOTHING_SCHEDULED, 0)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -123,10 +128,12 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
         if out.is_empty:
+            self._record_stats(out, 0)
             self._check_idle()
             return []
         model_out = self.runner.execute(out)
         updated = self.scheduler.update(out, model_out)
+        self._record_stats(out, len(model_out.sampled))
         for req in self.outputs.stop_string_hits(updated):
             self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
             req.stop_reason = self.outputs.stop_string_of(req)
@@ -162,6 +169,10 @@ class LLMEngine:
 
     def _sequence_ids(self, request_id: str) -> list[str]:
         return self.outputs.sequence_ids(request_id)
+
+    def _record_stats(self, out: SchedulerOutput, num_generated: int) -> None:
+        self.stats.record_step(out, num_generated, self.scheduler.num_running,
+                               self.scheduler.num_waiting, self.kv_manager.usage)
 
     def _check_idle(self) -> None:
         if self.debug and not self.scheduler.has_unfinished_requests():

@@ -33,6 +33,7 @@ class _RequestState:
     params: SamplingParams
     sequences: dict[str, _SequenceState] = field(default_factory=dict)
     prompt_logprobs_sent: bool = False
+    num_cached_tokens: int = 0
 
     @property
     def finished(self) -> bool:
@@ -98,6 +99,7 @@ class OutputProcessor:
                 outputs=sorted(completions, key=lambda c: c.index),
                 finished=state.finished,
                 prompt_logprobs=self._take_prompt_logprobs(state, updated),
+                num_cached_tokens=state.num_cached_tokens,
             ))
             if state.finished:
                 self.remove(request_id)
@@ -106,6 +108,8 @@ class OutputProcessor:
     def _sequence_delta(self, req: Request) -> CompletionOutput:
         state = self._requests[req.parent_id]
         seq = state.sequences[req.request_id]
+        if req.sample_index == 0:
+            state.num_cached_tokens = req.num_cached_tokens
         start = seq.num_tokens_sent
         new_ids = req.output_token_ids[start:]
         seq.num_tokens_sent = len(req.output_token_ids)
