@@ -67,11 +67,14 @@ class ModelConfig:
 class CacheConfig:
     """Paged KV cache sizing. The cache is sized by memory, never by
     max_model_len x max_num_seqs. ``kv_cache_memory`` is in GiB; None derives a
-    default from free RAM (see ``engine.memory.default_kv_cache_memory``)."""
+    default from free RAM (see ``engine.memory.default_kv_cache_memory``).
+    ``enable_prefix_caching``: reuse the KV of full blocks shared with earlier
+    prompts (automatic, no request-side flag)."""
 
     block_size: int = 16
     kv_cache_memory: float | None = None
     num_blocks: int | None = None  # derived once the model shape is known
+    enable_prefix_caching: bool = True
 
     def validate(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

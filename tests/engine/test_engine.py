@@ -81,8 +81,9 @@ def test_preemption_under_a_tight_cache_loses_nothing(llm, tiny_checkpoint):
     assert tight.engine.kv_manager.num_free_blocks == 18
 
 
-def test_n_samples_share_prompt_blocks(llm):
-    engine = llm.engine
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_n_samples_share_prompt_blocks(tiny_checkpoint, prefix_caching):
+    engine = make_llm(tiny_checkpoint.hf_dir, enable_prefix_caching=prefix_caching).engine
     prompt = list(range(10, 30))  # 20 tokens = 5 full blocks of 4
     params = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=8, ignore_eos=True)
     engine.add_request("shared", prompt, params)
@@ -92,7 +93,13 @@ def test_n_samples_share_prompt_blocks(llm):
     shared = tables[0][:4]  # the last prompt token is recomputed, so 4 blocks are shared
     assert all(t[:4] == shared for t in tables)
     assert [engine.kv_manager.pool.ref_count(b) for b in shared] == [3, 3, 3, 3]
-    assert len({t[4] for t in tables}) == 3
+    if prefix_caching:
+        # Samples 1, 2 recompute the full fifth block, find it cached by sample 0 and
+        # swap their copy for it: one copy of the prompt's KV.
+        assert len({t[4] for t in tables}) == 1
+        assert engine.kv_manager.pool.ref_count(tables[0][4]) == 3
+    else:
+        assert len({t[4] for t in tables}) == 3
     while engine.has_unfinished_requests():
         engine.step()
     engine.check_integrity()

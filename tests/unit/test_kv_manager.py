@@ -149,3 +149,54 @@ def test_manager_rejects_bad_sizes() -> None:
     kv = KVCacheManager(num_blocks=4, block_size=4)
     with pytest.raises(ValueError, match="num_new_tokens"):
         kv.allocate_slots(make_request("a", 1), -1)
+
+
+def req_of(request_id: str, prompt: list[int]) -> Request:
+    return Request(request_id, prompt, SamplingParams(), seed=0)
+
+
+# ---- prefix caching (the tree itself: test_prefix_cache.py) ----------------------------
+
+
+def test_manager_with_caching_off_caches_nothing() -> None:
+    kv = KVCacheManager(num_blocks=4, block_size=2, enable_prefix_caching=False)
+    a = req_of("a", [1, 2, 3, 4, 5])
+    kv.allocate_slots(a, 5)
+    a.num_computed_tokens = 5
+    kv.cache_full_blocks(a)
+    assert kv.prefix_cache is None
+    kv.free(a)
+    b = req_of("b", [1, 2, 3, 4, 5])
+    assert kv.allocate_cached_prefix(b, 4) == 0 and b.block_ids == []
+    assert kv.pool.free_block_ids() == [3, 2, 1, 0] and kv.pool.evictable_block_ids() == []
+
+
+def test_manager_rejects_bad_prefix_requests() -> None:
+    kv = KVCacheManager(num_blocks=4, block_size=2)
+    a = req_of("a", [1, 2, 3])
+    with pytest.raises(ValueError, match="cannot reuse 4 tokens of request a: it has only 3"):
+        kv.allocate_cached_prefix(a, 4)
+    kv.allocate_slots(a, 1)
+    with pytest.raises(ValueError, match="already holds blocks"):
+        kv.allocate_cached_prefix(a, 2)
+
+
+def test_manager_integrity_catches_a_table_off_its_cached_path() -> None:
+    kv = KVCacheManager(num_blocks=6, block_size=2)
+    a, b = req_of("a", [1, 2, 3, 4]), req_of("b", [1, 2, 3, 4])
+    kv.allocate_slots(a, 4)
+    a.num_computed_tokens = 4
+    kv.cache_full_blocks(a)
+    assert kv.allocate_cached_prefix(b, 3) == 2 and b.block_ids == [0]
+    kv.pool.incref([1])
+    b.block_ids.insert(0, 1)  # cached block 1 (depth 2) at index 0
+    with pytest.raises(AssertionError, match="b holds cached block 1 at index 0, off its path"):
+        kv.check_integrity([a, b])
+    kv.pool.free_blocks([b.block_ids.pop(0)])
+    kv.check_integrity([a, b])
+    kv.free(a)
+    kv.check_integrity([b])
+    kv.pool.free_blocks(b.block_ids)  # released behind the manager's back
+    b.block_ids = []
+    with pytest.raises(AssertionError, match=r"cache cursors left for released requests \['b'\]"):
+        kv.check_integrity([])

@@ -15,10 +15,13 @@ DEFAULT_TOKEN = 7
 
 
 def make_scheduler(num_blocks: int = 16, block_size: int = 4, budget: int = 8,
-                   max_num_seqs: int = 8, max_model_len: int = 64) -> Scheduler:
+                   max_num_seqs: int = 8, max_model_len: int = 64,
+                   enable_prefix_caching: bool = False) -> Scheduler:
+    """Prefix caching is off by default here: these tests pin the schedules and block
+    ids of the plain paths (tests/unit/test_prefix_cache.py covers it on)."""
     config = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_num_seqs,
                              max_model_len=max_model_len)
-    return Scheduler(config, KVCacheManager(num_blocks, block_size))
+    return Scheduler(config, KVCacheManager(num_blocks, block_size, enable_prefix_caching))
 
 
 def prompt_of(request_id: str, prompt_len: int) -> list[int]:

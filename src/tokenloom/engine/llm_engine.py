@@ -68,16 +68,17 @@ class LLMEngine:
         self.arch = arch
         self.config = _resolve_config(config, arch, dtype)
         cache = self.config.cache
-        self.kv_manager = KVCacheManager(cache.num_blocks, cache.block_size)
+        self.kv_manager = KVCacheManager(cache.num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(self.config.scheduler, self.kv_manager)
         self.runner = ModelRunner(model, arch, cache.num_blocks, cache.block_size, dtype, device)
         self.outputs = OutputProcessor(self.tokenizer)
         self.stats = StatsCollector()
         self.eos_token_ids = tuple(dict.fromkeys(self.tokenizer.eos_token_ids + arch.eos_token_ids))
         self.debug = os.environ.get("TOKENLOOM_DEBUG") == "1"
-        logger.info("engine ready in %.1fs: %s, %s on %s, %d KV blocks x %d tokens, max_model_len %d",
-                    time.perf_counter() - started, path.name, config.model.dtype, device,
-                    cache.num_blocks, cache.block_size, self.config.scheduler.max_model_len)
+        logger.info("engine ready in %.1fs: %s, %s on %s, %d KV blocks x %d tokens, max_model_len %d, "
+                    "prefix caching %s", time.perf_counter() - started, path.name, config.model.dtype,
+                    device, cache.num_blocks, cache.block_size, self.config.scheduler.max_model_len,
+                    "on" if cache.enable_prefix_caching else "off")
 
     @classmethod
     def from_options(cls, model: str = "smollm2-135m", **options) -> LLMEngine:
@@ -127,6 +128,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
+        self._record_prefix_cache()
         if out.is_empty:
             self._record_stats(out, 0)
             self._check_idle()
@@ -174,6 +176,16 @@ class LLMEngine:
         self.stats.record_step(out, num_generated, self.scheduler.num_running,
                                self.scheduler.num_waiting, self.kv_manager.usage)
 
+    def _record_prefix_cache(self) -> None:
+        """One query per user request, at its first admission: its prompt length and the
+        prompt tokens it reused (sample 0 stands for the request; samples 1.. share its
+        prompt blocks whether or not the cache is on)."""
+        if not self.config.cache.enable_prefix_caching:
+            return
+        for req in self.scheduler.first_admissions:
+            if req.sample_index == 0:
+                self.stats.record_prefix_cache(req.num_prompt_tokens, req.num_cached_tokens)
+
     def _check_idle(self) -> None:
         if self.debug and not self.scheduler.has_unfinished_requests():
             self.check_integrity()
@@ -190,11 +202,13 @@ def _load_tokenizer_and_model(path: Path, dtype: torch.dtype, device: torch.devi
 def build_engine_config(model: str = "smollm2-135m", *, dtype: str = "float32", device: str = "cpu",
                         max_model_len: int | None = None, seed: int = 0, block_size: int = 16,
                         kv_cache_memory: float | None = None, num_kv_blocks: int | None = None,
-                        max_num_batched_tokens: int = 2048, max_num_seqs: int = 256) -> EngineConfig:
+                        max_num_batched_tokens: int = 2048, max_num_seqs: int = 256,
+                        enable_prefix_caching: bool = True) -> EngineConfig:
     """The engine's options as keyword arguments (LLM(...) and the CLI use this)."""
     return EngineConfig(
         model=ModelConfig(model=model, dtype=dtype, device=device, max_model_len=max_model_len, seed=seed),
-        cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory, num_blocks=num_kv_blocks),
+        cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory, num_blocks=num_kv_blocks,
+                          enable_prefix_caching=enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs),
     )
 

@@ -26,7 +26,8 @@ class LLM:
     """Runs a batch of prompts to completion with continuous batching.
 
     Keyword options are the engine's (see ``build_engine_config``): dtype, device,
-    max_model_len, block_size, kv_cache_memory, max_num_batched_tokens, max_num_seqs, seed.
+    max_model_len, block_size, kv_cache_memory, num_kv_blocks, max_num_batched_tokens,
+    max_num_seqs, enable_prefix_caching (on by default), seed.
     """
 
     def __init__(self, model: str = "smollm2-135m", **options: Any) -> None:
@@ -95,6 +96,7 @@ def _merge(results: dict[str, RequestOutput], delta: RequestOutput) -> None:
         whole.stop_reason = part.stop_reason
     acc.outputs = [by_index[i] for i in sorted(by_index)]
     acc.finished = delta.finished
+    acc.num_cached_tokens = max(acc.num_cached_tokens, delta.num_cached_tokens)
     if delta.prompt_logprobs is not None:
         acc.prompt_logprobs = delta.prompt_logprobs
 

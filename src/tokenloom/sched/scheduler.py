@@ -7,8 +7,9 @@ budget so that computed catches up with total::
     budget 8        running: A (decode)   B (prefill 20, 12 done)   waiting: C (3)
     step            A: 1 token            B: 7 tokens               C: -- (budget spent)
 
-Chunked prefill, decodes mixed with prefills, recompute after preemption and
-n > 1 prompt sharing are all this rule plus block accounting.
+Chunked prefill, decodes mixed with prefills, recompute after preemption,
+prefix-cache hits and n > 1 prompt sharing are all this rule plus block
+accounting: a hit only starts ``num_computed_tokens`` past the reused blocks.
 """
 
 from __future__ import annotations
@@ -31,9 +32,13 @@ class Scheduler:
     (``max_num_seqs``) remain. When a running request cannot get blocks, the
     newest running request is preempted by recompute (blocks freed,
     ``num_computed_tokens`` = 0, front of the queue) until the allocation fits;
-    a step that preempted admits nobody. ``update()`` applies the model's
-    output: computed tokens advance, sampled tokens are appended, stop
-    conditions finish requests and free their blocks at once.
+    a step that preempted admits nobody. An admitted request first takes the
+    longest cached prefix of its tokens from the KV cache manager (or its
+    running sibling's prompt blocks), always leaving one token to compute so
+    there are logits to sample from. ``update()`` applies the model's output:
+    computed tokens advance, newly full blocks enter the prefix cache, sampled
+    tokens are appended, stop conditions finish requests and free their blocks
+    at once.
 
     The engine keeps ``max_model_len <= kv.capacity_tokens``, so a request
     running alone always fits.
@@ -48,6 +53,9 @@ class Scheduler:
         # Built once per request: ScheduledRequest carries the prompt every step.
         self._prompt_ids: dict[str, tuple[int, ...]] = {}
         self._finished_ids: list[str] = []
+        # Requests the last schedule() admitted for the first time (resumes after
+        # preemption not included): the engine counts their prefix-cache hits.
+        self.first_admissions: list[Request] = []
 
     # ---- requests in and out ------------------------------------------------
 
@@ -105,6 +113,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         chunks: list[tuple[Request, int]] = []
         preempted: list[str] = []
+        self.first_admissions = []
         budget = self._schedule_running(self.config.max_num_batched_tokens, chunks, preempted)
         if not preempted:
             self._schedule_waiting(budget, chunks)
@@ -159,17 +168,39 @@ class Scheduler:
                 continue
             if sibling is not None:
                 self._share_prompt(sibling, req)
+            else:
+                self.kv.allocate_cached_prefix(req, self._max_cache_hit(req))
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             if not self.kv.allocate_slots(req, num_new):
-                self.kv.free(req)  # undo a shared prefix; it is taken again next time
+                self.kv.free(req)  # undo a shared or cached prefix; it is taken again next time
                 req.num_computed_tokens = 0
                 self.waiting.appendleft(req)
                 break  # FCFS: nobody behind it jumps the queue for blocks
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
+            self._admit(req)
             chunks.append((req, num_new))
             budget -= num_new
         self.waiting.extendleft(reversed(skipped))
+
+    def _admit(self, req: Request) -> None:
+        if req.status is RequestStatus.WAITING:
+            # Reported as usage.prompt_tokens_details.cached_tokens: prompt tokens this
+            # request did not compute. A resume after preemption that finds its own
+            # blocks again is not counted a second time.
+            req.num_cached_tokens = req.num_computed_tokens
+            self.first_admissions.append(req)
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+
+    @staticmethod
+    def _max_cache_hit(req: Request) -> int:
+        """How many leading tokens ``req`` may take from the prefix cache."""
+        limit = req.num_tokens - 1  # the last token is computed: its logits are sampled
+        if req.sampling_params.prompt_logprobs is not None \
+                and req.num_prompt_logprobs_done < req.num_prompt_tokens:
+            # Reused positions yield no logits, so only what is already collected may be
+            # skipped: a chunk from c scores prompt tokens c + 1 .. on (see update()).
+            limit = min(limit, max(0, req.num_prompt_logprobs_done - 1))
+        return limit
 
     def _running_sibling(self, req: Request) -> Request | None:
         """The running sequence of the same user request (n > 1) that computed the most."""
@@ -226,6 +257,7 @@ class Scheduler:
                                  f"now {req.num_computed_tokens}")
             self._collect_prompt_logprobs(req, sched, model_output)
             req.num_computed_tokens += sched.num_new_tokens
+            self.kv.cache_full_blocks(req)
             if sched.sample:
                 self._append_token(req, sampled[req.request_id])
                 received.append(req)
