@@ -1,12 +1,16 @@
-# Everything a fresh machine needs: `make test` and (with the server issue) `make serve`
-# create the virtualenv, install pinned dependencies and fetch the default model themselves.
+# Everything a fresh machine needs: `make test` and `make serve` create the virtualenv,
+# install pinned dependencies and fetch the default model themselves.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?= -q
 
-.PHONY: install test model clean
+HOST ?= 127.0.0.1
+PORT ?= 8000
+SERVE_ARGS ?=
+
+.PHONY: install test model serve clean
 
 install: $(STAMP)
 
@@ -23,6 +27,14 @@ model: install
 
 test: install model
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Start the OpenAI-compatible server on the default model (Ctrl-C stops it).
+serve: install model
+	@echo "tokenloom: starting the OpenAI-compatible server at http://$(HOST):$(PORT)/v1"
+	@echo "  (ready once the log says 'Application startup complete')"
+	@echo "  try: curl http://$(HOST):$(PORT)/v1/chat/completions -H 'Content-Type: application/json' \\"
+	@echo "         -d '{\"model\": \"smollm2-135m\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}], \"max_tokens\": 64}'"
+	$(VENV)/bin/tokenloom serve smollm2-135m --host $(HOST) --port $(PORT) $(SERVE_ARGS)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

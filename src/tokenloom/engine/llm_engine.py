@@ -120,6 +120,7 @@ class LLMEngine:
         self.scheduler.finish_requests(self._sequence_ids(request_id), RequestStatus.FINISHED_ABORTED)
         self.outputs.remove(request_id)
         self._record_stats(_NOTHING_SCHEDULED, 0)
+        self._check_idle()
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -139,7 +140,9 @@ class LLMEngine:
         for req in self.outputs.stop_string_hits(updated):
             self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
             req.stop_reason = self.outputs.stop_string_of(req)
-        return self.outputs.make_outputs(updated)
+        outputs = self.outputs.make_outputs(updated)
+        self._check_idle()
+        return outputs
 
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()
@@ -187,6 +190,7 @@ class LLMEngine:
                 self.stats.record_prefix_cache(req.num_prompt_tokens, req.num_cached_tokens)
 
     def _check_idle(self) -> None:
+        """In debug mode (TOKENLOOM_DEBUG=1), check every invariant whenever the engine goes idle."""
         if self.debug and not self.scheduler.has_unfinished_requests():
             self.check_integrity()
 

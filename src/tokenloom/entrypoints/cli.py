@@ -1,0 +1,167 @@
+"""``tokenloom serve [MODEL]`` (the OpenAI-compatible server) and ``tokenloom chat [MODEL]``.
+
+MODEL is a ``.gguf`` file, a Hugging Face directory, or a known alias
+(default ``smollm2-135m``, fetched once into ``$TOKENLOOM_HOME``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from tokenloom.config import SUPPORTED_DTYPES, EngineConfig
+from tokenloom.entrypoints.openai.server_config import (
+    DEFAULT_MAX_QUEUED_REQUESTS,
+    DEFAULT_MAX_REQUEST_BYTES,
+    ServerConfig,
+)
+from tokenloom.model_files import ModelNotFoundError
+
+DEFAULT_MODEL = "smollm2-135m"
+API_KEY_ENV = "TOKENLOOM_API_KEY"
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "serve":
+            return _serve(args, parser)
+        from tokenloom.entrypoints.chat_cli import run_chat
+
+        return run_chat(engine_config_from_args(args, parser), args)
+    except ModelNotFoundError as exc:
+        print(f"tokenloom: {exc}", file=sys.stderr)
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenloom", description="A fast LLM inference engine and "
+                                     "OpenAI-compatible server on PyTorch.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = commands.add_parser("serve", help="run the OpenAI-compatible HTTP server",
+                                description="Serve MODEL over an OpenAI-compatible HTTP API "
+                                "(/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics ...).")
+    _add_engine_args(serve)
+    _add_server_args(serve)
+    chat = commands.add_parser("chat", help="chat with a model in the terminal",
+                               description="An interactive chat with streaming output. "
+                               "Commands: /reset clears the conversation, /exit quits.")
+    _add_engine_args(chat)
+    _add_chat_args(chat)
+    chat.set_defaults(log_level="warning")  # log lines would interleave with the conversation
+    return parser
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help="a .gguf file, a Hugging Face model directory, or a known alias (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=SUPPORTED_DTYPES,
+                   help="compute dtype of the model (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed for model initialisation (default: %(default)s)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context length (prompt + output); default: the model's, capped by the KV cache")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one batch (default: %(default)s)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="token budget of one engine step (default: %(default)s)")
+    p.add_argument("--kv-cache-memory", type=float, default=None,
+                   help="GiB of memory for the KV cache; default: a quarter of free RAM, within [0.25, 4]")
+    p.add_argument("--block-size", type=int, default=16,
+                   help="tokens per KV cache block, a power of two (default: %(default)s)")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="do not reuse the KV cache of prompt prefixes shared between requests")
+    p.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="log verbosity (default: %(default)s)")
+
+
+def _add_server_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; 0.0.0.0 for all interfaces (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model name clients send and /v1/models lists; default: MODEL as given")
+    p.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' on /v1 routes (also ${API_KEY_ENV})")
+    p.add_argument("--max-queued-requests", type=int, default=DEFAULT_MAX_QUEUED_REQUESTS,
+                   help="requests allowed to wait for their first token; more get 429 with Retry-After "
+                   "(default: %(default)s)")
+    p.add_argument("--allowed-origins", default=None,
+                   help="comma-separated origins allowed to call the API from a browser (CORS), or '*'; "
+                   "CORS is off when not given")
+    p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                   help="largest request body in bytes; larger ones get 413 (default: %(default)s)")
+    p.add_argument("--log-prompts", action="store_true", help="include prompt text in request log lines")
+    p.add_argument("--log-stats-interval", type=float, default=10.0,
+                   help="seconds between stats log lines while busy; 0: never (default: %(default)s)")
+
+
+def _add_chat_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--system", default=None, help="a system message that starts every conversation")
+    p.add_argument("--temperature", type=float, default=0.7,
+                   help="sampling temperature, 0: greedy (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold (default: %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=512, help="longest reply, in tokens (default: %(default)s)")
+
+
+def engine_config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> EngineConfig:
+    from tokenloom.engine.llm_engine import build_engine_config
+
+    options: dict[str, Any] = dict(
+        dtype=args.dtype, device=args.device, seed=args.seed, max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        kv_cache_memory=args.kv_cache_memory, block_size=args.block_size)
+    if args.no_prefix_caching:
+        if "enable_prefix_caching" not in inspect.signature(build_engine_config).parameters:
+            parser.error("--no-prefix-caching: this build has no prefix cache to turn off")
+        options["enable_prefix_caching"] = False
+    try:
+        config = build_engine_config(args.model, **options)
+        config.validate()
+    except ValueError as exc:
+        parser.error(str(exc))
+    return config
+
+
+def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
+    origins = tuple(o.strip() for o in (args.allowed_origins or "").split(",") if o.strip())
+    return ServerConfig(
+        host=args.host, port=args.port, served_model_name=args.served_model_name,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        max_queued_requests=args.max_queued_requests, allowed_origins=origins,
+        max_request_bytes=args.max_request_bytes, log_level=args.log_level, log_prompts=args.log_prompts,
+        log_stats_interval_s=args.log_stats_interval)
+
+
+def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    server_config = server_config_from_args(args)
+    try:
+        server_config.validate()
+    except ValueError as exc:
+        parser.error(str(exc))
+    engine_config = engine_config_from_args(args, parser)
+    from tokenloom.engine.async_engine import AsyncLLMEngine
+    from tokenloom.engine.llm_engine import LLMEngine
+    from tokenloom.entrypoints.openai.app import build_app, run_server
+
+    engine = AsyncLLMEngine(LLMEngine(engine_config))
+    model_name = server_config.served_model_name or args.model
+    app = build_app(engine, server_config, model_name)
+    logging.getLogger("tokenloom.server").info(
+        "serving %r at http://%s:%d/v1%s", model_name, args.host, args.port,
+        " (API key required)" if server_config.api_key else "")
+    run_server(app, server_config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

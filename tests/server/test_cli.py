@@ -1,0 +1,110 @@
+"""``tokenloom serve`` and ``tokenloom chat`` as a user runs them: real processes."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from tokenloom import SamplingParams
+from tokenloom.entrypoints.chat_cli import HELP, PROMPT
+from tokenloom.entrypoints.cli import build_parser, engine_config_from_args, server_config_from_args
+
+CLI = [sys.executable, "-m", "tokenloom.entrypoints.cli"]
+SECRET_PROMPT = "zebras jumped over lazy yellow foxes"
+SERVE_FLAGS = ("--host", "--port", "--served-model-name", "--api-key", "--dtype", "--device", "--seed",
+               "--max-model-len", "--max-num-seqs", "--max-num-batched-tokens", "--kv-cache-memory",
+               "--block-size", "--no-prefix-caching", "--max-queued-requests", "--allowed-origins",
+               "--log-level", "--max-request-bytes", "--log-prompts", "--log-stats-interval")
+
+
+def test_console_script_points_at_main():
+    [script] = [e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == "tokenloom"]
+    assert script.value == "tokenloom.entrypoints.cli:main"
+
+
+def test_serve_help_explains_every_flag():
+    out = subprocess.run([*CLI, "serve", "--help"], capture_output=True, text=True, check=True).stdout
+    for flag in SERVE_FLAGS:
+        assert flag in out
+
+
+def test_flags_map_to_configs(monkeypatch):
+    monkeypatch.setenv("TOKENLOOM_API_KEY", "from-env")
+    parser = build_parser()
+    args = parser.parse_args(["serve", "m.gguf", "--no-prefix-caching", "--allowed-origins", "http://a, http://b",
+                              "--max-queued-requests", "7", "--block-size", "8", "--max-num-seqs", "3"])
+    server = server_config_from_args(args)
+    assert (server.api_key, server.allowed_origins, server.max_queued_requests) == \
+        ("from-env", ("http://a", "http://b"), 7)
+    engine = engine_config_from_args(args, parser)
+    assert engine.cache.enable_prefix_caching is False
+    assert (engine.model.model, engine.cache.block_size, engine.scheduler.max_num_seqs) == ("m.gguf", 8, 3)
+    assert server_config_from_args(parser.parse_args(["serve", "--api-key", "flag"])).api_key == "flag"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_health(url: str, process: subprocess.Popen, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert process.poll() is None, "the server exited"
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "the server did not come up"
+        time.sleep(0.2)
+
+
+def test_serve_enforces_the_api_key_and_keeps_prompts_out_of_logs(tiny_checkpoint):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if k != "TOKENLOOM_API_KEY"}
+    process = subprocess.Popen([*CLI, "serve", str(tiny_checkpoint.gguf_path), "--port", str(port),
+                                "--api-key", "s3cret", "--served-model-name", "tiny", "--kv-cache-memory", "0.01"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        wait_for_health(url, process)
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        wrong = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="nope", max_retries=0).models.list()
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["tiny"]
+        resp = client.completions.create(model="tiny", prompt=SECRET_PROMPT, max_tokens=3)
+        assert httpx.get(f"{url}/metrics").status_code == 200  # operational routes stay open
+    finally:
+        process.send_signal(signal.SIGINT)
+        log, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, log
+    assert f"request {resp.id}" in log
+    assert SECRET_PROMPT not in log
+
+
+def test_chat_streams_replies_and_resets(tiny_checkpoint, tiny_llm):
+    script = "hello\n/reset\nhello\nand again\n/exit\n"
+    out = subprocess.run([*CLI, "chat", str(tiny_checkpoint.gguf_path), "--temperature", "0", "--max-tokens", "8",
+                          "--kv-cache-memory", "0.01"], input=script, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    params = SamplingParams(temperature=0, top_p=0.9, max_tokens=8)
+    first = [{"role": "user", "content": "hello"}]
+    reply = tiny_llm.chat(first, params, use_tqdm=False)[0].outputs[0].text
+    follow_up = first + [{"role": "assistant", "content": reply}, {"role": "user", "content": "and again"}]
+    reply2 = tiny_llm.chat(follow_up, params, use_tqdm=False)[0].outputs[0].text
+    assert out.stdout == (f"{HELP}\n{PROMPT}{reply}\n{PROMPT}[conversation cleared]\n{PROMPT}{reply}\n"
+                          f"{PROMPT}{reply2}\n{PROMPT}")
