@@ -144,3 +144,26 @@ class RequestOutput:
     finished: bool
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+
+def merge_delta(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
+    """Fold a streamed delta into the accumulated output of its request (None: the first delta).
+    The accumulated output owns its lists; ``delta`` is left as it was."""
+    if acc is None:
+        acc = RequestOutput(delta.request_id, delta.prompt, delta.prompt_token_ids, [], False)
+    by_index = {c.index: c for c in acc.outputs}
+    for part in delta.outputs:
+        whole = by_index.setdefault(part.index, CompletionOutput(part.index, "", []))
+        whole.text += part.text
+        whole.token_ids = whole.token_ids + part.token_ids
+        if part.logprobs is not None:
+            whole.logprobs = (whole.logprobs or []) + part.logprobs
+        whole.cumulative_logprob = part.cumulative_logprob
+        whole.finish_reason = part.finish_reason
+        whole.stop_reason = part.stop_reason
+    acc.outputs = [by_index[i] for i in sorted(by_index)]
+    acc.finished = delta.finished
+    acc.num_cached_tokens = max(acc.num_cached_tokens, delta.num_cached_tokens)
+    if delta.prompt_logprobs is not None:
+        acc.prompt_logprobs = delta.prompt_logprobs
+    return acc

@@ -15,7 +15,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from tokenloom.engine.llm_engine import LLMEngine
-from tokenloom.request import CompletionOutput, RequestOutput
+from tokenloom.request import RequestOutput, merge_delta
 from tokenloom.sampling_params import SamplingParams
 
 PromptInput = str | list[int] | dict[str, Any]
@@ -64,7 +64,7 @@ class LLM:
         try:
             while self.engine.has_unfinished_requests():
                 for delta in self.engine.step():
-                    _merge(results, delta)
+                    results[delta.request_id] = merge_delta(results.get(delta.request_id), delta)
                     if delta.finished:
                         bar.update(1)
         except BaseException:
@@ -74,31 +74,6 @@ class LLM:
         finally:
             bar.close()
         return [results[r] for r in request_ids]
-
-
-def _merge(results: dict[str, RequestOutput], delta: RequestOutput) -> None:
-    """Fold a delta into the accumulated output of its request."""
-    acc = results.get(delta.request_id)
-    if acc is None:
-        acc = results[delta.request_id] = RequestOutput(
-            delta.request_id, delta.prompt, delta.prompt_token_ids, [], False)
-    by_index = {c.index: c for c in acc.outputs}
-    for part in delta.outputs:
-        whole = by_index.get(part.index)
-        if whole is None:
-            whole = by_index[part.index] = CompletionOutput(part.index, "", [], logprobs=None)
-        whole.text += part.text
-        whole.token_ids = whole.token_ids + part.token_ids
-        if part.logprobs is not None:
-            whole.logprobs = (whole.logprobs or []) + part.logprobs
-        whole.cumulative_logprob = part.cumulative_logprob
-        whole.finish_reason = part.finish_reason
-        whole.stop_reason = part.stop_reason
-    acc.outputs = [by_index[i] for i in sorted(by_index)]
-    acc.finished = delta.finished
-    acc.num_cached_tokens = max(acc.num_cached_tokens, delta.num_cached_tokens)
-    if delta.prompt_logprobs is not None:
-        acc.prompt_logprobs = delta.prompt_logprobs
 
 
 def _as_prompt_list(prompts: PromptInput | Sequence[PromptInput]) -> list[PromptInput]:

@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tokenloom.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from tokenloom.entrypoints.openai.errors import (
@@ -32,7 +32,7 @@ from tokenloom.entrypoints.openai.errors import (
 from tokenloom.entrypoints.openai.metrics import ServerMetrics
 from tokenloom.entrypoints.openai.protocol import SamplingFields
 from tokenloom.entrypoints.openai.responses import PromptTokensDetails, UsageInfo
-from tokenloom.request import PositionLogprobs, RequestOutput
+from tokenloom.request import RequestOutput, merge_delta
 from tokenloom.sampling_params import InvalidParameter, SamplingParams
 
 logger = logging.getLogger("tokenloom.server")
@@ -81,42 +81,6 @@ class EngineRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     ticket: Ticket
-
-
-@dataclass(slots=True)
-class ChoiceState:
-    """One sample accumulated over its deltas."""
-
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[PositionLogprobs] = field(default_factory=list)
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-
-
-@dataclass(slots=True)
-class RequestState:
-    """One engine request accumulated over its deltas (non-streamed answers)."""
-
-    prompt_token_ids: list[int]
-    choices: list[ChoiceState]
-    prompt_logprobs: list[PositionLogprobs | None] | None = None
-    num_cached_tokens: int = 0
-
-    @classmethod
-    def for_request(cls, request: EngineRequest) -> RequestState:
-        return cls(request.prompt_token_ids, [ChoiceState() for _ in range(request.params.n)])
-
-    def add(self, out: RequestOutput) -> None:
-        for c in out.outputs:
-            choice = self.choices[c.index]
-            choice.text += c.text
-            choice.token_ids += c.token_ids
-            choice.logprobs += c.logprobs or []
-            choice.finish_reason, choice.stop_reason = c.finish_reason, c.stop_reason
-        if out.prompt_logprobs is not None:
-            self.prompt_logprobs = out.prompt_logprobs
-        self.num_cached_tokens = out.num_cached_tokens
 
 
 class OpenAIServing:
@@ -273,11 +237,12 @@ class OpenAIServing:
         else:
             queue.put_nowait((index, None))
 
-    async def collect(self, requests: list[EngineRequest]) -> list[RequestState]:
-        states = [RequestState.for_request(r) for r in requests]
+    async def collect(self, requests: list[EngineRequest]) -> list[RequestOutput]:
+        """Each engine request's whole output (non-streamed answers)."""
+        states: list[RequestOutput | None] = [None] * len(requests)
         async with aclosing(self.merge(requests)) as stream:
             async for index, out in stream:
-                states[index].add(out)
+                states[index] = merge_delta(states[index], out)
         return states
 
 

@@ -32,12 +32,11 @@ from tokenloom.entrypoints.openai.serving import (
     EngineRequest,
     OpenAIServing,
     PreparedPrompt,
-    RequestState,
     error_event_body,
     usage_info,
 )
 from tokenloom.entrypoints.openai.streaming import DONE_EVENT, SSEResponse, sse_event, until_disconnected
-from tokenloom.request import CompletionOutput
+from tokenloom.request import CompletionOutput, RequestOutput
 
 
 class OpenAIServingChat:
@@ -65,15 +64,15 @@ class OpenAIServingChat:
             request.ticket.release()
         return JSONResponse(self._response(req, request, state, num_top).model_dump())
 
-    def _response(self, req: ChatCompletionRequest, request: EngineRequest, state: RequestState,
+    def _response(self, req: ChatCompletionRequest, request: EngineRequest, state: RequestOutput,
                   num_top: int) -> ChatCompletionResponse:
         choices = [
             ChatChoice(index=i, message=AssistantMessage(content=c.text),
                        logprobs=chat_logprobs(c.token_ids, c.logprobs, num_top, self.serving.tokenizer)
                        if req.logprobs else None,
                        finish_reason=c.finish_reason, stop_reason=c.stop_reason)
-            for i, c in enumerate(state.choices)]
-        completion_tokens = sum(len(c.token_ids) for c in state.choices)
+            for i, c in enumerate(state.outputs)]
+        completion_tokens = sum(len(c.token_ids) for c in state.outputs)
         usage = usage_info([(len(state.prompt_token_ids), completion_tokens, state.num_cached_tokens)])
         return ChatCompletionResponse(id=request.request_id, model=self.serving.model_name, choices=choices,
                                       usage=usage)

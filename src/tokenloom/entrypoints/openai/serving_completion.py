@@ -27,7 +27,6 @@ from tokenloom.entrypoints.openai.serving import (
     EngineRequest,
     OpenAIServing,
     PreparedPrompt,
-    RequestState,
     error_event_body,
     usage_info,
 )
@@ -71,11 +70,11 @@ class OpenAIServingCompletion:
         return PreparedPrompt(prompt if isinstance(prompt, str) else None, ids, params)
 
     def _response(self, request_id: str, req: CompletionRequest, requests: list[EngineRequest],
-                  states: list[RequestState], echo: list[str]) -> CompletionResponse:
+                  states: list[RequestOutput], echo: list[str]) -> CompletionResponse:
         choices = []
         for i, (request, state) in enumerate(zip(requests, states)):
             n = request.params.n
-            for j, c in enumerate(state.choices):
+            for j, c in enumerate(state.outputs):
                 logprobs = None
                 if req.logprobs is not None:
                     builder = CompletionLogprobsBuilder(req.logprobs, self.serving.tokenizer)
@@ -83,7 +82,7 @@ class OpenAIServingCompletion:
                     logprobs = join_completion_logprobs(parts + [builder.completion(c.token_ids, c.logprobs)])
                 choices.append(CompletionChoice(index=i * n + j, text=echo[i] + c.text, logprobs=logprobs,
                                                 finish_reason=c.finish_reason, stop_reason=c.stop_reason))
-        usage = usage_info([(len(st.prompt_token_ids), sum(len(c.token_ids) for c in st.choices),
+        usage = usage_info([(len(st.prompt_token_ids), sum(len(c.token_ids) for c in st.outputs),
                              st.num_cached_tokens) for st in states])
         return CompletionResponse(id=request_id, model=self.serving.model_name, choices=choices, usage=usage)
 

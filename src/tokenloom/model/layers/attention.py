@@ -99,10 +99,10 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """All sequences decode one token: one padded batched attention call.
 
-    Padding keys are masked out; they add exact zeros, so a sequence's result
-    does not depend on what else is in the batch.
+    Padding keys are masked out; they add exact zeros (the cache is zero-initialised
+    and only ever holds finite K/V), so a sequence's result does not depend on what
+    else is in the batch.
     """
-    num_seqs = meta.num_seqs
     block_size = k_cache.shape[1]
     max_len = max(meta.seq_lens_host)
     num_blocks = -(-max_len // block_size)
