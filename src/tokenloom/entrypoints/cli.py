@@ -1,4 +1,5 @@
-"""``tokenloom serve [MODEL]`` (the OpenAI-compatible server) and ``tokenloom chat [MODEL]``.
+"""``tokenloom serve [MODEL]`` (the OpenAI-compatible server), ``tokenloom chat [MODEL]`` and
+``tokenloom bench serve|throughput|report`` (see tokenloom.bench).
 
 MODEL is a ``.gguf`` file, a Hugging Face directory, or a known alias
 (default ``smollm2-135m``, fetched once into ``$TOKENLOOM_HOME``).
@@ -14,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from tokenloom.bench.cli import add_bench_subcommands
 from tokenloom.config import SUPPORTED_DTYPES, EngineConfig
 from tokenloom.entrypoints.openai.server_config import (
     DEFAULT_MAX_QUEUED_REQUESTS,
@@ -33,6 +35,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "bench":
+        from tokenloom.bench.cli import run_bench
+
+        return run_bench(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "serve":
@@ -60,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(chat)
     _add_chat_args(chat)
     chat.set_defaults(log_level="warning")  # log lines would interleave with the conversation
+    add_bench_subcommands(commands)
     return parser
 
 

@@ -1,0 +1,195 @@
+"""``tokenloom bench serve | throughput | report`` (also ``python -m tokenloom.bench ...``).
+
+``add_bench_subcommands(subparsers)`` adds ``bench`` to another CLI; the parsed
+namespace then runs with ``run_bench(args)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+DEFAULT_MODEL = "smollm2-135m"
+API_KEY_ENV = "TOKENLOOM_API_KEY"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tokenloom bench", description=_DESCRIPTION)
+    _add_commands(parser.add_subparsers(dest="bench_command", metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    if args.bench_command is None:
+        parser.print_help()
+        return 2
+    return run_bench(args)
+
+
+def add_bench_subcommands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Adds ``bench`` (with serve, throughput, report under it) to a CLI's subcommands."""
+    bench = subparsers.add_parser("bench", help="benchmark a server or the offline engine", description=_DESCRIPTION)
+    _add_commands(bench.add_subparsers(dest="bench_command", metavar="COMMAND", required=True))
+    return bench
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    return args.bench_func(args)
+
+
+_DESCRIPTION = ("Serving benchmarks against any OpenAI-compatible server, offline engine throughput, "
+                "and reports that put several engines side by side.")
+
+
+def _add_commands(commands: argparse._SubParsersAction) -> None:
+    serve = commands.add_parser("serve", help="load-test an OpenAI-compatible server with streaming requests",
+                                description="Streams requests at a server over a sweep of load levels; "
+                                "writes every level to a JSON file.")
+    _add_serve_args(serve)
+    serve.set_defaults(bench_func=_cmd_serve)
+    throughput = commands.add_parser("throughput", help="offline tok/s through LLM.generate (no HTTP)")
+    _add_throughput_args(throughput)
+    throughput.set_defaults(bench_func=_cmd_throughput)
+    report = commands.add_parser("report", help="tables and an HTML report from one or more result files")
+    report.add_argument("results", nargs="+", type=Path, help="JSON files written by 'bench serve'")
+    report.add_argument("--html", type=Path, default=None, help="write a self-contained HTML report here")
+    report.add_argument("--markdown", type=Path, default=None, help="write the markdown tables here")
+    report.add_argument("--baseline", default="tokenloom", help="label the others are compared with (default: %(default)s)")
+    report.add_argument("--title", default="tokenloom bench", help="title of the HTML report")
+    report.set_defaults(bench_func=_cmd_report)
+
+
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    from tokenloom.bench.serve import FORCE_OUTPUT_MODES
+    from tokenloom.bench.workloads import ENDPOINTS, WORKLOADS
+
+    p.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="the server's /v1 URL (default: %(default)s)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model name sent in requests (default: %(default)s)")
+    p.add_argument("--tokenizer", default=None, help="model file, HF directory or alias whose tokenizer "
+                   "builds the prompts (default: --model)")
+    p.add_argument("--api-key", default=None, help=f"Bearer key (default: ${API_KEY_ENV} if set)")
+    p.add_argument("--endpoint", default="completions", choices=ENDPOINTS, help="(default: %(default)s)")
+    p.add_argument("--workload", default="random", choices=WORKLOADS, help="(default: %(default)s)")
+    p.add_argument("--input-len", type=int, default=256, help="prompt tokens (default: %(default)s)")
+    p.add_argument("--output-len", type=int, default=128, help="output tokens (default: %(default)s)")
+    p.add_argument("--shared-prefix-len", type=int, default=0, help="system prompt tokens of the shared-prefix workload")
+    p.add_argument("--seed", type=int, default=0, help="seed of prompts and arrivals (default: %(default)s)")
+    p.add_argument("--num-prompts", type=int, default=64, help="requests per level (default: %(default)s)")
+    load = p.add_mutually_exclusive_group()
+    load.add_argument("--concurrency", default=None, help="comma-separated concurrency levels (default: 1,8,32,64)")
+    load.add_argument("--request-rate", default=None, help="comma-separated Poisson request rates, requests/s")
+    p.add_argument("--max-seconds", type=float, default=None, help="start no request after this long in a level")
+    p.add_argument("--num-warmup", type=int, default=1, help="unrecorded requests sent first (default: %(default)s)")
+    p.add_argument("--force-output", default="ignore_eos", choices=FORCE_OUTPUT_MODES,
+                   help="request field(s) that force --output-len tokens (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="(default: %(default)s)")
+    p.add_argument("--no-stream-usage", action="store_true",
+                   help="do not send stream_options.include_usage (count output tokens by re-encoding)")
+    p.add_argument("--extra-body", default=None, help="JSON object merged into every request body")
+    p.add_argument("--label", default=None, help="name of this run in reports (default: the model name)")
+    p.add_argument("--output-json", type=Path, default=None, help="result file (default: bench-LABEL.json)")
+    p.add_argument("--html", type=Path, default=None, help="also write an HTML report of this run")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_throughput_args(p: argparse.ArgumentParser) -> None:
+    from tokenloom.config import SUPPORTED_DTYPES
+
+    p.add_argument("--model", default=DEFAULT_MODEL, help="a .gguf file, HF directory or alias (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=SUPPORTED_DTYPES, help="(default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="(default: %(default)s)")
+    p.add_argument("--num-prompts", type=int, default=32, help="(default: %(default)s)")
+    p.add_argument("--input-len", type=int, default=256, help="(default: %(default)s)")
+    p.add_argument("--output-len", type=int, default=128, help="(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="(default: %(default)s)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="(default: %(default)s)")
+    p.add_argument("--kv-cache-memory", type=float, default=None, help="GiB (default: the engine's)")
+    p.add_argument("--output-json", type=Path, default=None, help="also write the figures here")
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from tokenloom.bench.report import html_report, markdown, summary_table
+    from tokenloom.bench.serve import ServeTarget
+    from tokenloom.bench.sweep import BenchError, run_sweep
+    from tokenloom.bench.workloads import WorkloadSpec
+    from tokenloom.engine.tokenizer import Tokenizer
+    from tokenloom.model_files import resolve_model
+
+    try:
+        levels = _parse_levels(args.concurrency, args.request_rate)
+        extra_body = json.loads(args.extra_body) if args.extra_body else {}
+        if not isinstance(extra_body, dict):
+            raise ValueError("--extra-body must be a JSON object")
+        workload = WorkloadSpec(args.workload, args.num_prompts, args.input_len, args.output_len, args.seed,
+                                args.shared_prefix_len, args.endpoint)
+        workload.validate()
+    except ValueError as exc:
+        print(f"tokenloom bench: {exc}", file=sys.stderr)
+        return 2
+    target = ServeTarget(base_url=args.base_url, model=args.model, endpoint=args.endpoint,
+                         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+                         force_output=args.force_output, temperature=args.temperature,
+                         stream_usage=not args.no_stream_usage, extra_body=extra_body)
+    tokenizer = Tokenizer.from_path(resolve_model(args.tokenizer or args.model))
+    label = args.label or args.model
+    try:
+        result = run_sweep(target, tokenizer, workload, levels, label, args.max_seconds, args.num_warmup,
+                           show_progress=not args.quiet)
+    except BenchError as exc:
+        print(f"tokenloom bench: {exc}", file=sys.stderr)
+        return 1
+    output = args.output_json or Path(f"bench-{_slug(label)}.json")
+    result.save(output)
+    print(markdown(summary_table([result])))
+    print(f"results: {output}")
+    if args.html:
+        args.html.write_text(html_report([result], title=f"tokenloom bench: {label}"))
+        print(f"report: {args.html}")
+    return 0
+
+
+def _cmd_throughput(args: argparse.Namespace) -> int:
+    from tokenloom.bench.throughput import format_throughput, run_throughput
+    from tokenloom.entrypoints.llm import LLM
+
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory)
+    result = run_throughput(llm, args.num_prompts, args.input_len, args.output_len, args.seed)
+    print(format_throughput(result))
+    if args.output_json:
+        figures = {k: (None if v != v else v) for k, v in dataclasses.asdict(result).items()}  # NaN -> null
+        args.output_json.write_text(json.dumps({"model": args.model, "dtype": args.dtype, **figures}, indent=1) + "\n")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from tokenloom.bench.report import comparison_table, html_report, markdown, summary_table
+    from tokenloom.bench.results import ServeResult
+
+    results = [ServeResult.load(path) for path in args.results]
+    text = "## Summary\n\n" + markdown(summary_table(results))
+    if len(results) > 1 and any(r.label == args.baseline for r in results):
+        text += (f"\n## {args.baseline} / peer\n\nRatios above 1 for throughput, below 1 for latency, "
+                 f"mean {args.baseline} is ahead.\n\n" + markdown(comparison_table(results, args.baseline)))
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(text)
+    if args.html:
+        args.html.write_text(html_report(results, title=args.title, baseline=args.baseline))
+        print(f"report: {args.html}")
+    return 0
+
+
+def _parse_levels(concurrency: str | None, request_rate: str | None):
+    from tokenloom.bench.serve import LoadLevel
+
+    if request_rate is not None:
+        return [LoadLevel(request_rate=float(v)) for v in request_rate.split(",") if v.strip()]
+    return [LoadLevel(concurrency=int(v)) for v in (concurrency or "1,8,32,64").split(",") if v.strip()]
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in text)
