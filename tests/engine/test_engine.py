@@ -65,17 +65,8 @@ def test_chunked_prefill_gives_the_same_tokens(llm, tiny_checkpoint):
 def test_preemption_under_a_tight_cache_loses_nothing(llm, tiny_checkpoint):
     # 18 blocks of 4 tokens: six prompts of 2..42 tokens plus 24 outputs each cannot all fit.
     tight = make_llm(tiny_checkpoint.hf_dir, num_kv_blocks=18, max_model_len=72)
-    preempted: list[str] = []
-    schedule = tight.engine.scheduler.schedule
-
-    def spy():
-        out = schedule()
-        preempted.extend(out.preempted_ids)
-        return out
-
-    tight.engine.scheduler.schedule = spy
     got = token_ids(tight.generate(PROMPTS, GREEDY, use_tqdm=False))
-    assert preempted, "the scenario must force preemption"
+    assert tight.engine.stats.snapshot().num_preemptions_total > 0, "the scenario must force preemption"
     assert got == token_ids(llm.generate(PROMPTS, GREEDY, use_tqdm=False))
     tight.engine.check_integrity()
     assert tight.engine.kv_manager.num_free_blocks == 18
