@@ -3,6 +3,7 @@
 #
 #   benchmarks/compare.sh                      tokenloom + every peer, the headline settings
 #   PEERS="llama-server" benchmarks/compare.sh  a subset
+#   PEERS="tokenloom-no-prefix-caching" ...     tokenloom against itself with the prefix cache off
 #
 # Each server is started in turn on 127.0.0.1 (alone, so they never share the
 # CPU), warmed up, driven by `python -m tokenloom.bench serve` with the same
@@ -12,7 +13,8 @@
 #
 # Settings (env): CONCURRENCY=1,32  INPUT_LEN=256  OUTPUT_LEN=128  NUM_PROMPTS=32
 # (per level)  MAX_SECONDS=120 (no new request after this long in a level: keeps
-# the slow levels bounded)  OUT_DIR=benchmarks/results/compare-DATE  PORT=8300.
+# the slow levels bounded)  OUT_DIR=benchmarks/results/compare-DATE  PORT=8300
+# WORKLOAD_ARGS="" (more `bench serve` flags, e.g. "--workload shared-prefix ...").
 # Peers are installed on first use (benchmarks/peers/*.sh install).
 set -euo pipefail
 
@@ -28,6 +30,7 @@ MODEL="${MODEL:-smollm2-135m}"
 PORT="${PORT:-8300}"
 OUT_DIR="${OUT_DIR:-$ROOT/benchmarks/results/compare-$(date +%Y%m%d-%H%M%S)}"
 START_TIMEOUT_S="${START_TIMEOUT_S:-600}"
+WORKLOAD_ARGS="${WORKLOAD_ARGS:-}"
 mkdir -p "$OUT_DIR"
 
 server_pid=""
@@ -44,6 +47,7 @@ trap stop_server EXIT
 server_command() {
     case "$1" in
         tokenloom) echo "$PY -m tokenloom.entrypoints.cli serve $MODEL --host 127.0.0.1 --port $PORT --log-stats-interval 0" ;;
+        tokenloom-no-prefix-caching) echo "$(server_command tokenloom) --no-prefix-caching" ;;
         *) echo "$(peer_script "$1") serve $PORT" ;;
     esac
 }
@@ -60,7 +64,7 @@ peer_script() {
 # Request fields each engine takes to force OUTPUT_LEN tokens (see docs/benchmarks.md).
 bench_options() {
     case "$1" in
-        tokenloom | llama-server) echo "--force-output ignore_eos" ;;
+        tokenloom | tokenloom-no-prefix-caching | llama-server) echo "--force-output ignore_eos" ;;
         llama-cpp-python) echo "--force-output min_tokens" ;;  # it has min_tokens, no ignore_eos
         # transformers serve refuses ignore_eos and min_tokens but takes logit_bias: -100 on
         # SmolLM2's end tokens (<|endoftext|> 0, <|im_end|> 2) keeps it generating to max_tokens.
@@ -82,7 +86,7 @@ wait_ready() {
 results=()
 for engine in tokenloom $PEERS; do
     echo "== $engine" >&2
-    [[ "$engine" == tokenloom ]] || "$(peer_script "$engine")" install >/dev/null
+    [[ "$engine" == tokenloom* ]] || "$(peer_script "$engine")" install >/dev/null
     setsid bash -c "exec $(server_command "$engine")" >"$OUT_DIR/$engine.log" 2>&1 &
     server_pid=$!
     wait_ready "$engine"
@@ -90,7 +94,7 @@ for engine in tokenloom $PEERS; do
     "$PY" -m tokenloom.bench serve --base-url "http://127.0.0.1:$PORT/v1" --model "$MODEL" --tokenizer "$MODEL" \
         --concurrency "$CONCURRENCY" --input-len "$INPUT_LEN" --output-len "$OUTPUT_LEN" \
         --num-prompts "$NUM_PROMPTS" --max-seconds "$MAX_SECONDS" --label "$engine" \
-        --output-json "$OUT_DIR/$engine.json" $(bench_options "$engine")
+        --output-json "$OUT_DIR/$engine.json" $(bench_options "$engine") $WORKLOAD_ARGS
     results+=("$OUT_DIR/$engine.json")
     stop_server
 done
