@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+# Weight formats of the linear layers; see tokenloom/model/loader/quantize.py.
+QUANTIZATION_MODES = ("auto", "none", "int8", "int4")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,17 +50,21 @@ class ModelArchConfig:
 
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
-    """What the user asked for: which model, on which device, in which dtype."""
+    """What the user asked for: which model, on which device, in which dtype,
+    with which weight format (``quantization``)."""
 
     model: str = "smollm2-135m"
     dtype: str = "float32"
     device: str = "cpu"
+    quantization: str = "auto"
     max_model_len: int | None = None  # None: the model's own context length
     seed: int = 0
 
     def validate(self) -> None:
         if self.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {self.dtype!r}")
+        if self.quantization not in QUANTIZATION_MODES:
+            raise ValueError(f"quantization must be one of {QUANTIZATION_MODES}, got {self.quantization!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
 

@@ -52,6 +52,9 @@ def _add_commands(commands: argparse._SubParsersAction) -> None:
     throughput = commands.add_parser("throughput", help="offline tok/s through LLM.generate (no HTTP)")
     _add_throughput_args(throughput)
     throughput.set_defaults(bench_func=_cmd_throughput)
+    perplexity = commands.add_parser("perplexity", help="perplexity on a text file (llama-perplexity's method)")
+    _add_perplexity_args(perplexity)
+    perplexity.set_defaults(bench_func=_cmd_perplexity)
     report = commands.add_parser("report", help="tables and an HTML report from one or more result files")
     report.add_argument("results", nargs="+", type=Path, help="JSON files written by 'bench serve'")
     report.add_argument("--html", type=Path, default=None, help="write a self-contained HTML report here")
@@ -95,10 +98,11 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_throughput_args(p: argparse.ArgumentParser) -> None:
-    from tokenloom.config import SUPPORTED_DTYPES
+    from tokenloom.config import QUANTIZATION_MODES, SUPPORTED_DTYPES
 
     p.add_argument("--model", default=DEFAULT_MODEL, help="a .gguf file, HF directory or alias (default: %(default)s)")
     p.add_argument("--dtype", default="float32", choices=SUPPORTED_DTYPES, help="(default: %(default)s)")
+    p.add_argument("--quantization", default="auto", choices=QUANTIZATION_MODES, help="(default: %(default)s)")
     p.add_argument("--device", default="cpu", help="(default: %(default)s)")
     p.add_argument("--num-prompts", type=int, default=32, help="(default: %(default)s)")
     p.add_argument("--input-len", type=int, default=256, help="(default: %(default)s)")
@@ -151,17 +155,45 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_perplexity_args(p: argparse.ArgumentParser) -> None:
+    from tokenloom.config import QUANTIZATION_MODES, SUPPORTED_DTYPES
+
+    p.add_argument("text", type=Path, help="a UTF-8 text file")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="a .gguf file, HF directory or alias (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=SUPPORTED_DTYPES, help="(default: %(default)s)")
+    p.add_argument("--quantization", default="auto", choices=QUANTIZATION_MODES, help="(default: %(default)s)")
+    p.add_argument("--n-ctx", type=int, default=512, help="window length; its second half is scored "
+                   "(default: %(default)s)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=32,
+                   help="prompt chunk per step; <= 32 runs the decode-sized kernels (default: %(default)s)")
+
+
+def _cmd_perplexity(args: argparse.Namespace) -> int:
+    from tokenloom.bench.perplexity import run_perplexity
+    from tokenloom.entrypoints.llm import LLM
+
+    llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization, kv_cache_memory=0.25,
+              max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False)
+    result = run_perplexity(llm, args.text.read_text(encoding="utf-8"), args.n_ctx)
+    print(f"perplexity {result.perplexity:.4f} over {result.num_scored_tokens} tokens "
+          f"({result.num_windows} windows of {result.n_ctx}; {args.quantization}, {args.dtype}) "
+          f"in {result.seconds:.1f}s")
+    return 0
+
+
 def _cmd_throughput(args: argparse.Namespace) -> int:
     from tokenloom.bench.throughput import format_throughput, run_throughput
     from tokenloom.entrypoints.llm import LLM
 
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
+    llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization, device=args.device,
+              max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory)
     result = run_throughput(llm, args.num_prompts, args.input_len, args.output_len, args.seed)
     print(format_throughput(result))
     if args.output_json:
         figures = {k: (None if v != v else v) for k, v in dataclasses.asdict(result).items()}  # NaN -> null
-        args.output_json.write_text(json.dumps({"model": args.model, "dtype": args.dtype, **figures}, indent=1) + "\n")
+        args.output_json.write_text(json.dumps({"model": args.model, "dtype": args.dtype,
+                                                  "quantization": args.quantization, **figures}, indent=1) + "\n")
     return 0
 
 

@@ -64,7 +64,8 @@ class LLMEngine:
         device = torch.device(config.model.device)
         dtype = _DTYPES[config.model.dtype]
         torch.manual_seed(config.model.seed)
-        self.tokenizer, (model, arch) = _load_tokenizer_and_model(path, dtype, device)
+        self.tokenizer, (model, arch) = _load_tokenizer_and_model(path, dtype, device,
+                                                                  config.model.quantization)
         self.arch = arch
         self.config = _resolve_config(config, arch, dtype)
         cache = self.config.cache
@@ -75,8 +76,9 @@ class LLMEngine:
         self.stats = StatsCollector()
         self.eos_token_ids = tuple(dict.fromkeys(self.tokenizer.eos_token_ids + arch.eos_token_ids))
         self.debug = os.environ.get("TOKENLOOM_DEBUG") == "1"
-        logger.info("engine ready in %.1fs: %s, %s on %s, %d KV blocks x %d tokens, max_model_len %d, "
-                    "prefix caching %s", time.perf_counter() - started, path.name, config.model.dtype,
+        logger.info("engine ready in %.1fs: %s, %s (quantization %s) on %s, %d KV blocks x %d tokens, "
+                    "max_model_len %d, prefix caching %s", time.perf_counter() - started, path.name,
+                    config.model.dtype, config.model.quantization,
                     device, cache.num_blocks, cache.block_size, self.config.scheduler.max_model_len,
                     "on" if cache.enable_prefix_caching else "off")
 
@@ -195,22 +197,24 @@ class LLMEngine:
             self.check_integrity()
 
 
-def _load_tokenizer_and_model(path: Path, dtype: torch.dtype, device: torch.device):
+def _load_tokenizer_and_model(path: Path, dtype: torch.dtype, device: torch.device, quantization: str):
     """A GGUF file is parsed once (its vocabulary alone takes seconds) for both."""
     if path.suffix == ".gguf" and path.is_file():
         reader = GGUFReader(path)
-        return Tokenizer.from_gguf_reader(reader), load_gguf_model(reader, dtype, device)
-    return Tokenizer.from_path(path), load_model(path, dtype, device)
+        return Tokenizer.from_gguf_reader(reader), load_gguf_model(reader, dtype, device, quantization)
+    return Tokenizer.from_path(path), load_model(path, dtype, device, quantization)
 
 
 def build_engine_config(model: str = "smollm2-135m", *, dtype: str = "float32", device: str = "cpu",
+                        quantization: str = "auto",
                         max_model_len: int | None = None, seed: int = 0, block_size: int = 16,
                         kv_cache_memory: float | None = None, num_kv_blocks: int | None = None,
                         max_num_batched_tokens: int = 2048, max_num_seqs: int = 256,
                         enable_prefix_caching: bool = True) -> EngineConfig:
     """The engine's options as keyword arguments (LLM(...) and the CLI use this)."""
     return EngineConfig(
-        model=ModelConfig(model=model, dtype=dtype, device=device, max_model_len=max_model_len, seed=seed),
+        model=ModelConfig(model=model, dtype=dtype, device=device, quantization=quantization,
+                          max_model_len=max_model_len, seed=seed),
         cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory, num_blocks=num_kv_blocks,
                           enable_prefix_caching=enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs),

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from tokenloom.bench.cli import add_bench_subcommands
-from tokenloom.config import SUPPORTED_DTYPES, EngineConfig
+from tokenloom.config import QUANTIZATION_MODES, SUPPORTED_DTYPES, EngineConfig
 from tokenloom.entrypoints.openai.server_config import (
     DEFAULT_MAX_QUEUED_REQUESTS,
     DEFAULT_MAX_REQUEST_BYTES,
@@ -75,6 +75,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="a .gguf file, a Hugging Face model directory, or a known alias (default: %(default)s)")
     p.add_argument("--dtype", default="float32", choices=SUPPORTED_DTYPES,
                    help="compute dtype of the model (default: %(default)s)")
+    p.add_argument("--quantization", default="auto", choices=QUANTIZATION_MODES,
+                   help="weight format of the linear layers for decode: auto runs a GGUF's own "
+                   "Q4_0/Q4_1/Q8_0 blocks as they are and keeps float weights dense; none is dense "
+                   "float everywhere; int8/int4 quantize every projection (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed for model initialisation (default: %(default)s)")
     p.add_argument("--max-model-len", type=int, default=None,
@@ -124,7 +128,7 @@ def engine_config_from_args(args: argparse.Namespace, parser: argparse.ArgumentP
     from tokenloom.engine.llm_engine import build_engine_config
 
     options: dict[str, Any] = dict(
-        dtype=args.dtype, device=args.device, seed=args.seed, max_model_len=args.max_model_len,
+        dtype=args.dtype, quantization=args.quantization, device=args.device, seed=args.seed, max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_memory=args.kv_cache_memory, block_size=args.block_size)
     if args.no_prefix_caching:

@@ -16,18 +16,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenloom import kernels
 from tokenloom.config import ModelArchConfig
 from tokenloom.model.layers.attention import AttentionMetadata, paged_attention, write_kv
 from tokenloom.model.layers.embedding import VocabEmbedding
-from tokenloom.model.layers.linear import Linear, MergedLinear
+from tokenloom.model.layers.linear import Linear, MergedLinear, apply_linear
+from tokenloom.model.layers.quantization import QuantizedWeight
 from tokenloom.model.layers.norm import RMSNorm
-from tokenloom.model.layers.rotary import RotaryEmbedding, apply_rotary
+from tokenloom.model.layers.rotary import RopeInputs, RotaryEmbedding, apply_rotary
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
 class LlamaAttention(nn.Module):
     """Grouped-query self-attention over the paged KV cache."""
+
+    fused_kernels = False  # True: native rotary of q and k, and native paged decode attention
 
     def __init__(self, config: ModelArchConfig, dtype: torch.dtype,
                  device: torch.device | str) -> None:
@@ -42,21 +46,29 @@ class LlamaAttention(nn.Module):
                                      config.attention_bias, dtype, device)
         self.o_proj = Linear(q_size, config.hidden_size, False, dtype, device)
 
-    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_cache: KVCache, attn_metadata: AttentionMetadata) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, rope: RopeInputs, kv_cache: KVCache,
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        q, k, v = self.qkv_proj(hidden).split(self.qkv_proj.split_sizes, dim=-1)
-        q = apply_rotary(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
+        qkv = self.qkv_proj(hidden)  # [num_tokens, (H + 2 KVH) * D]
+        q, k, v = qkv.split(self.qkv_proj.split_sizes, dim=-1)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.fused_kernels:
+            q, k = kernels.ops().rotary_qk(qkv, rope.cos_sin_cache, rope.positions, self.num_heads,
+                                           self.num_kv_heads, self.head_dim)
+        else:
+            q = apply_rotary(q.view(num_tokens, self.num_heads, self.head_dim), rope.cos, rope.sin)
+            k = apply_rotary(k.view(num_tokens, self.num_kv_heads, self.head_dim), rope.cos, rope.sin)
         k_cache, v_cache = kv_cache
         write_kv(k_cache, v_cache, k, v, attn_metadata.slot_mapping)
-        out = paged_attention(q, k_cache, v_cache, attn_metadata, self.scale)  # [n, H, D]
+        out = paged_attention(q, k_cache, v_cache, attn_metadata, self.scale,
+                              native=self.fused_kernels)  # [n, H, D]
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
 
 class LlamaMLP(nn.Module):
     """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))`` with gate/up fused."""
+
+    fused_kernels = False  # True: silu(gate) * up in one native op
 
     def __init__(self, config: ModelArchConfig, dtype: torch.dtype,
                  device: torch.device | str) -> None:
@@ -67,12 +79,20 @@ class LlamaMLP(nn.Module):
         self.down_proj = Linear(size, config.hidden_size, False, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [num_tokens, intermediate] each
+        gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * intermediate]
+        if self.fused_kernels:
+            return self.down_proj(kernels.ops().silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
-    """Pre-norm block: ``h = x + attn(norm(x)); out = h + mlp(norm(h))``."""
+    """Pre-norm block: ``h = x + attn(norm(x)); out = h + mlp(norm(h))``.
+
+    The last residual add is left to the next layer's (or the final) norm,
+    which fuses it: ``forward`` takes and returns ``(delta, residual)`` with
+    the block's output being ``residual + delta``.
+    """
 
     def __init__(self, config: ModelArchConfig, dtype: torch.dtype,
                  device: torch.device | str) -> None:
@@ -83,11 +103,15 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype, device)
         self.mlp = LlamaMLP(config, dtype, device)
 
-    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_cache: KVCache, attn_metadata: AttentionMetadata) -> torch.Tensor:
-        attn_out = self.self_attn(self.input_layernorm(hidden), cos, sin, kv_cache, attn_metadata)
-        hidden = hidden + attn_out
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(self, delta: torch.Tensor, residual: torch.Tensor | None, rope: RopeInputs,
+                kv_cache: KVCache, attn_metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:  # first layer: the embeddings are the residual stream
+            residual, normed = delta, self.input_layernorm(delta)
+        else:
+            normed, residual = self.input_layernorm.add_forward(delta, residual)
+        attn_out = self.self_attn(normed, rope, kv_cache, attn_metadata)
+        normed, residual = self.post_attention_layernorm.add_forward(attn_out, residual)
+        return self.mlp(normed), residual
 
 
 class LlamaModel(nn.Module):
@@ -108,11 +132,11 @@ class LlamaModel(nn.Module):
                 kv_caches: list[KVCache], attn_metadata: AttentionMetadata) -> torch.Tensor:
         if len(kv_caches) != len(self.layers):
             raise ValueError(f"got {len(kv_caches)} KV caches for {len(self.layers)} layers")
-        cos, sin = self.rotary_emb.cos_sin(positions)  # shared by every layer
-        hidden = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
+        rope = self.rotary_emb.inputs(positions)  # shared by every layer
+        delta, residual = self.embed_tokens(input_ids), None  # [num_tokens, hidden_size]
         for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden = layer(hidden, cos, sin, kv_cache, attn_metadata)
-        return self.norm(hidden)
+            delta, residual = layer(delta, residual, rope, kv_cache, attn_metadata)
+        return self.norm.add_forward(delta, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):
@@ -134,6 +158,8 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(config, dtype, device, rope_freq_factors)
         self.lm_head = (None if config.tie_word_embeddings
                         else Linear(config.hidden_size, config.vocab_size, False, dtype, device))
+        # The LM head's quantized copy (of the embedding when tied); set after loading.
+        self.logits_quantized: QuantizedWeight | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[KVCache], attn_metadata: AttentionMetadata) -> torch.Tensor:
@@ -141,5 +167,20 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [n, hidden_size] -> logits [n, vocab_size] float32."""
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        weight = self.logits_weight()
+        return apply_linear(hidden, weight, None, self.logits_quantized).float()
+
+    def use_fused_kernels(self) -> bool:
+        """Switch the norms, rotary and SwiGLU to the native fused ops where they
+        apply (float32 on the CPU, kernels built); returns whether it did."""
+        weight = self.logits_weight()
+        if weight.device.type != "cpu" or weight.dtype != torch.float32 or not kernels.available():
+            return False
+        for module in self.modules():
+            if hasattr(module, "fused_kernels"):
+                module.fused_kernels = True
+        return True
+
+    def logits_weight(self) -> torch.Tensor:
+        """The dense [vocab_size, hidden_size] LM head (the embedding when tied)."""
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tokenloom import kernels
+
 
 @dataclass(frozen=True, slots=True)
 class AttentionMetadata:
@@ -53,12 +55,17 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                    meta: AttentionMetadata, scale: float, native: bool = False) -> torch.Tensor:
     """q: [num_tokens, num_heads, head_dim] -> [num_tokens, num_heads, head_dim].
 
     The new tokens' K/V must already be written to the cache (``write_kv``).
+    ``native``: decode-only steps run the C++ kernel, which reads K/V through
+    the block tables in place (float32 CPU caches, head_dim a multiple of 8).
     """
     if meta.is_decode_only:
+        if native and q.shape[-1] % 8 == 0:
+            return kernels.ops().paged_decode_attention(q.contiguous(), k_cache, v_cache, meta.block_tables,
+                                                        meta.seq_lens, scale)
         return _decode_attention(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)
     starts = meta.query_start_loc

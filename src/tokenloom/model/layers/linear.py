@@ -6,7 +6,8 @@ A fused projection stacks its parts along the output dimension::
     gate_up_proj.weight [2 * intermediate, hidden]         rows: | gate | up |
 
 Checkpoints store the parts separately; the loader copies each one into the
-rows that ``shard_rows`` names.
+rows that ``shard_rows`` names. A projection may also carry a quantized copy
+of its weight (``quantized``, see ``quantization.py``) that small batches use.
 """
 
 from __future__ import annotations
@@ -14,6 +15,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tokenloom.model.layers.quantization import MAX_QUANTIZED_ROWS, QuantizedWeight
+
+
+def apply_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 quantized: QuantizedWeight | None) -> torch.Tensor:
+    """x [M, K] -> [M, N]: the quantized kernel for decode-sized batches, else the dense GEMM."""
+    if quantized is not None and x.shape[0] <= MAX_QUANTIZED_ROWS:
+        y = quantized.matmul(x)
+        return y if bias is None else y + bias
+    return F.linear(x, weight, bias)
 
 
 class Linear(nn.Module):
@@ -31,9 +43,10 @@ class Linear(nn.Module):
                                    requires_grad=False)
         self.bias = (nn.Parameter(torch.empty(output_size, dtype=dtype, device=device),
                                   requires_grad=False) if bias else None)
+        self.quantized: QuantizedWeight | None = None  # set after loading, if at all
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return apply_linear(x, self.weight, self.bias, self.quantized)
 
 
 class MergedLinear(Linear):

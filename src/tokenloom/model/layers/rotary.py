@@ -13,6 +13,7 @@ only indexed by ``positions``.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -59,6 +60,17 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: RopeScaling) -> torch.Tens
     return torch.where(is_medium, smoothed, scaled)
 
 
+@dataclass(frozen=True, slots=True)
+class RopeInputs:
+    """One step's rotary inputs, shared by every layer: ``cos``/``sin`` for the
+    PyTorch path, ``positions`` + the cache for the fused kernel."""
+
+    positions: torch.Tensor  # [num_tokens] int64
+    cos: torch.Tensor  # [num_tokens, 1, head_dim // 2]
+    sin: torch.Tensor
+    cos_sin_cache: torch.Tensor  # [max_position, head_dim]
+
+
 class RotaryEmbedding(nn.Module):
     """Holds ``cos_sin_cache`` ``[max_position, head_dim]`` = ``[cos | sin]``
     in the model dtype (rounded once, like the reference implementations)."""
@@ -75,6 +87,10 @@ class RotaryEmbedding(nn.Module):
         freqs = positions[:, None] * inv_freq[None, :]  # [max_position, head_dim // 2]
         cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(dtype=dtype, device=device)
         self.register_buffer("cos_sin_cache", cache, persistent=False)
+
+    def inputs(self, positions: torch.Tensor) -> RopeInputs:
+        cos, sin = self.cos_sin(positions)
+        return RopeInputs(positions, cos, sin, self.cos_sin_cache)
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin ``[num_tokens, 1, head_dim // 2]``, broadcastable over heads."""

@@ -7,21 +7,22 @@ from pathlib import Path
 import torch
 from gguf import GGUFReader
 
-from tokenloom.config import ModelArchConfig
+from tokenloom.config import QUANTIZATION_MODES, ModelArchConfig
 from tokenloom.model.llama import LlamaForCausalLM
 from tokenloom.model.loader.gguf import load_gguf_model, read_gguf_config
 from tokenloom.model.loader.safetensors import load_hf_model, read_hf_config
 
-__all__ = ["load_model", "read_arch_config"]
+__all__ = ["QUANTIZATION_MODES", "load_model", "read_arch_config"]
 
 
-def load_model(path: str | Path, dtype: torch.dtype,
-               device: torch.device | str) -> tuple[LlamaForCausalLM, ModelArchConfig]:
-    """Build the model for ``path`` and fill its weights in ``dtype`` on ``device``."""
+def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str,
+               quantization: str = "none") -> tuple[LlamaForCausalLM, ModelArchConfig]:
+    """Build the model for ``path`` and fill its weights in ``dtype`` on ``device``;
+    ``quantization`` is one of ``QUANTIZATION_MODES`` (see ``loader/quantize.py``)."""
     path = Path(path)
     if _is_gguf(path):
-        return load_gguf_model(path, dtype, device)
-    return load_hf_model(_hf_directory(path), dtype, device)
+        return load_gguf_model(path, dtype, device, quantization)
+    return load_hf_model(_hf_directory(path), dtype, device, quantization)
 
 
 def read_arch_config(path: str | Path) -> ModelArchConfig:

@@ -22,6 +22,8 @@ import gguf
 import numpy as np
 import torch
 
+from tokenloom.model.layers.quantization import QuantizedWeight
+
 QType = gguf.GGMLQuantizationType
 
 
@@ -43,6 +45,23 @@ def dequantize_tensor(data: np.ndarray, qtype: QType, shape: tuple[int, ...],
     except NotImplementedError:
         raise ValueError(f"GGUF tensor type {qtype.name} is not supported") from None
     return torch.from_numpy(values).to(device=device, dtype=dtype).reshape(shape)
+
+
+def quantized_blocks(data: np.ndarray, qtype: QType, shape: tuple[int, ...]) -> QuantizedWeight | None:
+    """A Q4_0 / Q4_1 / Q8_0 matrix as a ``QuantizedWeight`` holding exactly the
+    file's weights (f16 scales widen to f32 losslessly); None for other types."""
+    if qtype not in _TORCH_KERNELS or len(shape) != 2:
+        return None
+    n, k = shape
+    type_size = gguf.GGML_QUANT_SIZES[qtype][1]
+    blocks = _from_numpy(data).view(-1, type_size)  # [n * k / 32, type_size] uint8
+    scales = _f16(blocks, 0).view(n, k // 32)
+    if qtype == QType.Q8_0:
+        return QuantizedWeight("int8", blocks[:, 2:].contiguous().view(torch.int8).view(n, k), scales, None)
+    if qtype == QType.Q4_0:  # d * (q - 8) == d * q + (-8 * d), exactly
+        return QuantizedWeight("int4", blocks[:, 2:].reshape(n, k // 2).contiguous(), scales, -8 * scales)
+    mins = _f16(blocks, 2).view(n, k // 32)
+    return QuantizedWeight("int4", blocks[:, 4:].reshape(n, k // 2).contiguous(), scales, mins)
 
 
 def _from_numpy(array: np.ndarray) -> torch.Tensor:

@@ -21,8 +21,10 @@ from gguf import GGUFReader, ReaderTensor
 
 from tokenloom.config import ModelArchConfig, RopeScaling
 from tokenloom.model.llama import LlamaForCausalLM
-from tokenloom.model.loader.dequant import dequantize_tensor
+from tokenloom.model.layers.quantization import QuantizedWeight
+from tokenloom.model.loader.dequant import dequantize_tensor, quantized_blocks
 from tokenloom.model.loader.names import GGUF_ROPE_FREQS, ParamTarget, gguf_param_target
+from tokenloom.model.loader.quantize import PackedParts, apply_quantization
 from tokenloom.model.loader.weights import load_weights
 from tokenloom.model.registry import get_model_class
 
@@ -65,16 +67,28 @@ def read_gguf_config(reader: GGUFReader) -> ModelArchConfig:
     )
 
 
-def load_gguf_model(source: Path | GGUFReader, dtype: torch.dtype,
-                    device: torch.device | str) -> tuple[LlamaForCausalLM, ModelArchConfig]:
+def load_gguf_model(source: Path | GGUFReader, dtype: torch.dtype, device: torch.device | str,
+                    quantization: str = "none") -> tuple[LlamaForCausalLM, ModelArchConfig]:
     """Build and fill the model of a GGUF file. Opening a reader parses every
     metadata array (the whole vocabulary: seconds for a 49k vocab), so a caller
-    that also reads the tokenizer from the file can pass its open reader."""
+    that also reads the tokenizer from the file can pass its open reader.
+    ``quantization``: see ``loader/quantize.py``."""
     reader = source if isinstance(source, GGUFReader) else GGUFReader(source)
     config = read_gguf_config(reader)
     model_class = get_model_class(config.architecture)
     model = model_class(config, dtype, device, rope_freq_factors=_rope_freq_factors(reader))
-    load_weights(model, _iter_weights(reader, config, dtype, device))
+    packed: PackedParts = {}
+    keep_blocks = quantization != "none"
+
+    def dense_weights() -> Iterator[tuple[ParamTarget, torch.Tensor]]:
+        for target, weight, blocks in _iter_weights(reader, config, dtype, device, keep_blocks):
+            if blocks is not None:
+                packed[(target.param_name, target.shard)] = blocks
+            yield target, weight
+
+    load_weights(model, dense_weights())
+    apply_quantization(model, quantization, packed)
+    model.use_fused_kernels()
     return model.eval(), config
 
 
@@ -86,7 +100,9 @@ def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 def _iter_weights(reader: GGUFReader, config: ModelArchConfig, dtype: torch.dtype,
-                  device: torch.device | str) -> Iterator[tuple[ParamTarget, torch.Tensor]]:
+                  device: torch.device | str, keep_blocks: bool,
+                  ) -> Iterator[tuple[ParamTarget, torch.Tensor, QuantizedWeight | None]]:
+    """(target, dense weight, the file's own quantized blocks if ``keep_blocks``)."""
     heads_of_shard = {"q": config.num_attention_heads, "k": config.num_key_value_heads}
     permuted = config.architecture in _PERMUTED_ARCHS
     for tensor in reader.tensors:
@@ -95,9 +111,13 @@ def _iter_weights(reader: GGUFReader, config: ModelArchConfig, dtype: torch.dtyp
             continue
         shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dims fastest first
         weight = dequantize_tensor(tensor.data, tensor.tensor_type, shape, dtype, device)
+        blocks = quantized_blocks(tensor.data, tensor.tensor_type, shape) if keep_blocks else None
         if permuted and target.shard in heads_of_shard:
             weight = unpermute_qk(weight, heads_of_shard[target.shard])
-        yield target, weight
+            if blocks is not None:
+                rows = unpermute_qk(torch.arange(shape[0]), heads_of_shard[target.shard])
+                blocks = blocks.select_rows(rows)
+        yield target, weight, blocks
 
 
 def _rope_freq_factors(reader: GGUFReader) -> torch.Tensor | None:

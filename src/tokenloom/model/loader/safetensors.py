@@ -13,6 +13,7 @@ from safetensors import safe_open
 from tokenloom.config import ModelArchConfig, RopeScaling
 from tokenloom.model.llama import LlamaForCausalLM
 from tokenloom.model.loader.names import ParamTarget, hf_param_target
+from tokenloom.model.loader.quantize import apply_quantization
 from tokenloom.model.loader.weights import load_weights
 from tokenloom.model.registry import get_model_class
 
@@ -49,11 +50,15 @@ def read_hf_config(directory: Path) -> ModelArchConfig:
     )
 
 
-def load_hf_model(directory: Path, dtype: torch.dtype,
-                  device: torch.device | str) -> tuple[LlamaForCausalLM, ModelArchConfig]:
+def load_hf_model(directory: Path, dtype: torch.dtype, device: torch.device | str,
+                  quantization: str = "none") -> tuple[LlamaForCausalLM, ModelArchConfig]:
+    """``quantization``: see ``loader/quantize.py`` (a float checkpoint has no
+    blocks of its own, so "auto" keeps it dense)."""
     config = read_hf_config(directory)
     model = get_model_class(config.architecture)(config, dtype, device)
     load_weights(model, _iter_weights(directory))
+    apply_quantization(model, quantization, {})
+    model.use_fused_kernels()
     return model.eval(), config
 
 

@@ -1,0 +1,110 @@
+"""Native CPU kernels (C++ with AVX2/FMA/F16C), compiled on first use.
+
+The sources in ``csrc/`` are built once per source digest and torch version
+with ``torch.utils.cpp_extension`` into ``$TOKENLOOM_HOME/kernels`` and
+register their ops under ``torch.ops.tokenloom``. A later start only loads
+the built library (well under a second). ``make install`` builds them ahead
+of time so neither the first ``serve`` nor the tests pay for the compile.
+
+``available()`` is False where they cannot run (no compiler, a CPU without
+AVX2/FMA, a non-x86 machine) or where ``TOKENLOOM_KERNELS=0`` turns them off;
+callers then use plain PyTorch paths, or fail with ``KernelsUnavailable``
+when the user explicitly asked for a kernel-only feature.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+from tokenloom.model_files import tokenloom_home
+
+logger = logging.getLogger(__name__)
+
+_CSRC = Path(__file__).parent / "csrc"
+_REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+class KernelsUnavailable(RuntimeError):
+    """The native kernels cannot be built or run on this machine."""
+
+
+def ops():
+    """``torch.ops.tokenloom``, building the library first if needed.
+
+    Raises KernelsUnavailable with the reason when it cannot be built."""
+    with _lock:
+        if "error" in _state:
+            raise KernelsUnavailable(_state["error"])
+        if "ops" not in _state:
+            try:
+                _build_and_load()
+            except Exception as exc:  # noqa: BLE001 - the reason is kept and re-raised
+                _state["error"] = f"native kernels unavailable: {exc}"
+                raise KernelsUnavailable(_state["error"]) from exc
+            _state["ops"] = torch.ops.tokenloom
+        return _state["ops"]
+
+
+def available() -> bool:
+    try:
+        ops()
+    except KernelsUnavailable as exc:
+        if not _state.get("warned"):
+            logger.warning("%s; using the plain PyTorch paths", exc)
+            _state["warned"] = True
+        return False
+    return True
+
+
+def _build_and_load() -> None:
+    if os.environ.get("TOKENLOOM_KERNELS") == "0":
+        raise RuntimeError("turned off by TOKENLOOM_KERNELS=0")
+    missing = [flag for flag in _REQUIRED_CPU_FLAGS if not _cpu_has(flag)]
+    if missing:
+        raise RuntimeError(f"this CPU lacks {', '.join(missing)}")
+    from torch.utils import cpp_extension
+
+    sources = sorted(_CSRC.glob("*.cpp"))
+    name = f"tokenloom_kernels_{_digest(sources)}"
+    build_dir = _kernels_home() / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(
+        name=name,
+        sources=[str(s) for s in sources],
+        build_directory=str(build_dir),
+        extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-std=c++17"],
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+        verbose=os.environ.get("TOKENLOOM_KERNELS_VERBOSE") == "1",
+    )
+
+
+def _digest(sources: list[Path]) -> str:
+    h = hashlib.sha256(torch.__version__.encode())
+    for source in sources:
+        h.update(source.name.encode())
+        h.update(source.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _kernels_home() -> Path:
+    return tokenloom_home() / "kernels"
+
+
+def _cpu_has(flag: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return flag in line.split()
+    except OSError:
+        pass
+    return False

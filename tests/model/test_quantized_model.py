@@ -1,0 +1,100 @@
+"""--quantization on whole models: which weights get which blocks, and what it does to the logits.
+
+``prefill_logits`` feeds the prompt in chunks of at most 13 rows, so every
+matmul here takes the quantized (decode-sized) path when a layer has one.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import gguf
+import pytest
+import torch
+
+from tests.helpers.tiny_models import write_gguf
+from tests.model.conftest import PROMPT
+from tests.model.paged import prefill_logits
+from tokenloom import kernels
+from tokenloom.model.layers.linear import Linear
+from tokenloom.model.loader import load_model
+
+QType = gguf.GGMLQuantizationType
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="native kernels unavailable here")
+
+
+def _kinds(model) -> tuple[Counter, str]:
+    layers = Counter("dense" if m.quantized is None else m.quantized.kind
+                     for m in model.modules() if isinstance(m, Linear) and m is not model.lm_head)
+    head = "dense" if model.logits_quantized is None else model.logits_quantized.kind
+    return layers, head
+
+
+@pytest.mark.parametrize("kind", ["llama3", "qwen2"])  # permuted and unpermuted q/k rows
+@pytest.mark.parametrize("qtype", [QType.Q8_0, QType.Q4_0, QType.Q4_1])
+def test_auto_runs_the_files_own_blocks_with_the_same_logits(tiny, tmp_path, kind, qtype):
+    path = write_gguf(tiny(kind).hf, tmp_path / f"{kind}.gguf", tensor_type=qtype)
+    dense, _ = load_model(path, torch.float32, "cpu", quantization="none")
+    auto, _ = load_model(path, torch.float32, "cpu", quantization="auto")
+    expected = "int8" if qtype == QType.Q8_0 else "int4"
+    layers, head = _kinds(auto)
+    assert layers == Counter({expected: 8}) and head == expected  # 2 layers x (qkv, o, gate_up, down)
+    assert _kinds(dense) == (Counter({"dense": 8}), "dense")
+    # Same weights, only the summation order differs.
+    torch.testing.assert_close(prefill_logits(auto, PROMPT), prefill_logits(dense, PROMPT),
+                               rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "gguf"])  # float checkpoints
+def test_auto_keeps_float_checkpoints_dense(tiny, fmt):
+    model, _ = load_model(tiny("llama3").path(fmt), torch.float32, "cpu", quantization="auto")
+    assert _kinds(model) == (Counter({"dense": 8}), "dense")
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_explicit_modes_compute_with_the_quantized_weights(tiny, mode):
+    tm = tiny("smollm")  # tied embeddings: the LM head is the embedding table
+    model, _ = load_model(tm.hf_dir, torch.float32, "cpu", quantization=mode)
+    layers, head = _kinds(model)
+    assert layers == Counter({mode: 12}) and head == "int8"  # int4 keeps an 8-bit LM head
+    # Reference: the dense path with every weight replaced by what its blocks stand for.
+    fake, _ = load_model(tm.hf_dir, torch.float32, "cpu", quantization="none")
+    original = prefill_logits(fake, PROMPT)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, Linear):
+                fake.get_submodule(name).weight.copy_(module.quantized.dequantize())
+    head = model.logits_quantized.dequantize()  # the input embeddings stay the dense table
+    fake.compute_logits = lambda hidden: hidden @ head.T
+    ours = prefill_logits(model, PROMPT)
+    torch.testing.assert_close(ours, prefill_logits(fake, PROMPT), rtol=0, atol=1e-5)
+    assert (ours - original).abs().max() > 1e-3  # and the quantization is real
+
+
+def test_int8_requantizes_4bit_blocks_but_int4_keeps_them(tiny, tmp_path):
+    path = write_gguf(tiny("llama3").hf, tmp_path / "q41.gguf", tensor_type=QType.Q4_1)
+    as_int4, _ = load_model(path, torch.float32, "cpu", quantization="int4")
+    as_int8, _ = load_model(path, torch.float32, "cpu", quantization="int8")
+    assert _kinds(as_int4) == (Counter({"int4": 8}), "int4")
+    assert _kinds(as_int8) == (Counter({"int8": 8}), "int8")
+
+
+def test_explicit_modes_need_float32_on_the_cpu(tiny):
+    with pytest.raises(ValueError, match="--quantization int8: .*float32"):
+        load_model(tiny("llama3").hf_dir, torch.bfloat16, "cpu", quantization="int8")
+
+
+def test_without_kernels_auto_falls_back_and_explicit_modes_fail(tiny, tmp_path, monkeypatch):
+    path = write_gguf(tiny("llama3").hf, tmp_path / "q8.gguf", tensor_type=QType.Q8_0)
+    monkeypatch.setattr(kernels, "_state", {"error": "native kernels unavailable: test", "warned": True})
+    model, _ = load_model(path, torch.float32, "cpu", quantization="auto")
+    assert _kinds(model) == (Counter({"dense": 8}), "dense")
+    assert not any(getattr(m, "fused_kernels", False) for m in model.modules())
+    with pytest.raises(kernels.KernelsUnavailable, match="test"):
+        load_model(path, torch.float32, "cpu", quantization="int8")
+
+
+def test_unknown_mode_is_rejected(tiny):
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        load_model(tiny("llama3").hf_dir, torch.float32, "cpu", quantization="fp8")

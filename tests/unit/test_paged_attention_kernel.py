@@ -1,0 +1,172 @@
+"""paged_decode_attention (csrc/paged_attention.cpp) against a gather + softmax reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokenloom import kernels
+
+try:
+    OPS = kernels.ops()
+except kernels.KernelsUnavailable as exc:
+    pytest.skip(str(exc), allow_module_level=True)
+
+SEQ_LENS = (1, 15, 16, 17, 100, 300)
+BLOCK_SIZE = 16
+
+
+def blocks_for(seq_len: int, block_size: int) -> int:
+    return -(-seq_len // block_size)
+
+
+def make_case(seq_lens: tuple[int, ...], num_heads: int, num_kv_heads: int, head_dim: int,
+              block_size: int = BLOCK_SIZE, pad_blocks: int = 3, spare_blocks: int = 4,
+              seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random q and cache, with each sequence's blocks drawn from a shuffled pool.
+
+    Block 0 is never given to a sequence and every table row is padded with it
+    (``pad_blocks`` extra entries), so padding points at a block nobody owns.
+    ``spare_blocks`` more blocks stay unreferenced too."""
+    gen = torch.Generator().manual_seed(seed)
+    used = [blocks_for(n, block_size) for n in seq_lens]
+    num_blocks = 1 + sum(used) + spare_blocks
+    max_num_blocks = max(used) + pad_blocks
+    pool = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()
+    tables = torch.zeros(len(seq_lens), max_num_blocks, dtype=torch.int64)
+    for i, n in enumerate(used):
+        tables[i, :n] = torch.tensor(pool[:n])
+        pool = pool[n:]
+    cache_shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    return {
+        "q": torch.randn(len(seq_lens), num_heads, head_dim, generator=gen),
+        "k_cache": torch.randn(cache_shape, generator=gen),
+        "v_cache": torch.randn(cache_shape, generator=gen),
+        "block_tables": tables,
+        "seq_lens": torch.tensor(seq_lens, dtype=torch.int64),
+    }
+
+
+def run_kernel(case: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
+    return OPS.paged_decode_attention(case["q"], case["k_cache"], case["v_cache"],
+                                      case["block_tables"], case["seq_lens"], scale)
+
+
+def reference(case: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
+    """Gathers each sequence's context and attends in float64."""
+    q, k_cache, v_cache = case["q"], case["k_cache"], case["v_cache"]
+    block_size = k_cache.shape[1]
+    group = q.shape[1] // k_cache.shape[2]
+    out = []
+    for i, seq_len in enumerate(case["seq_lens"].tolist()):
+        blocks = case["block_tables"][i, :blocks_for(seq_len, block_size)]
+        k = k_cache[blocks].flatten(0, 1)[:seq_len].double()  # [seq_len, num_kv_heads, head_dim]
+        v = v_cache[blocks].flatten(0, 1)[:seq_len].double()
+        k = k.repeat_interleave(group, dim=1)  # [seq_len, num_heads, head_dim]
+        v = v.repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,thd->ht", q[i].double(), k) * scale  # [num_heads, seq_len]
+        out.append(torch.einsum("ht,thd->hd", scores.softmax(-1), v))  # [num_heads, head_dim]
+    return torch.stack(out).float()  # [num_seqs, num_heads, head_dim]
+
+
+@pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), [
+    (9, 3, 64),  # SmolLM2-135M: grouped-query attention
+    (4, 4, 32),  # multi-head attention
+    (4, 1, 72),  # multi-query attention; head_dim an odd number of AVX2 registers
+])
+def test_matches_reference(num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    case = make_case(SEQ_LENS, num_heads, num_kv_heads, head_dim)
+    scale = head_dim ** -0.5
+    out = run_kernel(case, scale)
+    assert out.shape == (len(SEQ_LENS), num_heads, head_dim)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, reference(case, scale), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("block_size", [1, 3])
+def test_other_block_sizes(block_size: int) -> None:
+    case = make_case((1, 2, 3, 4, 40), 6, 2, 16, block_size=block_size, seed=1)
+    torch.testing.assert_close(run_kernel(case, 0.25), reference(case, 0.25), rtol=1e-5, atol=1e-5)
+
+
+def test_sequence_result_does_not_depend_on_the_batch() -> None:
+    case = make_case(SEQ_LENS, 9, 3, 64, seed=2)
+    batched = run_kernel(case, 0.125)
+    for i in range(len(SEQ_LENS)):
+        alone = dict(case, q=case["q"][i:i + 1], block_tables=case["block_tables"][i:i + 1],
+                     seq_lens=case["seq_lens"][i:i + 1])
+        assert torch.equal(run_kernel(alone, 0.125)[0], batched[i])
+
+
+def test_large_scores_stay_finite() -> None:
+    """Scores of several hundred would overflow exp() without subtracting the max."""
+    case = make_case(SEQ_LENS, 9, 3, 64, seed=3)
+    case["q"] *= 400.0
+    out = run_kernel(case, 0.125)
+    assert torch.isfinite(out).all()
+    # Float32 scores this large carry up to ~1e-4 absolute rounding, which exp()
+    # turns into as much relative error in the probabilities: a looser bound.
+    torch.testing.assert_close(out, reference(case, 0.125), rtol=1e-4, atol=1e-4)
+
+
+def test_unreferenced_cache_slots_are_never_read() -> None:
+    case = make_case(SEQ_LENS, 9, 3, 64, seed=4)
+    clean = run_kernel(case, 0.125)
+
+    # [num_blocks, block_size]: the slots some sequence's context covers
+    referenced = torch.zeros(case["k_cache"].shape[:2], dtype=torch.bool)
+    for i, seq_len in enumerate(SEQ_LENS):
+        for t in range(seq_len):
+            referenced[case["block_tables"][i, t // BLOCK_SIZE], t % BLOCK_SIZE] = True
+    assert not referenced[0].any()  # the padding block, among others
+    case["k_cache"][~referenced] = float("nan")
+    case["v_cache"][~referenced] = float("inf")
+
+    assert torch.equal(run_kernel(case, 0.125), clean)
+
+
+def test_empty_batch() -> None:
+    case = make_case((5,), 4, 2, 16)
+    empty = dict(case, q=case["q"][:0], block_tables=case["block_tables"][:0],
+                 seq_lens=case["seq_lens"][:0])
+    assert run_kernel(empty, 0.25).shape == (0, 4, 16)
+
+
+def _invalid_cases() -> list[object]:
+    base = make_case((5, 20), 4, 2, 16)
+    q, k, v = base["q"], base["k_cache"], base["v_cache"]
+    tables, lens = base["block_tables"], base["seq_lens"]
+    past_last_block = tables.clone()
+    past_last_block[1, 1] = k.shape[0]
+    too_long = tables.shape[1] * BLOCK_SIZE + 1
+
+    def case(name: str, message: str, **changes: torch.Tensor) -> object:
+        return pytest.param(dict(base, **changes), message, id=name)
+
+    return [
+        case("q dtype", "q must be float32", q=q.double()),
+        case("q dims", "q must be", q=q[0]),
+        case("q layout", "q must be contiguous", q=q.transpose(0, 1).contiguous().transpose(0, 1)),
+        case("k dtype", "k_cache must be float32", k_cache=k.half()),
+        case("v dtype", "v_cache must be float32", v_cache=v.bfloat16()),
+        case("k layout", "k_cache must be contiguous", k_cache=k.transpose(0, 1)),
+        case("v shape", "v_cache shape", v_cache=v[:-1]),
+        case("head_dim mismatch", "k_cache head_dim", q=q[:, :, :8].contiguous()),
+        pytest.param(make_case((5, 20), 4, 2, 12), "head_dim", id="head_dim not a multiple of 8"),
+        pytest.param(make_case((5, 20), 3, 2, 16), "num_heads", id="heads not a multiple"),
+        case("tables dtype", "block_tables must be int64", block_tables=tables.int()),
+        case("tables rows", "block_tables has 1 rows", block_tables=tables[:1]),
+        case("block id too large", r"block_tables\[1, 1\]", block_tables=past_last_block),
+        case("negative block id", r"block_tables\[0, 0\]", block_tables=tables - 100),
+        case("lens dtype", "seq_lens must be int64", seq_lens=lens.int()),
+        case("lens count", "seq_lens has 1 entries", seq_lens=lens[:1]),
+        case("empty sequence", r"seq_lens\[0\] = 0", seq_lens=torch.tensor([0, 20])),
+        case("too long", rf"seq_lens\[1\] = {too_long} exceeds",
+             seq_lens=torch.tensor([5, too_long])),
+    ]
+
+
+@pytest.mark.parametrize(("case", "message"), _invalid_cases())
+def test_invalid_inputs_name_the_argument(case: dict[str, torch.Tensor], message: str) -> None:
+    with pytest.raises(RuntimeError, match=message):
+        run_kernel(case, 0.25)

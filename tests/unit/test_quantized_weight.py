@@ -1,0 +1,113 @@
+"""QuantizedWeight: block quantization, the native kernels, and which batches use them."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tokenloom import kernels
+from tokenloom.model.layers.linear import apply_linear
+from tokenloom.model.layers.quantization import (MAX_QUANTIZED_ROWS, QuantizedWeight, concat_rows,
+                                                 quantize)
+from tokenloom.model.loader.dequant import dequantize_tensor, quantized_blocks
+
+QType = gguf.GGMLQuantizationType
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason="native kernels unavailable here")
+
+
+def _weight(n: int = 48, k: int = 96, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.05
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_round_to_nearest_error_is_at_most_half_a_step(kind):
+    w = _weight()
+    q = quantize(w, kind)
+    assert q.shape == (48, 96) and q.scales.shape == (48, 3)
+    step = q.scales.repeat_interleave(32, dim=1)  # [48, 96]
+    err = (q.dequantize() - w).abs()
+    assert (err <= step / 2 + 1e-7).all()
+    assert err.max() > 0  # it really is quantized
+
+
+def test_int4_packs_weight_j_and_j_plus_16_in_one_byte():
+    w = torch.arange(32, dtype=torch.float32).repeat(2, 1)  # min 0, max 31 -> scale 31/15
+    q = quantize(w, "int4")
+    assert q.qweight.shape == (2, 16) and q.qweight.dtype == torch.uint8
+    nibbles = torch.round(w[0] / (31 / 15)).to(torch.uint8)
+    assert q.qweight[0, 3].item() == nibbles[3].item() | (nibbles[19].item() << 4)
+
+
+@pytest.mark.parametrize("qtype", [QType.Q8_0, QType.Q4_0, QType.Q4_1])
+def test_gguf_blocks_hold_exactly_the_files_weights(qtype):
+    w = _weight(8, 64).numpy()
+    data = gguf.quants.quantize(w, qtype)
+    blocks = quantized_blocks(data, qtype, (8, 64))
+    assert blocks.kind == ("int8" if qtype == QType.Q8_0 else "int4")
+    dense = dequantize_tensor(data, qtype, (8, 64), torch.float32, "cpu")
+    assert torch.equal(blocks.dequantize(), dense)
+
+
+def test_other_gguf_types_have_no_blocks():
+    data = np.zeros((4, 32), dtype=np.float32)
+    assert quantized_blocks(data, QType.F32, (4, 32)) is None
+
+
+def test_rows_select_and_concatenate_exactly():
+    a, b = quantize(_weight(8, 64, 1), "int4"), quantize(_weight(4, 64, 2), "int4")
+    both = concat_rows([a, b])
+    assert torch.equal(both.dequantize(), torch.cat([a.dequantize(), b.dequantize()]))
+    perm = torch.tensor([3, 0, 2, 1])
+    assert torch.equal(b.select_rows(perm).dequantize(), b.dequantize()[perm])
+    with pytest.raises(ValueError, match="differently"):
+        concat_rows([a, quantize(_weight(4, 64), "int8")])
+
+
+def test_quantize_rejects_ragged_rows_and_unknown_kinds():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quantize(torch.zeros(4, 40), "int8")
+    with pytest.raises(ValueError, match="unknown quantization"):
+        quantize(torch.zeros(4, 32), "int2")
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 32])
+def test_kernel_matches_the_dense_product_of_the_same_weights(kind, rows):
+    q = quantize(_weight(80, 160), kind)
+    x = torch.randn(rows, 160, generator=torch.Generator().manual_seed(rows))
+    torch.testing.assert_close(q.matmul(x), x @ q.dequantize().T, rtol=0, atol=2e-6)
+
+
+@needs_kernels
+def test_kernel_reads_a_strided_input_correctly():
+    q = quantize(_weight(16, 64), "int4")
+    wide = torch.randn(3, 128)
+    x = wide[:, 32:96]  # not contiguous
+    torch.testing.assert_close(q.matmul(x), x @ q.dequantize().T, rtol=0, atol=2e-6)
+
+
+@needs_kernels
+def test_kernel_rejects_mismatched_shapes():
+    q = quantize(_weight(16, 64), "int8")
+    with pytest.raises(RuntimeError, match="bytes per row"):
+        kernels.ops().q8_linear(torch.randn(2, 96), q.qweight, q.scales)
+    with pytest.raises(RuntimeError, match="x must be float32"):
+        q.matmul(torch.randn(2, 64, dtype=torch.float64))
+
+
+@needs_kernels
+def test_small_batches_use_the_quantized_copy_large_ones_the_dense_weight():
+    w = _weight(16, 64)
+    q = quantize(w, "int4")  # differs from w by up to half a step
+    bias = torch.randn(16)
+    small = torch.randn(MAX_QUANTIZED_ROWS, 64)
+    large = torch.randn(MAX_QUANTIZED_ROWS + 1, 64)
+    torch.testing.assert_close(apply_linear(small, w, bias, q), small @ q.dequantize().T + bias,
+                               rtol=0, atol=2e-6)
+    assert torch.equal(apply_linear(large, w, bias, q), F.linear(large, w, bias))
+    assert torch.equal(apply_linear(small, w, None, None), F.linear(small, w))
