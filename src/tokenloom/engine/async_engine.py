@@ -12,6 +12,11 @@ Only the engine thread touches scheduler and KV state; the event loop only
 validates and tokenizes (``prepare_request``), so a bad request fails on the
 caller's side and never reaches the loop. Model compute runs in the thread,
 so the event loop stays responsive while a step is running.
+
+``start()`` runs the loop in a new thread; ``run_in_current_thread()`` runs it
+on the caller's, which the server uses to keep the engine on the process's
+main thread: OpenMP-parallel ops (the native kernels among them) issued from a
+secondary thread ran about 2x slower on a 2-core machine (measured: docs/performance.md).
 """
 
 from __future__ import annotations
@@ -64,26 +69,43 @@ class AsyncLLMEngine:
         self._idle_wait_s = idle_wait_s
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._loop_done = threading.Event()
         self.error: BaseException | None = None
         self.last_step_time = time.monotonic()
 
     # -- lifecycle -----------------------------------------------------------
 
     def start(self) -> None:
+        """Run the loop in a new thread (a no-op when a thread already runs it)."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="tokenloom-engine", daemon=True)
             self._thread.start()
+
+    def claim_current_thread(self) -> None:
+        """Reserve the calling thread for the loop (``start()`` then does nothing);
+        ``run_in_current_thread()`` on it runs the loop."""
+        if self._thread is not None:
+            raise RuntimeError("the engine loop already has a thread")
+        self._thread = threading.current_thread()
+
+    def run_in_current_thread(self) -> None:
+        """Run the loop on the calling thread until ``shutdown()`` (or KeyboardInterrupt)."""
+        if self._thread is None:
+            self.claim_current_thread()
+        elif self._thread is not threading.current_thread():
+            raise RuntimeError("the engine loop belongs to another thread")
+        self._run()
 
     def shutdown(self) -> None:
         self._stopping = True
         self._inbox.put(None)
         if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
+            self._loop_done.wait(timeout=30)
 
     @property
     def is_alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self.error is None
+        return (self._thread is not None and self._thread.is_alive() and self.error is None
+                and not self._loop_done.is_set())
 
     # -- requests --------------------------------------------------------------
 
@@ -122,6 +144,12 @@ class AsyncLLMEngine:
 
     def _run(self) -> None:
         try:
+            self._loop()
+        finally:
+            self._loop_done.set()
+
+    def _loop(self) -> None:
+        try:
             while not self._stopping:
                 busy = self.engine.has_unfinished_requests()
                 if not self._drain_inbox(block=not busy):
@@ -129,6 +157,9 @@ class AsyncLLMEngine:
                 if self.engine.has_unfinished_requests():
                     self._publish(self.engine.step())
                 self.last_step_time = time.monotonic()
+        except KeyboardInterrupt:  # Ctrl-C on the main thread: a shutdown, not a failure
+            self._fail_all(EngineDeadError("the server is shutting down"))
+            raise
         except BaseException as exc:  # the loop must never die silently
             logger.exception("engine loop failed")
             self.error = exc

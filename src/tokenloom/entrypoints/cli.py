@@ -170,7 +170,7 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     logging.getLogger("tokenloom.server").info(
         "serving %r at http://%s:%d/v1%s", model_name, args.host, args.port,
         " (API key required)" if server_config.api_key else "")
-    run_server(app, server_config)
+    run_server(app, engine, server_config)
     return 0
 
 

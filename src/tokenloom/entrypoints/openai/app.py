@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -212,7 +214,30 @@ def _validation_error(exc: RequestValidationError) -> OpenAIError:
     return bad_request(param, f"{where}: {message}")
 
 
-def run_server(app: FastAPI, config: ServerConfig) -> None:
-    """Serve ``app`` until interrupted (Ctrl-C / SIGTERM shut it down cleanly)."""
-    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level,
-                timeout_graceful_shutdown=5)
+def run_server(app: FastAPI, engine: AsyncLLMEngine, config: ServerConfig) -> None:
+    """Serve ``app`` until interrupted (Ctrl-C / SIGTERM shut it down cleanly).
+
+    The engine loop runs on this (the main) thread and uvicorn's event loop on
+    a second one: see ``AsyncLLMEngine.run_in_current_thread`` for why."""
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port,
+                                           log_level=config.log_level, timeout_graceful_shutdown=5))
+    engine.claim_current_thread()  # the lifespan's start() leaves the loop to this thread
+    http = threading.Thread(target=server.run, name="tokenloom-http", daemon=True)
+    http.start()
+    while not server.started:  # the lifespan is up and the socket bound, or startup failed
+        if not http.is_alive():
+            raise SystemExit(1)  # uvicorn has logged why (e.g. the port is taken)
+        time.sleep(0.05)
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        engine.run_in_current_thread()  # returns when the lifespan shuts the engine down
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        server.should_exit = True
+        http.join(timeout=30)
+
+
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
