@@ -14,6 +14,7 @@ except kernels.KernelsUnavailable as exc:
 
 SEQ_LENS = (1, 15, 16, 17, 100, 300)
 BLOCK_SIZE = 16
+CACHE_DTYPES = pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
 
 
 def blocks_for(seq_len: int, block_size: int) -> int:
@@ -22,12 +23,13 @@ def blocks_for(seq_len: int, block_size: int) -> int:
 
 def make_case(seq_lens: tuple[int, ...], num_heads: int, num_kv_heads: int, head_dim: int,
               block_size: int = BLOCK_SIZE, pad_blocks: int = 3, spare_blocks: int = 4,
-              seed: int = 0) -> dict[str, torch.Tensor]:
+              seed: int = 0, cache_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Random q and cache, with each sequence's blocks drawn from a shuffled pool.
 
     Block 0 is never given to a sequence and every table row is padded with it
     (``pad_blocks`` extra entries), so padding points at a block nobody owns.
-    ``spare_blocks`` more blocks stay unreferenced too."""
+    ``spare_blocks`` more blocks stay unreferenced too. The caches are drawn in
+    float32 and rounded to ``cache_dtype``; q stays float32."""
     gen = torch.Generator().manual_seed(seed)
     used = [blocks_for(n, block_size) for n in seq_lens]
     num_blocks = 1 + sum(used) + spare_blocks
@@ -40,8 +42,8 @@ def make_case(seq_lens: tuple[int, ...], num_heads: int, num_kv_heads: int, head
     cache_shape = (num_blocks, block_size, num_kv_heads, head_dim)
     return {
         "q": torch.randn(len(seq_lens), num_heads, head_dim, generator=gen),
-        "k_cache": torch.randn(cache_shape, generator=gen),
-        "v_cache": torch.randn(cache_shape, generator=gen),
+        "k_cache": torch.randn(cache_shape, generator=gen).to(cache_dtype),
+        "v_cache": torch.randn(cache_shape, generator=gen).to(cache_dtype),
         "block_tables": tables,
         "seq_lens": torch.tensor(seq_lens, dtype=torch.int64),
     }
@@ -53,7 +55,10 @@ def run_kernel(case: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
 
 
 def reference(case: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
-    """Gathers each sequence's context and attends in float64."""
+    """Gathers each sequence's context and attends in float64.
+
+    A float16 cache is upcast from the very values the kernel reads (exactly),
+    so only summation order separates the two, whatever the cache dtype."""
     q, k_cache, v_cache = case["q"], case["k_cache"], case["v_cache"]
     block_size = k_cache.shape[1]
     group = q.shape[1] // k_cache.shape[2]
@@ -74,8 +79,10 @@ def reference(case: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
     (4, 4, 32),  # multi-head attention
     (4, 1, 72),  # multi-query attention; head_dim an odd number of AVX2 registers
 ])
-def test_matches_reference(num_heads: int, num_kv_heads: int, head_dim: int) -> None:
-    case = make_case(SEQ_LENS, num_heads, num_kv_heads, head_dim)
+@CACHE_DTYPES
+def test_matches_reference(num_heads: int, num_kv_heads: int, head_dim: int,
+                           cache_dtype: torch.dtype) -> None:
+    case = make_case(SEQ_LENS, num_heads, num_kv_heads, head_dim, cache_dtype=cache_dtype)
     scale = head_dim ** -0.5
     out = run_kernel(case, scale)
     assert out.shape == (len(SEQ_LENS), num_heads, head_dim)
@@ -84,13 +91,16 @@ def test_matches_reference(num_heads: int, num_kv_heads: int, head_dim: int) -> 
 
 
 @pytest.mark.parametrize("block_size", [1, 3])
-def test_other_block_sizes(block_size: int) -> None:
-    case = make_case((1, 2, 3, 4, 40), 6, 2, 16, block_size=block_size, seed=1)
+@CACHE_DTYPES
+def test_other_block_sizes(block_size: int, cache_dtype: torch.dtype) -> None:
+    case = make_case((1, 2, 3, 4, 40), 6, 2, 16, block_size=block_size, seed=1,
+                     cache_dtype=cache_dtype)
     torch.testing.assert_close(run_kernel(case, 0.25), reference(case, 0.25), rtol=1e-5, atol=1e-5)
 
 
-def test_sequence_result_does_not_depend_on_the_batch() -> None:
-    case = make_case(SEQ_LENS, 9, 3, 64, seed=2)
+@CACHE_DTYPES
+def test_sequence_result_does_not_depend_on_the_batch(cache_dtype: torch.dtype) -> None:
+    case = make_case(SEQ_LENS, 9, 3, 64, seed=2, cache_dtype=cache_dtype)
     batched = run_kernel(case, 0.125)
     for i in range(len(SEQ_LENS)):
         alone = dict(case, q=case["q"][i:i + 1], block_tables=case["block_tables"][i:i + 1],
@@ -109,8 +119,9 @@ def test_large_scores_stay_finite() -> None:
     torch.testing.assert_close(out, reference(case, 0.125), rtol=1e-4, atol=1e-4)
 
 
-def test_unreferenced_cache_slots_are_never_read() -> None:
-    case = make_case(SEQ_LENS, 9, 3, 64, seed=4)
+@CACHE_DTYPES
+def test_unreferenced_cache_slots_are_never_read(cache_dtype: torch.dtype) -> None:
+    case = make_case(SEQ_LENS, 9, 3, 64, seed=4, cache_dtype=cache_dtype)
     clean = run_kernel(case, 0.125)
 
     # [num_blocks, block_size]: the slots some sequence's context covers
@@ -123,6 +134,17 @@ def test_unreferenced_cache_slots_are_never_read() -> None:
     case["v_cache"][~referenced] = float("inf")
 
     assert torch.equal(run_kernel(case, 0.125), clean)
+
+
+@pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), [(9, 3, 64), (4, 4, 32)])
+def test_fp16_cache_is_exactly_its_float32_upcast(num_heads: int, num_kv_heads: int,
+                                                  head_dim: int) -> None:
+    """Widening float16 is exact and the arithmetic is the float32 path's, in
+    the same order: the same bits as the float32 kernel on the upcast cache."""
+    case = make_case(SEQ_LENS, num_heads, num_kv_heads, head_dim, seed=5,
+                     cache_dtype=torch.float16)
+    upcast = dict(case, k_cache=case["k_cache"].float(), v_cache=case["v_cache"].float())
+    assert torch.equal(run_kernel(case, 0.125), run_kernel(upcast, 0.125))
 
 
 def test_empty_batch() -> None:
@@ -147,8 +169,12 @@ def _invalid_cases() -> list[object]:
         case("q dtype", "q must be float32", q=q.double()),
         case("q dims", "q must be", q=q[0]),
         case("q layout", "q must be contiguous", q=q.transpose(0, 1).contiguous().transpose(0, 1)),
-        case("k dtype", "k_cache must be float32", k_cache=k.half()),
-        case("v dtype", "v_cache must be float32", v_cache=v.bfloat16()),
+        case("k dtype", "k_cache must be float32 or float16", k_cache=k.double()),
+        case("v dtype", "v_cache must be float32 or float16", v_cache=v.bfloat16()),
+        case("k half, v float", "v_cache dtype Float must match k_cache dtype Half",
+             k_cache=k.half()),
+        case("k float, v half", "v_cache dtype Half must match k_cache dtype Float",
+             v_cache=v.half()),
         case("k layout", "k_cache must be contiguous", k_cache=k.transpose(0, 1)),
         case("v shape", "v_cache shape", v_cache=v[:-1]),
         case("head_dim mismatch", "k_cache head_dim", q=q[:, :, :8].contiguous()),

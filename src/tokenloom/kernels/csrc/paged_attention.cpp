@@ -10,6 +10,14 @@
 // Work is split over (sequence, kv head) pairs. Within a pair all the query
 // heads of that GQA group are computed together, so each K/V row is fetched
 // from memory once per group rather than once per query head.
+//
+// The caches are float32 or float16 (both the same). Float16 rows are widened
+// to float32 with F16C as they are loaded into registers (exactly), so a
+// float16 cache halves the K/V bytes read while all arithmetic stays float32,
+// in the same order: the result is bit-identical to the float32 path on the
+// upcast cache. The loops are templated on the element type. Widening each
+// tile into a float scratch instead (once per GQA group rather than once per
+// query head) measured slower than converting in registers.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -27,6 +35,12 @@ namespace {
 
 constexpr int64_t kLanes = 8;  // floats per AVX2 register
 
+// kLanes consecutive cache elements as float32 lanes.
+inline __m256 load_row(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load_row(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
 float horizontal_sum(__m256 v) {
   __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
@@ -35,17 +49,18 @@ float horizontal_sum(__m256 v) {
 }
 
 // n is a multiple of kLanes (checked on entry to the op).
-float dot(const float* a, const float* b, int64_t n) {
+template <typename T>
+float dot(const float* a, const T* b, int64_t n) {
   // Two independent accumulators so consecutive FMAs do not wait on each other.
   __m256 acc0 = _mm256_setzero_ps();
   __m256 acc1 = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + kLanes), _mm256_loadu_ps(b + i + kLanes), acc1);
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load_row(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + kLanes), load_row(b + i + kLanes), acc1);
   }
   if (i < n) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load_row(b + i), acc0);
   }
   return horizontal_sum(_mm256_add_ps(acc0, acc1));
 }
@@ -64,21 +79,23 @@ __m256 sum_each(const __m256 v[kLanes]) {
                        _mm256_permute2f128_ps(s0123, s4567, 0x31));
 }
 
-// The dot products of q with kLanes rows lying `stride` floats apart.
-__m256 dot_rows(const float* q, const float* rows, int64_t stride, int64_t d) {
+// The dot products of q with kLanes rows lying `stride` elements apart.
+template <typename T>
+__m256 dot_rows(const float* q, const T* rows, int64_t stride, int64_t d) {
   __m256 acc[kLanes];
   for (auto& a : acc) a = _mm256_setzero_ps();
   for (int64_t c = 0; c < d; c += kLanes) {
     const __m256 qc = _mm256_loadu_ps(q + c);
     for (int64_t r = 0; r < kLanes; ++r) {
-      acc[r] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(rows + r * stride + c), acc[r]);
+      acc[r] = _mm256_fmadd_ps(qc, load_row(rows + r * stride + c), acc[r]);
     }
   }
   return sum_each(acc);
 }
 
 // scores[t] = scale * <q, row t> for the `count` rows of a tile.
-void tile_scores(const float* q, const float* rows, int64_t stride, int64_t count, int64_t d,
+template <typename T>
+void tile_scores(const float* q, const T* rows, int64_t stride, int64_t count, int64_t d,
                  float scale, float* scores) {
   int64_t t = 0;
   for (; t + kLanes <= count; t += kLanes) {
@@ -91,7 +108,8 @@ void tile_scores(const float* q, const float* rows, int64_t stride, int64_t coun
 // out += sum over t of weights[t] * row t, for the `count` rows of a tile.
 // The accumulators stay in registers across all the rows, kAccRegs vectors of
 // head_dim at a time, instead of a load and store of out per row.
-void tile_accumulate(const float* weights, const float* rows, int64_t stride, int64_t count,
+template <typename T>
+void tile_accumulate(const float* weights, const T* rows, int64_t stride, int64_t count,
                      int64_t d, float* out) {
   constexpr int64_t kAccRegs = 8;  // 8 accumulators + a weight + a row chunk fit in 16 registers
   int64_t c = 0;
@@ -100,9 +118,9 @@ void tile_accumulate(const float* weights, const float* rows, int64_t stride, in
     for (int64_t j = 0; j < kAccRegs; ++j) acc[j] = _mm256_loadu_ps(out + c + j * kLanes);
     for (int64_t t = 0; t < count; ++t) {
       const __m256 w = _mm256_set1_ps(weights[t]);
-      const float* row = rows + t * stride + c;
+      const T* row = rows + t * stride + c;
       for (int64_t j = 0; j < kAccRegs; ++j) {
-        acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + j * kLanes), acc[j]);
+        acc[j] = _mm256_fmadd_ps(w, load_row(row + j * kLanes), acc[j]);
       }
     }
     for (int64_t j = 0; j < kAccRegs; ++j) _mm256_storeu_ps(out + c + j * kLanes, acc[j]);
@@ -111,7 +129,7 @@ void tile_accumulate(const float* weights, const float* rows, int64_t stride, in
     __m256 acc = _mm256_loadu_ps(out + c);
     for (int64_t t = 0; t < count; ++t) {
       const __m256 w = _mm256_set1_ps(weights[t]);
-      acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(rows + t * stride + c), acc);
+      acc = _mm256_fmadd_ps(w, load_row(rows + t * stride + c), acc);
     }
     _mm256_storeu_ps(out + c, acc);
   }
@@ -179,30 +197,32 @@ float exp_shifted(float* x, int64_t n) {
   return sum;
 }
 
-// One layer's K or V cache, seen as rows of head_dim floats.
+// One layer's K or V cache, seen as rows of head_dim elements of type T
+// (float or at::Half).
+template <typename T>
 struct CacheView {
-  const float* data;
+  const T* data;
   int64_t block_size;
   int64_t row_stride;  // num_kv_heads * head_dim: from one token slot to the next
   int64_t head_dim;
 };
 
-// Tokens per tile: one kv head's K or V rows of a tile (16 * head_dim floats)
+// Tokens per tile: one kv head's K or V rows of a tile (16 * head_dim elements)
 // stay in L1 while every query head of the group passes over them.
 constexpr int64_t kTileTokens = 16;
 
 // Calls fn(start, rows, count) for consecutive tiles of one sequence's tokens
 // for kv_head: tokens start..start+count-1, within one block, whose rows lie at
 // rows + i * row_stride.
-template <typename Fn>
-void for_each_tile(const CacheView& cache, const int64_t* block_table, int64_t seq_len,
+template <typename T, typename Fn>
+void for_each_tile(const CacheView<T>& cache, const int64_t* block_table, int64_t seq_len,
                    int64_t kv_head, Fn&& fn) {
   for (int64_t start = 0; start < seq_len;) {
     const int64_t block = block_table[start / cache.block_size];
     const int64_t offset = start % cache.block_size;
     const int64_t count = std::min({kTileTokens, cache.block_size - offset, seq_len - start});
-    const float* rows = cache.data + (block * cache.block_size + offset) * cache.row_stride +
-                        kv_head * cache.head_dim;
+    const T* rows = cache.data + (block * cache.block_size + offset) * cache.row_stride +
+                    kv_head * cache.head_dim;
     fn(start, rows, count);
     start += count;
   }
@@ -210,14 +230,15 @@ void for_each_tile(const CacheView& cache, const int64_t* block_table, int64_t s
 
 // Attention of one GQA group (the query heads sharing kv_head) of one sequence.
 // q and out are [group, head_dim]; scores is scratch, resized to group * seq_len.
-void attend_group(const float* q, const CacheView& keys, const CacheView& values,
+template <typename T>
+void attend_group(const float* q, const CacheView<T>& keys, const CacheView<T>& values,
                   const int64_t* block_table, int64_t seq_len, int64_t kv_head, int64_t group,
                   float scale, std::vector<float>& scores, float* out) {
   const int64_t d = keys.head_dim, stride = keys.row_stride;
   scores.resize(group * seq_len);
   float* s = scores.data();  // [group, seq_len]
 
-  const auto score_tile = [&](int64_t start, const float* rows, int64_t count) {
+  const auto score_tile = [&](int64_t start, const T* rows, int64_t count) {
     for (int64_t g = 0; g < group; ++g) {
       tile_scores(q + g * d, rows, stride, count, d, scale, s + g * seq_len + start);
     }
@@ -228,7 +249,7 @@ void attend_group(const float* q, const CacheView& keys, const CacheView& values
   for (int64_t g = 0; g < group; ++g) inv_sums[g] = 1.0f / exp_shifted(s + g * seq_len, seq_len);
 
   std::fill(out, out + group * d, 0.0f);
-  const auto accumulate_tile = [&](int64_t start, const float* rows, int64_t count) {
+  const auto accumulate_tile = [&](int64_t start, const T* rows, int64_t count) {
     for (int64_t g = 0; g < group; ++g) {
       tile_accumulate(s + g * seq_len + start, rows, stride, count, d, out + g * d);
     }
@@ -238,9 +259,10 @@ void attend_group(const float* q, const CacheView& keys, const CacheView& values
   for (int64_t g = 0; g < group; ++g) scale_in_place(inv_sums[g], out + g * d, d);
 }
 
-void check_float_cache(const at::Tensor& t, const char* name) {
+void check_cache(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
-  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf, name,
+              " must be float32 or float16, got ", t.scalar_type());
   TORCH_CHECK(t.dim() == 4, name, " must be [num_blocks, block_size, num_kv_heads, head_dim], got ",
               t.dim(), " dims");
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
@@ -259,8 +281,10 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   TORCH_CHECK(q.scalar_type() == at::kFloat, "q must be float32, got ", q.scalar_type());
   TORCH_CHECK(q.dim() == 3, "q must be [num_seqs, num_heads, head_dim], got ", q.dim(), " dims");
   TORCH_CHECK(q.is_contiguous(), "q must be contiguous");
-  check_float_cache(k_cache, "k_cache");
-  check_float_cache(v_cache, "v_cache");
+  check_cache(k_cache, "k_cache");
+  check_cache(v_cache, "v_cache");
+  TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), "v_cache dtype ",
+              v_cache.scalar_type(), " must match k_cache dtype ", k_cache.scalar_type());
   TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache shape ", v_cache.sizes(),
               " must match k_cache shape ", k_cache.sizes());
   check_index(block_tables, "block_tables", 2);
@@ -302,6 +326,26 @@ void check_tables(const at::Tensor& block_tables, const at::Tensor& seq_lens, in
   }
 }
 
+// Every (sequence, kv head) pair of the batch, with caches of element type T.
+template <typename T>
+void attend_all(const float* q, const CacheView<T>& keys, const CacheView<T>& values,
+                const int64_t* tables, int64_t max_num_blocks, const int64_t* lens,
+                int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, float scale,
+                float* out) {
+  const int64_t group = num_heads / num_kv_heads, head_dim = keys.head_dim;
+  // Query heads of one group are adjacent ([num_seqs, num_heads, head_dim]),
+  // so pair (i, kv_head) owns one contiguous [group, head_dim] slice of q and out.
+  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;  // reused by every pair of this task
+    for (int64_t pair = begin; pair < end; ++pair) {
+      const int64_t i = pair / num_kv_heads, kv_head = pair % num_kv_heads;
+      const int64_t offset = (i * num_heads + kv_head * group) * head_dim;
+      attend_group(q + offset, keys, values, tables + i * max_num_blocks, lens[i], kv_head, group,
+                   scale, scores, out + offset);
+    }
+  });
+}
+
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
                                   const at::Tensor& v_cache, const at::Tensor& block_tables,
                                   const at::Tensor& seq_lens, double scale) {
@@ -311,29 +355,22 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
 
   const int64_t num_seqs = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
   const int64_t num_kv_heads = k_cache.size(2);
-  const int64_t group = num_heads / num_kv_heads;
-  const int64_t max_num_blocks = block_tables.size(1);
   const int64_t row_stride = num_kv_heads * head_dim;
-  const CacheView keys{k_cache.data_ptr<float>(), block_size, row_stride, head_dim};
-  const CacheView values{v_cache.data_ptr<float>(), block_size, row_stride, head_dim};
-
   at::Tensor out = at::empty({num_seqs, num_heads, head_dim}, q.options());
-  const float* q_data = q.data_ptr<float>();
-  float* out_data = out.data_ptr<float>();
-  const int64_t* tables = block_tables.data_ptr<int64_t>();
-  const int64_t* lens = seq_lens.data_ptr<int64_t>();
 
-  // Query heads of one group are adjacent ([num_seqs, num_heads, head_dim]),
-  // so pair (i, kv_head) owns one contiguous [group, head_dim] slice of q and out.
-  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;  // reused by every pair of this task
-    for (int64_t pair = begin; pair < end; ++pair) {
-      const int64_t i = pair / num_kv_heads, kv_head = pair % num_kv_heads;
-      const int64_t offset = (i * num_heads + kv_head * group) * head_dim;
-      attend_group(q_data + offset, keys, values, tables + i * max_num_blocks, lens[i], kv_head,
-                   group, static_cast<float>(scale), scores, out_data + offset);
-    }
-  });
+  const auto run = [&](auto element) {
+    using T = decltype(element);
+    const CacheView<T> keys{k_cache.data_ptr<T>(), block_size, row_stride, head_dim};
+    const CacheView<T> values{v_cache.data_ptr<T>(), block_size, row_stride, head_dim};
+    attend_all(q.data_ptr<float>(), keys, values, block_tables.data_ptr<int64_t>(),
+               block_tables.size(1), seq_lens.data_ptr<int64_t>(), num_seqs, num_heads,
+               num_kv_heads, static_cast<float>(scale), out.data_ptr<float>());
+  };
+  if (k_cache.scalar_type() == at::kHalf) {
+    run(at::Half{});
+  } else {
+    run(float{});
+  }
   return out;
 }
 

@@ -11,9 +11,14 @@
 //
 // Decode is bound by reading the weights, so each weight block is read from
 // memory once per call: output rows are the outer (parallel) loop and every
-// row of x (small, cache resident) is visited while a block sits in registers,
-// dequantized to f32 once. Activations stay f32, so the only error against
-// the dense f32 product of the same weights is summation order.
+// row of x (small, cache resident) is visited while the weight row is near.
+// Activations stay f32, so the only error against the dense f32 product of
+// the same weights is summation order.
+//
+//   M <= kDirectRows   each block is dequantized into registers and used at once
+//   M >  kDirectRows   (batched decode, compute bound) two weight rows at a time
+//                      are dequantized into an L1 scratch row, then a 4 x 2
+//                      register-blocked f32 micro-kernel runs over all M rows
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -21,12 +26,16 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <type_traits>
+#include <vector>
 
 namespace {
 
 constexpr int64_t kBlock = 32;
 constexpr int64_t kRowTile = 4;  // rows of x sharing one dequantized block
+constexpr int64_t kDirectRows = 4;  // larger batches take the scratch-row path
 
 inline float hsum(__m256 v) {
   __m128 lo = _mm256_castps256_ps128(v);
@@ -106,6 +115,59 @@ inline void output_column(const float* x, int64_t M, int64_t K, LoadBlock load_b
   }
 }
 
+// Four rows of x against two dequantized weight rows w0, w1 (K floats each):
+// 8 independent accumulators keep both FMA ports busy. (Three weight rows, or
+// three rows of x by three weight rows, measured slower: register spills.)
+template <int ROWS>
+inline void micro_kernel(const float* x, int64_t K, const float* w0, const float* w1, float* y,
+                         int64_t N, bool second) {
+  __m256 acc0[ROWS], acc1[ROWS];
+  for (int r = 0; r < ROWS; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 8) {
+    const __m256 a = _mm256_loadu_ps(w0 + k);
+    const __m256 b = _mm256_loadu_ps(w1 + k);
+    for (int r = 0; r < ROWS; ++r) {
+      const __m256 xv = _mm256_loadu_ps(x + r * K + k);
+      acc0[r] = _mm256_fmadd_ps(a, xv, acc0[r]);
+      acc1[r] = _mm256_fmadd_ps(b, xv, acc1[r]);
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    y[r * N] = hsum(acc0[r]);
+    if (second) y[r * N + 1] = hsum(acc1[r]);
+  }
+}
+
+// The batched path: weight rows in pairs, each pair dequantized once into
+// scratch (2 K floats, L1 resident) and swept over every row of x.
+template <typename DequantRow>
+void batched_linear(const float* x, int64_t M, int64_t K, int64_t N, DequantRow dequant_row, float* y) {
+  const int64_t pairs = (N + 1) / 2;
+  at::parallel_for(0, pairs, 4, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(2 * K);
+    float* w0 = scratch.data();
+    float* w1 = w0 + K;
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t n = 2 * p;
+      const bool second = n + 1 < N;
+      dequant_row(n, w0);
+      dequant_row(second ? n + 1 : n, w1);
+      int64_t r = 0;
+      for (; r + kRowTile <= M; r += kRowTile)
+        micro_kernel<kRowTile>(x + r * K, K, w0, w1, y + r * N + n, N, second);
+      for (; r < M; ++r) micro_kernel<1>(x + r * K, K, w0, w1, y + r * N + n, N, second);
+    }
+  });
+}
+
+template <typename LoadBlock>
+inline void store_row(int64_t num_blocks, LoadBlock load_block, float* out) {
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const Block blk = load_block(b);
+    for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + b * kBlock + 8 * i, blk.w[i]);
+  }
+}
+
 void check_common(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                   int64_t bytes_per_block) {
   TORCH_CHECK(x.device().is_cpu() && qweight.device().is_cpu() && scales.device().is_cpu(),
@@ -125,7 +187,7 @@ void check_common(const at::Tensor& x, const at::Tensor& qweight, const at::Tens
 
 // Rows of output per parallel task: enough work to amortise the task, enough
 // tasks to keep every thread busy on the smallest projections.
-int64_t grain_for(int64_t N, int64_t M) { return std::max<int64_t>(8, 256 / std::max<int64_t>(M, 1)); }
+int64_t grain_for(int64_t M) { return std::max<int64_t>(8, 256 / std::max<int64_t>(M, 1)); }
 
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                      const at::Tensor& mins) {
@@ -140,7 +202,16 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
   const float* sp = scales.data_ptr<float>();
   const float* mp = mins.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, grain_for(N, M), [&](int64_t begin, int64_t end) {
+  if (M > kDirectRows) {
+    batched_linear(xp, M, K, N, [&](int64_t n, float* out) {
+      const uint8_t* qrow = qp + n * (K / 2);
+      store_row(num_blocks, [&](int64_t b) {
+        return load_q4(qrow + b * (kBlock / 2), sp[n * num_blocks + b], mp[n * num_blocks + b]);
+      }, out);
+    }, yp);
+    return y;
+  }
+  at::parallel_for(0, N, grain_for(M), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const uint8_t* qrow = qp + n * (K / 2);
       const float* srow = sp + n * num_blocks;
@@ -161,7 +232,14 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
   const int8_t* qp = qweight.data_ptr<int8_t>();
   const float* sp = scales.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, grain_for(N, M), [&](int64_t begin, int64_t end) {
+  if (M > kDirectRows) {
+    batched_linear(xp, M, K, N, [&](int64_t n, float* out) {
+      store_row(num_blocks, [&](int64_t b) { return load_q8(qp + n * K + b * kBlock, sp[n * num_blocks + b]); },
+                out);
+    }, yp);
+    return y;
+  }
+  at::parallel_for(0, N, grain_for(M), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const int8_t* qrow = qp + n * K;
       const float* srow = sp + n * num_blocks;
@@ -172,14 +250,175 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
   return y;
 }
 
+// ---- int8 activations (decode-sized batches) --------------------------------
+//
+// The f32 path above is bound by turning each weight into a float (about 26
+// instructions per block of 32). Quantizing the few rows of x to int8 per
+// block of 32 (llama.cpp's Q8 scheme: xd = max|x| / 127, xq = round(x / xd))
+// lets a block's dot product run on integers (maddubs: u8 x s8 pairs -> s16,
+// madd -> s32), about half the instructions, with one float FMA per block:
+//
+//   q4: sum_j (d q_j + m) xd xq_j = d xd (q . xq) + m xd sum(xq)
+//   q8: sum_j (d q_j) xd xq_j     = d xd (q . xq)
+
+struct QuantizedRows {
+  std::vector<int8_t> q;   // [M, K]
+  std::vector<float> d;    // [M, K/32] block scales
+  std::vector<float> sum;  // [M, K/32] d * sum(xq): the block's sum as the kernel sees it
+};
+
+inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+
+QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K) {
+  const int64_t nb = K / kBlock;
+  QuantizedRows out{std::vector<int8_t>(M * K), std::vector<float>(M * nb), std::vector<float>(M * nb)};
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  for (int64_t i = 0; i < M * nb; ++i) {
+    const float* xb = x + i * kBlock;
+    __m256 v[4];
+    __m256 amax = _mm256_setzero_ps();
+    for (int j = 0; j < 4; ++j) {
+      v[j] = _mm256_loadu_ps(xb + 8 * j);
+      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[j]));
+    }
+    const float d = hmax(amax) / 127.f;
+    const __m256 inv = _mm256_set1_ps(d > 0.f ? 1.f / d : 0.f);
+    __m256i q[4];
+    __m256 total = _mm256_setzero_ps();
+    for (int j = 0; j < 4; ++j) {
+      const __m256 r = _mm256_round_ps(_mm256_mul_ps(v[j], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      total = _mm256_add_ps(total, r);
+      q[j] = _mm256_cvtps_epi32(r);
+    }
+    // packs works within 128-bit lanes; the permute puts the 32 bytes back in order.
+    const __m256i p16a = _mm256_packs_epi32(q[0], q[1]);
+    const __m256i p16b = _mm256_packs_epi32(q[2], q[3]);
+    const __m256i p8 = _mm256_packs_epi16(p16a, p16b);
+    const __m256i ordered = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.q.data() + i * kBlock), ordered);
+    out.d[i] = d;
+    out.sum[i] = d * hsum(total);
+  }
+  return out;
+}
+
+// The 32 nibbles of a q4 block as bytes in weight order (0..15 low, 16..31 high).
+inline __m256i q4_bytes(const uint8_t* q) {
+  const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), mask), _mm_and_si128(packed, mask));
+}
+
+inline __m256 dot_u8_s8(__m256i u, __m256i s) {
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+}
+
+template <int ROWS>
+inline void q4_i8_rows(const QuantizedRows& xr, int64_t r0, int64_t nb, const uint8_t* qrow, const float* srow,
+                       const float* mrow, float* y, int64_t N) {
+  __m256 acc[ROWS];
+  float offset[ROWS];
+  for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_ps(), offset[r] = 0.f;
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m256i w = q4_bytes(qrow + b * (kBlock / 2));
+    for (int r = 0; r < ROWS; ++r) {
+      const int64_t i = (r0 + r) * nb + b;
+      const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr.q.data() + i * kBlock));
+      acc[r] = _mm256_fmadd_ps(dot_u8_s8(w, xq), _mm256_set1_ps(srow[b] * xr.d[i]), acc[r]);
+      offset[r] += mrow[b] * xr.sum[i];
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) y[r * N] = hsum(acc[r]) + offset[r];
+}
+
+template <int ROWS>
+inline void q8_i8_rows(const QuantizedRows& xr, int64_t r0, int64_t nb, const int8_t* qrow, const float* srow,
+                       float* y, int64_t N) {
+  __m256 acc[ROWS];
+  for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qrow + b * kBlock));
+    const __m256i wabs = _mm256_sign_epi8(w, w);  // |w| as u8 (weights lie in [-127, 127])
+    for (int r = 0; r < ROWS; ++r) {
+      const int64_t i = (r0 + r) * nb + b;
+      const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr.q.data() + i * kBlock));
+      acc[r] = _mm256_fmadd_ps(dot_u8_s8(wabs, _mm256_sign_epi8(xq, w)), _mm256_set1_ps(srow[b] * xr.d[i]),
+                               acc[r]);
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) y[r * N] = hsum(acc[r]);
+}
+
+// Rows of x in tiles of up to kDirectRows, one weight row at a time.
+template <typename Rows>
+inline void each_row_tile(int64_t M, Rows rows) {
+  for (int64_t r = 0; r < M; r += kDirectRows) {
+    switch (std::min<int64_t>(kDirectRows, M - r)) {
+      case 4: rows(std::integral_constant<int, 4>{}, r); break;
+      case 3: rows(std::integral_constant<int, 3>{}, r); break;
+      case 2: rows(std::integral_constant<int, 2>{}, r); break;
+      default: rows(std::integral_constant<int, 1>{}, r); break;
+    }
+  }
+}
+
+at::Tensor q4_linear_i8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                        const at::Tensor& mins) {
+  check_common(x, qweight, scales, kBlock / 2);
+  TORCH_CHECK(qweight.scalar_type() == at::kByte, "q4_linear_i8: qweight must be uint8");
+  TORCH_CHECK(mins.scalar_type() == at::kFloat && mins.is_contiguous() && mins.sizes() == scales.sizes(),
+              "q4_linear_i8: mins must be contiguous float32 shaped like scales");
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0), nb = K / kBlock;
+  at::Tensor y = at::empty({M, N}, x.options());
+  const QuantizedRows xr = quantize_rows(x.data_ptr<float>(), M, K);
+  const uint8_t* qp = qweight.data_ptr<uint8_t>();
+  const float* sp = scales.data_ptr<float>();
+  const float* mp = mins.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, grain_for(M), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      each_row_tile(M, [&](auto rows, int64_t r) {
+        q4_i8_rows<decltype(rows)::value>(xr, r, nb, qp + n * (K / 2), sp + n * nb, mp + n * nb, yp + r * N + n, N);
+      });
+  });
+  return y;
+}
+
+at::Tensor q8_linear_i8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
+  check_common(x, qweight, scales, kBlock);
+  TORCH_CHECK(qweight.scalar_type() == at::kChar, "q8_linear_i8: qweight must be int8");
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0), nb = K / kBlock;
+  at::Tensor y = at::empty({M, N}, x.options());
+  const QuantizedRows xr = quantize_rows(x.data_ptr<float>(), M, K);
+  const int8_t* qp = qweight.data_ptr<int8_t>();
+  const float* sp = scales.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, grain_for(M), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      each_row_tile(M, [&](auto rows, int64_t r) {
+        q8_i8_rows<decltype(rows)::value>(xr, r, nb, qp + n * K, sp + n * nb, yp + r * N + n, N);
+      });
+  });
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(tokenloom, m) {
   m.def("q4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor mins) -> Tensor");
   m.def("q8_linear(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
+  m.def("q4_linear_i8(Tensor x, Tensor qweight, Tensor scales, Tensor mins) -> Tensor");
+  m.def("q8_linear_i8(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tokenloom, CPU, m) {
   m.impl("q4_linear", &q4_linear);
   m.impl("q8_linear", &q8_linear);
+  m.impl("q4_linear_i8", &q4_linear_i8);
+  m.impl("q8_linear_i8", &q8_linear_i8);
 }

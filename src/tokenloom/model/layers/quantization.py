@@ -16,7 +16,13 @@ round-to-nearest per block, int4 asymmetric (min/max), int8 symmetric
 
 Only the decode-sized matmuls use the quantized copy: large batches (prefill)
 are compute bound, and the dense f32 GEMM is faster there on this class of
-CPU. Activations stay f32 in both paths.
+CPU. Batches of up to ``MAX_INT8_ACTIVATION_ROWS`` rows (single-stream
+decode) also quantize the activations to int8 per block of 32, as llama.cpp
+does for every matmul: their dot products then run on integer instructions,
+which is what makes a lone stream fast on AVX2. Other batches keep f32
+activations. A request's numbers therefore depend a little on how many others
+share its step (no batch invariance, as in vLLM); ``--quantization none`` is
+the exact path.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ QUANTIZATION_KINDS = ("int4", "int8")
 # Batches of at most this many rows use the quantized kernels; larger ones the
 # dense GEMM (measured crossover on a 2-core AVX2 EPYC: see docs/performance.md).
 MAX_QUANTIZED_ROWS = 32
+MAX_INT8_ACTIVATION_ROWS = 4  # must match kDirectRows in quant_linear.cpp
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,12 +55,15 @@ class QuantizedWeight:
         return self.scales.shape[0], self.scales.shape[1] * BLOCK
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x [M, K] float32 -> x @ W.T [M, N]."""
+        """x [M, K] float32 -> x @ W.T [M, N]; at most ``MAX_INT8_ACTIVATION_ROWS``
+        rows run with x quantized to int8 per block of 32 (see module docstring)."""
         ops = kernels.ops()
         x = x.contiguous()
+        small = x.shape[0] <= MAX_INT8_ACTIVATION_ROWS
         if self.kind == "int4":
-            return ops.q4_linear(x, self.qweight, self.scales, self.mins)
-        return ops.q8_linear(x, self.qweight, self.scales)
+            op = ops.q4_linear_i8 if small else ops.q4_linear
+            return op(x, self.qweight, self.scales, self.mins)
+        return (ops.q8_linear_i8 if small else ops.q8_linear)(x, self.qweight, self.scales)
 
     def dequantize(self) -> torch.Tensor:
         """The f32 weight these blocks stand for, [N, K]."""
