@@ -10,7 +10,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 SERVE_ARGS ?=
 
-.PHONY: install test model serve clean
+.PHONY: install kernels test model serve clean
 
 install: $(STAMP)
 
@@ -25,11 +25,16 @@ $(STAMP): pyproject.toml
 model: install
 	$(PY) -c "from tokenloom.model_files import resolve_model; print(resolve_model('smollm2-135m'))"
 
-test: install model
+# Compile the native CPU kernels once (cached in $$TOKENLOOM_HOME/kernels; a no-op when built).
+# Where they cannot be built, the engine runs its plain PyTorch paths instead.
+kernels: install
+	$(PY) -c "from tokenloom import kernels; print('tokenloom kernels:', 'ready' if kernels.available() else 'unavailable, using plain PyTorch')"
+
+test: install model kernels
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Start the OpenAI-compatible server on the default model (Ctrl-C stops it).
-serve: install model
+serve: install model kernels
 	@echo "tokenloom: starting the OpenAI-compatible server at http://$(HOST):$(PORT)/v1"
 	@echo "  (ready once the log says 'Application startup complete')"
 	@echo "  try: curl http://$(HOST):$(PORT)/v1/chat/completions -H 'Content-Type: application/json' \\"

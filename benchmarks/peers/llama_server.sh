@@ -4,6 +4,9 @@
 #
 #   llama_server.sh install      build once into $PEERS_DIR/llama.cpp (~4 min on 2 cores)
 #   llama_server.sh serve PORT   run it in the foreground on 127.0.0.1:PORT
+#   llama_server.sh perplexity FILE [N_CTX]
+#                                llama-perplexity on the default model (builds that
+#                                tool too), the method `tokenloom bench perplexity` copies
 #
 # Settings (override with env): LLAMA_SLOTS=32 parallel slots (continuous
 # batching across them), LLAMA_CTX=16384 total context, split evenly across
@@ -45,8 +48,16 @@ serve() {
         --alias "$MODEL_ALIAS" --no-webui
 }
 
+perplexity() {
+    local file="$1" n_ctx="${2:-512}" tool="$SRC_DIR/build/bin/llama-perplexity"
+    [[ -x "$BIN" ]] || install >&2
+    [[ -x "$tool" ]] || cmake --build "$SRC_DIR/build" --target llama-perplexity -j "$THREADS" >&2
+    "$tool" -m "$(model_path)" -f "$file" -c "$n_ctx" -t "$THREADS" 2>&1 | grep -E "^\[|estimated PPL|Final estimate"
+}
+
 case "${1:-}" in
     install) install ;;
+    perplexity) [[ $# -ge 2 ]] || usage_and_exit; perplexity "$2" "${3:-}" ;;
     serve) [[ $# -eq 2 ]] || usage_and_exit; serve "$2" ;;
     *) usage_and_exit ;;
 esac

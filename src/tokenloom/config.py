@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 # Weight formats of the linear layers; see tokenloom/model/loader/quantize.py.
 QUANTIZATION_MODES = ("auto", "none", "int8", "int4")
+# auto: float16 where the model runs quantized weights on the native kernels
+# (half the bytes per decode step's attention reads), else the model dtype.
+KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +81,7 @@ class CacheConfig:
     prompts (automatic, no request-side flag)."""
 
     block_size: int = 16
+    kv_cache_dtype: str = "auto"
     kv_cache_memory: float | None = None
     num_blocks: int | None = None  # derived once the model shape is known
     enable_prefix_caching: bool = True
@@ -85,6 +89,8 @@ class CacheConfig:
     def validate(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be > 0 GiB, got {self.kv_cache_memory}")
         if self.num_blocks is not None and self.num_blocks < 1:

@@ -164,8 +164,10 @@ def test_default_model_long_system_prompt_same_tokens(default_model_path):
     params = SamplingParams(temperature=0, max_tokens=24)
     results = {}
     for caching in (True, False):
-        llm = LLM(str(default_model_path), dtype="float32", max_model_len=2048, kv_cache_memory=0.5,
-                  enable_prefix_caching=caching)
+        # The exact path: with the cache on, the suffixes are computed in smaller batches, and
+        # the fast path's numbers depend a little on batch size (layers/quantization.py).
+        llm = LLM(str(default_model_path), dtype="float32", quantization="none", max_model_len=2048,
+                  kv_cache_memory=0.5, enable_prefix_caching=caching)
         first = llm.chat(chats[:1], params, use_tqdm=False)  # warms the cache with the system prompt
         rest = llm.chat(chats[1:], params, use_tqdm=False)
         results[caching] = (first + rest, llm.engine.stats.snapshot(), cached_tokens(first + rest))

@@ -98,3 +98,13 @@ def test_without_kernels_auto_falls_back_and_explicit_modes_fail(tiny, tmp_path,
 def test_unknown_mode_is_rejected(tiny):
     with pytest.raises(ValueError, match="quantization must be one of"):
         load_model(tiny("llama3").hf_dir, torch.float32, "cpu", quantization="fp8")
+
+
+def test_single_token_steps_quantize_activations_within_a_small_error(tiny, tmp_path):
+    path = write_gguf(tiny("llama3").hf, tmp_path / "q41.gguf", tensor_type=QType.Q4_1)
+    dense, _ = load_model(path, torch.float32, "cpu", quantization="none")
+    auto, _ = load_model(path, torch.float32, "cpu", quantization="auto")
+    one_by_one = [1] * len(PROMPT)  # decode-sized steps: int8 activations
+    ours, exact = prefill_logits(auto, PROMPT, chunks=one_by_one), prefill_logits(dense, PROMPT, chunks=one_by_one)
+    err = (ours - exact).abs().max().item()
+    assert 0 < err < 0.05 * exact.abs().max().item()

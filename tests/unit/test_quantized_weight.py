@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from tokenloom import kernels
 from tokenloom.model.layers.linear import apply_linear
-from tokenloom.model.layers.quantization import (MAX_QUANTIZED_ROWS, QuantizedWeight, concat_rows,
-                                                 quantize)
+from tokenloom.model.layers.quantization import (MAX_INT8_ACTIVATION_ROWS, MAX_QUANTIZED_ROWS,
+                                                 concat_rows, quantize)
 from tokenloom.model.loader.dequant import dequantize_tensor, quantized_blocks
 
 QType = gguf.GGMLQuantizationType
@@ -74,19 +74,39 @@ def test_quantize_rejects_ragged_rows_and_unknown_kinds():
         quantize(torch.zeros(4, 32), "int2")
 
 
+def _int8_blocks(x: torch.Tensor) -> torch.Tensor:
+    """x with every block of 32 rounded to int8 steps of max|block| / 127 (llama.cpp's Q8)."""
+    blocks = x.view(x.shape[0], -1, 32)
+    step = blocks.abs().amax(-1, keepdim=True) / 127
+    return (torch.round(blocks / step) * step).view_as(x)
+
+
 @needs_kernels
 @pytest.mark.parametrize("kind", ["int4", "int8"])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 32])
-def test_kernel_matches_the_dense_product_of_the_same_weights(kind, rows):
+@pytest.mark.parametrize("rows", [5, 9, 32])
+def test_batched_kernel_matches_the_dense_product_of_the_same_weights(kind, rows):
     q = quantize(_weight(80, 160), kind)
     x = torch.randn(rows, 160, generator=torch.Generator().manual_seed(rows))
     torch.testing.assert_close(q.matmul(x), x @ q.dequantize().T, rtol=0, atol=2e-6)
 
 
 @needs_kernels
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+@pytest.mark.parametrize("rows", [1, 2, 3, MAX_INT8_ACTIVATION_ROWS])
+def test_decode_kernel_quantizes_activations_per_block(kind, rows):
+    q = quantize(_weight(80, 160), kind)
+    x = torch.randn(rows, 160, generator=torch.Generator().manual_seed(rows))
+    x[0, 32:64] = 0  # an all-zero block quantizes to zeros, not NaN
+    ours = q.matmul(x)
+    torch.testing.assert_close(ours, _int8_blocks(x).nan_to_num() @ q.dequantize().T, rtol=0, atol=2e-6)
+    exact = x @ q.dequantize().T
+    assert 0 < (ours - exact).abs().max() < 0.02 * exact.abs().max()
+
+
+@needs_kernels
 def test_kernel_reads_a_strided_input_correctly():
     q = quantize(_weight(16, 64), "int4")
-    wide = torch.randn(3, 128)
+    wide = torch.randn(MAX_INT8_ACTIVATION_ROWS + 1, 128)
     x = wide[:, 32:96]  # not contiguous
     torch.testing.assert_close(q.matmul(x), x @ q.dequantize().T, rtol=0, atol=2e-6)
 

@@ -67,19 +67,21 @@ class LLMEngine:
         self.tokenizer, (model, arch) = _load_tokenizer_and_model(path, dtype, device,
                                                                   config.model.quantization)
         self.arch = arch
-        self.config = _resolve_config(config, arch, dtype)
+        kv_dtype = _kv_cache_dtype(config.cache.kv_cache_dtype, model, dtype)
+        self.config = _resolve_config(config, arch, kv_dtype)
         cache = self.config.cache
         self.kv_manager = KVCacheManager(cache.num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(self.config.scheduler, self.kv_manager)
-        self.runner = ModelRunner(model, arch, cache.num_blocks, cache.block_size, dtype, device)
+        self.runner = ModelRunner(model, arch, cache.num_blocks, cache.block_size, kv_dtype, device)
         self.outputs = OutputProcessor(self.tokenizer)
         self.stats = StatsCollector()
         self.eos_token_ids = tuple(dict.fromkeys(self.tokenizer.eos_token_ids + arch.eos_token_ids))
         self.debug = os.environ.get("TOKENLOOM_DEBUG") == "1"
-        logger.info("engine ready in %.1fs: %s, %s (quantization %s) on %s, %d KV blocks x %d tokens, "
-                    "max_model_len %d, prefix caching %s", time.perf_counter() - started, path.name,
+        logger.info("engine ready in %.1fs: %s, %s (quantization %s) on %s, %d KV blocks x %d tokens "
+                    "in %s, max_model_len %d, prefix caching %s", time.perf_counter() - started, path.name,
                     config.model.dtype, config.model.quantization,
-                    device, cache.num_blocks, cache.block_size, self.config.scheduler.max_model_len,
+                    device, cache.num_blocks, cache.block_size, str(kv_dtype).removeprefix("torch."),
+                    self.config.scheduler.max_model_len,
                     "on" if cache.enable_prefix_caching else "off")
 
     @classmethod
@@ -197,6 +199,13 @@ class LLMEngine:
             self.check_integrity()
 
 
+def _kv_cache_dtype(choice: str, model: torch.nn.Module, dtype: torch.dtype) -> torch.dtype:
+    if choice != "auto":
+        return _DTYPES[choice]
+    quantized = getattr(model, "logits_quantized", None) is not None
+    return torch.float16 if quantized else dtype
+
+
 def _load_tokenizer_and_model(path: Path, dtype: torch.dtype, device: torch.device, quantization: str):
     """A GGUF file is parsed once (its vocabulary alone takes seconds) for both."""
     if path.suffix == ".gguf" and path.is_file():
@@ -206,7 +215,7 @@ def _load_tokenizer_and_model(path: Path, dtype: torch.dtype, device: torch.devi
 
 
 def build_engine_config(model: str = "smollm2-135m", *, dtype: str = "float32", device: str = "cpu",
-                        quantization: str = "auto",
+                        quantization: str = "auto", kv_cache_dtype: str = "auto",
                         max_model_len: int | None = None, seed: int = 0, block_size: int = 16,
                         kv_cache_memory: float | None = None, num_kv_blocks: int | None = None,
                         max_num_batched_tokens: int = 2048, max_num_seqs: int = 256,
@@ -215,7 +224,8 @@ def build_engine_config(model: str = "smollm2-135m", *, dtype: str = "float32", 
     return EngineConfig(
         model=ModelConfig(model=model, dtype=dtype, device=device, quantization=quantization,
                           max_model_len=max_model_len, seed=seed),
-        cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory, num_blocks=num_kv_blocks,
+        cache=CacheConfig(block_size=block_size, kv_cache_dtype=kv_cache_dtype, kv_cache_memory=kv_cache_memory,
+                          num_blocks=num_kv_blocks,
                           enable_prefix_caching=enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs),
     )

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from tokenloom.bench.cli import add_bench_subcommands
-from tokenloom.config import QUANTIZATION_MODES, SUPPORTED_DTYPES, EngineConfig
+from tokenloom.config import KV_CACHE_DTYPES, QUANTIZATION_MODES, SUPPORTED_DTYPES, EngineConfig
 from tokenloom.entrypoints.openai.server_config import (
     DEFAULT_MAX_QUEUED_REQUESTS,
     DEFAULT_MAX_REQUEST_BYTES,
@@ -88,6 +88,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="token budget of one engine step (default: %(default)s)")
     p.add_argument("--kv-cache-memory", type=float, default=None,
                    help="GiB of memory for the KV cache; default: a quarter of free RAM, within [0.25, 4]")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="element type of the KV cache; auto: float16 when the weights run quantized "
+                   "(the native kernels read it), else the model dtype (default: %(default)s)")
     p.add_argument("--block-size", type=int, default=16,
                    help="tokens per KV cache block, a power of two (default: %(default)s)")
     p.add_argument("--no-prefix-caching", action="store_true",
@@ -130,7 +133,7 @@ def engine_config_from_args(args: argparse.Namespace, parser: argparse.ArgumentP
     options: dict[str, Any] = dict(
         dtype=args.dtype, quantization=args.quantization, device=args.device, seed=args.seed, max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        kv_cache_memory=args.kv_cache_memory, block_size=args.block_size)
+        kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype, block_size=args.block_size)
     if args.no_prefix_caching:
         if "enable_prefix_caching" not in inspect.signature(build_engine_config).parameters:
             parser.error("--no-prefix-caching: this build has no prefix cache to turn off")

@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
+import sys
 import threading
 from pathlib import Path
 
@@ -72,6 +74,7 @@ def _build_and_load() -> None:
         raise RuntimeError(f"this CPU lacks {', '.join(missing)}")
     from torch.utils import cpp_extension
 
+    _put_ninja_on_path()
     sources = sorted(_CSRC.glob("*.cpp"))
     name = f"tokenloom_kernels_{_digest(sources)}"
     build_dir = _kernels_home() / name
@@ -85,6 +88,13 @@ def _build_and_load() -> None:
         is_python_module=False,
         verbose=os.environ.get("TOKENLOOM_KERNELS_VERBOSE") == "1",
     )
+
+
+def _put_ninja_on_path() -> None:
+    """torch's builder runs ``ninja`` from PATH; the ``ninja`` wheel installs it
+    next to this interpreter, which is not on PATH when the venv is not activated."""
+    if shutil.which("ninja") is None:
+        os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
 
 def _digest(sources: list[Path]) -> str:

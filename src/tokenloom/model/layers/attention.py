@@ -46,6 +46,9 @@ class AttentionMetadata:
         return self.query_start_loc[-1] == self.num_seqs
 
 
+_NATIVE_CACHE_DTYPES = (torch.float32, torch.float16)
+
+
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Scatter this step's keys/values ([num_tokens, num_kv_heads, head_dim]) into their slots."""
@@ -60,10 +63,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
     The new tokens' K/V must already be written to the cache (``write_kv``).
     ``native``: decode-only steps run the C++ kernel, which reads K/V through
-    the block tables in place (float32 CPU caches, head_dim a multiple of 8).
+    the block tables in place (float32 or float16 CPU caches, head_dim a
+    multiple of 8).
     """
     if meta.is_decode_only:
-        if native and q.shape[-1] % 8 == 0:
+        if native and q.shape[-1] % 8 == 0 and k_cache.dtype in _NATIVE_CACHE_DTYPES:
             return kernels.ops().paged_decode_attention(q.contiguous(), k_cache, v_cache, meta.block_tables,
                                                         meta.seq_lens, scale)
         return _decode_attention(q, k_cache, v_cache, meta, scale)

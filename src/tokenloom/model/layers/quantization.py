@@ -49,6 +49,9 @@ class QuantizedWeight:
     qweight: torch.Tensor
     scales: torch.Tensor  # [N, K // 32] float32
     mins: torch.Tensor | None
+    # False keeps f32 activations at every batch size: the LM head's, whose
+    # errors land on the logits directly (near-ties between the top tokens flip).
+    int8_activations: bool = True
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -59,7 +62,7 @@ class QuantizedWeight:
         rows run with x quantized to int8 per block of 32 (see module docstring)."""
         ops = kernels.ops()
         x = x.contiguous()
-        small = x.shape[0] <= MAX_INT8_ACTIVATION_ROWS
+        small = self.int8_activations and x.shape[0] <= MAX_INT8_ACTIVATION_ROWS
         if self.kind == "int4":
             op = ops.q4_linear_i8 if small else ops.q4_linear
             return op(x, self.qweight, self.scales, self.mins)
@@ -79,7 +82,7 @@ class QuantizedWeight:
         """Rows ``index`` of the weight (a permutation or subset), exactly."""
         mins = None if self.mins is None else self.mins[index].contiguous()
         return QuantizedWeight(self.kind, self.qweight[index].contiguous(),
-                               self.scales[index].contiguous(), mins)
+                               self.scales[index].contiguous(), mins, self.int8_activations)
 
 
 def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:

@@ -13,12 +13,17 @@
           keeps the file's own blocks or else goes to int8, because 4-bit
           logits cost quality out of proportion to their share of the bytes.
 
+Decode-sized batches quantize the activations of the decoder projections to
+int8 (see ``layers/quantization.py``); the LM head always keeps f32
+activations, since its error moves the logits directly.
+
 The dense weights stay as well: batches above ``MAX_QUANTIZED_ROWS`` rows
 (prefill) run the dense GEMM, which is faster when compute bound.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 
@@ -53,8 +58,8 @@ def apply_quantization(model: LlamaForCausalLM, mode: str, packed: PackedParts) 
             module.quantized = _choose(module.weight, blocks, *_LAYER_POLICY[mode])
             kinds[_kind(module.quantized)] += 1
     head_name = "model.embed_tokens.weight" if model.lm_head is None else "lm_head.weight"
-    model.logits_quantized = _choose(model.logits_weight(), [packed.get((head_name, None))],
-                                     *_HEAD_POLICY[mode])
+    head = _choose(model.logits_weight(), [packed.get((head_name, None))], *_HEAD_POLICY[mode])
+    model.logits_quantized = None if head is None else dataclasses.replace(head, int8_activations=False)
     kinds[_kind(model.logits_quantized)] += 1
     logger.info("weights: %s", ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())))
     return kinds

@@ -1,0 +1,56 @@
+"""--kv-cache-dtype: which element type the engine's KV cache gets, and that decoding works in it."""
+
+from __future__ import annotations
+
+import gguf
+import pytest
+import torch
+
+from tests.helpers.tiny_models import write_gguf
+from tests.helpers.tiny_tokenizer import CHATML_TEMPLATE, make_tiny_tokenizer
+from tokenloom import kernels
+from tokenloom.engine.llm_engine import LLMEngine
+from tokenloom.entrypoints.llm import LLM
+from tokenloom.sampling_params import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def q4_gguf(tiny_checkpoint, tmp_path_factory):
+    path = tmp_path_factory.mktemp("kvdtype") / "tiny-q4_1.gguf"
+    return write_gguf(tiny_checkpoint.hf, path, tokenizer=make_tiny_tokenizer(512), chat_template=CHATML_TEMPLATE,
+                      tensor_type=gguf.GGMLQuantizationType.Q4_1)
+
+
+def _cache_dtype(engine: LLMEngine) -> torch.dtype:
+    dtypes = {t.dtype for pair in engine.runner.kv_caches for t in pair}
+    assert len(dtypes) == 1
+    return dtypes.pop()
+
+
+@pytest.mark.skipif(not kernels.available(), reason="native kernels unavailable here")
+def test_auto_is_float16_only_with_quantized_weights(tiny_checkpoint, q4_gguf):
+    quantized = LLMEngine.from_options(str(q4_gguf), num_kv_blocks=32)
+    exact = LLMEngine.from_options(str(q4_gguf), quantization="none", num_kv_blocks=32)
+    dense = LLMEngine.from_options(str(tiny_checkpoint.gguf_path), num_kv_blocks=32)  # F32 file: auto is dense
+    assert _cache_dtype(quantized) == torch.float16
+    assert _cache_dtype(exact) == torch.float32 and _cache_dtype(dense) == torch.float32
+
+
+def test_float16_cache_decodes_close_to_float32(tiny_checkpoint):
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
+    prompts = [[1, 17, 300, 45, 211, 9, 498, 120, 33], [5, 404, 250]]
+    outs = {}
+    for kv in ("float32", "float16"):
+        llm = LLM(str(tiny_checkpoint.hf_dir), kv_cache_dtype=kv, num_kv_blocks=32)
+        assert _cache_dtype(llm.engine) == getattr(torch, kv)
+        outs[kv] = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    for a, b in zip(outs["float32"], outs["float16"]):
+        first_a, first_b = a.outputs[0].logprobs[0], b.outputs[0].logprobs[0]
+        token = a.outputs[0].token_ids[0]
+        assert b.outputs[0].token_ids[0] == token
+        assert abs(first_a[token].logprob - first_b[token].logprob) < 1e-2
+
+
+def test_unknown_kv_cache_dtype_is_rejected(tiny_checkpoint):
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
+        LLMEngine.from_options(str(tiny_checkpoint.hf_dir), kv_cache_dtype="int8", num_kv_blocks=32)
