@@ -28,9 +28,11 @@ def test_round_to_nearest_error_is_at_most_half_a_step(kind):
     w = _weight()
     q = quantize(w, kind)
     assert q.shape == (48, 96) and q.scales.shape == (48, 3)
-    step = q.scales.repeat_interleave(32, dim=1)  # [48, 96]
+    assert q.scales.dtype == torch.float16 and (q.mins is None or q.mins.dtype == torch.float16)
+    step = q.scales.float().repeat_interleave(32, dim=1)  # [48, 96]
     err = (q.dequantize() - w).abs()
-    assert (err <= step / 2 + 1e-7).all()
+    # Half a step, plus what rounding the scale (and min) to float16 moves the grid.
+    assert (err <= step * 0.51 + 1e-3 * w.abs().max()).all()
     assert err.max() > 0  # it really is quantized
 
 
@@ -38,7 +40,8 @@ def test_int4_packs_weight_j_and_j_plus_16_in_one_byte():
     w = torch.arange(32, dtype=torch.float32).repeat(2, 1)  # min 0, max 31 -> scale 31/15
     q = quantize(w, "int4")
     assert q.qweight.shape == (2, 16) and q.qweight.dtype == torch.uint8
-    nibbles = torch.round(w[0] / (31 / 15)).to(torch.uint8)
+    scale = torch.tensor(31 / 15).half().float()
+    nibbles = torch.round(w[0] / scale).clamp(0, 15).to(torch.uint8)
     assert q.qweight[0, 3].item() == nibbles[3].item() | (nibbles[19].item() << 4)
 
 

@@ -1,7 +1,7 @@
 // Weight-only quantized linear layers for small batches (decode), AVX2 + FMA.
 //
 // y[M, N] = x[M, K] @ W^T where W is stored in blocks of 32 weights along K,
-// in the layouts of llama.cpp's Q4_1 / Q8_0 with the f16 scales widened to f32:
+// in the layouts of llama.cpp's Q4_1 / Q8_0 (f16 block scales, as in the file):
 //
 //   q4: qweight [N, K/2] uint8, scales [N, K/32], mins [N, K/32]
 //       byte j of a block holds weight j (low nibble) and weight j+16 (high):
@@ -34,6 +34,10 @@
 namespace {
 
 constexpr int64_t kBlock = 32;
+
+// Block scales and mins are IEEE half floats (the GGUF's own); F16C widens them.
+using Half = uint16_t;
+inline float f16(Half h) { return _cvtsh_ss(h); }
 constexpr int64_t kRowTile = 4;  // rows of x sharing one dequantized block
 constexpr int64_t kDirectRows = 4;  // larger batches take the scratch-row path
 
@@ -168,6 +172,8 @@ inline void store_row(int64_t num_blocks, LoadBlock load_block, float* out) {
   }
 }
 
+inline const Half* half_data(const at::Tensor& t) { return reinterpret_cast<const Half*>(t.data_ptr<at::Half>()); }
+
 void check_common(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                   int64_t bytes_per_block) {
   TORCH_CHECK(x.device().is_cpu() && qweight.device().is_cpu() && scales.device().is_cpu(),
@@ -180,9 +186,9 @@ void check_common(const at::Tensor& x, const at::Tensor& qweight, const at::Tens
   TORCH_CHECK(qweight.size(1) == x.size(1) / kBlock * bytes_per_block, "quantized linear: qweight has ",
               qweight.size(1), " bytes per row, expected ", x.size(1) / kBlock * bytes_per_block,
               " for K = ", x.size(1));
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() &&
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() &&
                   scales.sizes() == at::IntArrayRef({qweight.size(0), x.size(1) / kBlock}),
-              "quantized linear: scales must be contiguous float32 [N, K/32]");
+              "quantized linear: scales must be contiguous float16 [N, K/32]");
 }
 
 // Rows of output per parallel task: enough work to amortise the task, enough
@@ -193,20 +199,20 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
                      const at::Tensor& mins) {
   check_common(x, qweight, scales, kBlock / 2);
   TORCH_CHECK(qweight.scalar_type() == at::kByte, "q4_linear: qweight must be uint8");
-  TORCH_CHECK(mins.scalar_type() == at::kFloat && mins.is_contiguous() && mins.sizes() == scales.sizes(),
-              "q4_linear: mins must be contiguous float32 shaped like scales");
+  TORCH_CHECK(mins.scalar_type() == at::kHalf && mins.is_contiguous() && mins.sizes() == scales.sizes(),
+              "q4_linear: mins must be contiguous float16 shaped like scales");
   const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0), num_blocks = K / kBlock;
   at::Tensor y = at::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
   const uint8_t* qp = qweight.data_ptr<uint8_t>();
-  const float* sp = scales.data_ptr<float>();
-  const float* mp = mins.data_ptr<float>();
+  const Half* sp = half_data(scales);
+  const Half* mp = half_data(mins);
   float* yp = y.data_ptr<float>();
   if (M > kDirectRows) {
     batched_linear(xp, M, K, N, [&](int64_t n, float* out) {
       const uint8_t* qrow = qp + n * (K / 2);
       store_row(num_blocks, [&](int64_t b) {
-        return load_q4(qrow + b * (kBlock / 2), sp[n * num_blocks + b], mp[n * num_blocks + b]);
+        return load_q4(qrow + b * (kBlock / 2), f16(sp[n * num_blocks + b]), f16(mp[n * num_blocks + b]));
       }, out);
     }, yp);
     return y;
@@ -214,9 +220,9 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
   at::parallel_for(0, N, grain_for(M), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const uint8_t* qrow = qp + n * (K / 2);
-      const float* srow = sp + n * num_blocks;
-      const float* mrow = mp + n * num_blocks;
-      auto load = [&](int64_t b) { return load_q4(qrow + b * (kBlock / 2), srow[b], mrow[b]); };
+      const Half* srow = sp + n * num_blocks;
+      const Half* mrow = mp + n * num_blocks;
+      auto load = [&](int64_t b) { return load_q4(qrow + b * (kBlock / 2), f16(srow[b]), f16(mrow[b])); };
       output_column(xp, M, K, load, yp + n, N);
     }
   });
@@ -230,11 +236,11 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
   at::Tensor y = at::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
   const int8_t* qp = qweight.data_ptr<int8_t>();
-  const float* sp = scales.data_ptr<float>();
+  const Half* sp = half_data(scales);
   float* yp = y.data_ptr<float>();
   if (M > kDirectRows) {
     batched_linear(xp, M, K, N, [&](int64_t n, float* out) {
-      store_row(num_blocks, [&](int64_t b) { return load_q8(qp + n * K + b * kBlock, sp[n * num_blocks + b]); },
+      store_row(num_blocks, [&](int64_t b) { return load_q8(qp + n * K + b * kBlock, f16(sp[n * num_blocks + b])); },
                 out);
     }, yp);
     return y;
@@ -242,8 +248,8 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
   at::parallel_for(0, N, grain_for(M), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const int8_t* qrow = qp + n * K;
-      const float* srow = sp + n * num_blocks;
-      auto load = [&](int64_t b) { return load_q8(qrow + b * kBlock, srow[b]); };
+      const Half* srow = sp + n * num_blocks;
+      auto load = [&](int64_t b) { return load_q8(qrow + b * kBlock, f16(srow[b])); };
       output_column(xp, M, K, load, yp + n, N);
     }
   });
@@ -319,8 +325,8 @@ inline __m256 dot_u8_s8(__m256i u, __m256i s) {
 }
 
 template <int ROWS>
-inline void q4_i8_rows(const QuantizedRows& xr, int64_t r0, int64_t nb, const uint8_t* qrow, const float* srow,
-                       const float* mrow, float* y, int64_t N) {
+inline void q4_i8_rows(const QuantizedRows& xr, int64_t r0, int64_t nb, const uint8_t* qrow, const Half* srow,
+                       const Half* mrow, float* y, int64_t N) {
   __m256 acc[ROWS];
   float offset[ROWS];
   for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_ps(), offset[r] = 0.f;
@@ -329,15 +335,15 @@ inline void q4_i8_rows(const QuantizedRows& xr, int64_t r0, int64_t nb, const ui
     for (int r = 0; r < ROWS; ++r) {
       const int64_t i = (r0 + r) * nb + b;
       const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr.q.data() + i * kBlock));
-      acc[r] = _mm256_fmadd_ps(dot_u8_s8(w, xq), _mm256_set1_ps(srow[b] * xr.d[i]), acc[r]);
-      offset[r] += mrow[b] * xr.sum[i];
+      acc[r] = _mm256_fmadd_ps(dot_u8_s8(w, xq), _mm256_set1_ps(f16(srow[b]) * xr.d[i]), acc[r]);
+      offset[r] += f16(mrow[b]) * xr.sum[i];
     }
   }
   for (int r = 0; r < ROWS; ++r) y[r * N] = hsum(acc[r]) + offset[r];
 }
 
 template <int ROWS>
-inline void q8_i8_rows(const QuantizedRows& xr, int64_t r0, int64_t nb, const int8_t* qrow, const float* srow,
+inline void q8_i8_rows(const QuantizedRows& xr, int64_t r0, int64_t nb, const int8_t* qrow, const Half* srow,
                        float* y, int64_t N) {
   __m256 acc[ROWS];
   for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_ps();
@@ -347,7 +353,7 @@ inline void q8_i8_rows(const QuantizedRows& xr, int64_t r0, int64_t nb, const in
     for (int r = 0; r < ROWS; ++r) {
       const int64_t i = (r0 + r) * nb + b;
       const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr.q.data() + i * kBlock));
-      acc[r] = _mm256_fmadd_ps(dot_u8_s8(wabs, _mm256_sign_epi8(xq, w)), _mm256_set1_ps(srow[b] * xr.d[i]),
+      acc[r] = _mm256_fmadd_ps(dot_u8_s8(wabs, _mm256_sign_epi8(xq, w)), _mm256_set1_ps(f16(srow[b]) * xr.d[i]),
                                acc[r]);
     }
   }
@@ -371,14 +377,14 @@ at::Tensor q4_linear_i8(const at::Tensor& x, const at::Tensor& qweight, const at
                         const at::Tensor& mins) {
   check_common(x, qweight, scales, kBlock / 2);
   TORCH_CHECK(qweight.scalar_type() == at::kByte, "q4_linear_i8: qweight must be uint8");
-  TORCH_CHECK(mins.scalar_type() == at::kFloat && mins.is_contiguous() && mins.sizes() == scales.sizes(),
-              "q4_linear_i8: mins must be contiguous float32 shaped like scales");
+  TORCH_CHECK(mins.scalar_type() == at::kHalf && mins.is_contiguous() && mins.sizes() == scales.sizes(),
+              "q4_linear_i8: mins must be contiguous float16 shaped like scales");
   const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0), nb = K / kBlock;
   at::Tensor y = at::empty({M, N}, x.options());
   const QuantizedRows xr = quantize_rows(x.data_ptr<float>(), M, K);
   const uint8_t* qp = qweight.data_ptr<uint8_t>();
-  const float* sp = scales.data_ptr<float>();
-  const float* mp = mins.data_ptr<float>();
+  const Half* sp = half_data(scales);
+  const Half* mp = half_data(mins);
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, grain_for(M), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n)
@@ -396,7 +402,7 @@ at::Tensor q8_linear_i8(const at::Tensor& x, const at::Tensor& qweight, const at
   at::Tensor y = at::empty({M, N}, x.options());
   const QuantizedRows xr = quantize_rows(x.data_ptr<float>(), M, K);
   const int8_t* qp = qweight.data_ptr<int8_t>();
-  const float* sp = scales.data_ptr<float>();
+  const Half* sp = half_data(scales);
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, grain_for(M), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n)

@@ -3,16 +3,16 @@
 Decoding a few sequences is bound by reading the weights: every step reads
 all of them for a handful of rows. A ``QuantizedWeight`` holds a weight in
 blocks of 32 along the input dimension, in llama.cpp's Q4_1 / Q8_0 layouts
-with f32 block scales (see ``tokenloom/kernels/csrc/quant_linear.cpp``)::
+with float16 block scales (see ``tokenloom/kernels/csrc/quant_linear.cpp``)::
 
     int4: qweight [N, K/2] uint8, scales [N, K/32], mins [N, K/32]   w = s * nibble + m
     int8: qweight [N, K] int8,    scales [N, K/32]                   w = s * q
 
-A GGUF Q4_0 / Q4_1 / Q8_0 tensor maps onto these exactly (``from_gguf_blocks``
+A GGUF Q4_0 / Q4_1 / Q8_0 tensor maps onto these exactly (``quantized_blocks``
 in the loader), so running a GGUF's 4-bit weights as int4 computes with the
 file's own weights. Other weights are quantized here (``quantize``):
-round-to-nearest per block, int4 asymmetric (min/max), int8 symmetric
-(absmax).
+round-to-nearest per block against the float16-rounded scale (and min), int4
+asymmetric (min/max), int8 symmetric (absmax), as llama.cpp's quantizers do.
 
 Only the decode-sized matmuls use the quantized copy: large batches (prefill)
 are compute bound, and the dense f32 GEMM is faster there on this class of
@@ -47,8 +47,8 @@ class QuantizedWeight:
 
     kind: str  # "int4" | "int8"
     qweight: torch.Tensor
-    scales: torch.Tensor  # [N, K // 32] float32
-    mins: torch.Tensor | None
+    scales: torch.Tensor  # [N, K // 32] float16
+    mins: torch.Tensor | None  # [N, K // 32] float16
     # False keeps f32 activations at every batch size: the LM head's, whose
     # errors land on the logits directly (near-ties between the top tokens flip).
     int8_activations: bool = True
@@ -71,12 +71,13 @@ class QuantizedWeight:
     def dequantize(self) -> torch.Tensor:
         """The f32 weight these blocks stand for, [N, K]."""
         n, k = self.shape
+        scales = self.scales.float()[..., None]
         if self.kind == "int8":
             q = self.qweight.float().view(n, k // BLOCK, BLOCK)
-            return (q * self.scales[..., None]).view(n, k)
+            return (q * scales).view(n, k)
         packed = self.qweight.view(n, k // BLOCK, BLOCK // 2)
         q = torch.cat([packed & 0x0F, packed >> 4], dim=-1).float()  # [N, K/32, 32]
-        return (q * self.scales[..., None] + self.mins[..., None]).view(n, k)
+        return (q * scales + self.mins.float()[..., None]).view(n, k)
 
     def select_rows(self, index: torch.Tensor) -> QuantizedWeight:
         """Rows ``index`` of the weight (a permutation or subset), exactly."""
@@ -102,13 +103,13 @@ def quantize(weight: torch.Tensor, kind: str) -> QuantizedWeight:
         raise ValueError(f"cannot quantize a weight with {k} input features (not a multiple of {BLOCK})")
     blocks = weight.detach().float().cpu().view(n, k // BLOCK, BLOCK)
     if kind == "int8":
-        scales = blocks.abs().amax(-1) / 127
-        q = (blocks / scales.clamp(min=1e-30)[..., None]).round().clamp(-127, 127)
+        scales = (blocks.abs().amax(-1) / 127).half()
+        q = (blocks / scales.float().clamp(min=1e-30)[..., None]).round().clamp(-127, 127)
         return QuantizedWeight("int8", q.to(torch.int8).view(n, k).contiguous(), scales.contiguous(), None)
     if kind == "int4":
-        lo, hi = blocks.amin(-1), blocks.amax(-1)
-        scales = (hi - lo) / 15
-        q = ((blocks - lo[..., None]) / scales.clamp(min=1e-30)[..., None]).round().clamp(0, 15)
+        lo = blocks.amin(-1).half()
+        scales = ((blocks.amax(-1) - lo.float()) / 15).half()
+        q = ((blocks - lo.float()[..., None]) / scales.float().clamp(min=1e-30)[..., None]).round().clamp(0, 15)
         q = q.to(torch.uint8)
         packed = q[..., :BLOCK // 2] | (q[..., BLOCK // 2:] << 4)  # byte j: weights j, j + 16
         return QuantizedWeight("int4", packed.reshape(n, k // 2).contiguous(), scales.contiguous(),

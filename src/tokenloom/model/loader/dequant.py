@@ -49,18 +49,18 @@ def dequantize_tensor(data: np.ndarray, qtype: QType, shape: tuple[int, ...],
 
 def quantized_blocks(data: np.ndarray, qtype: QType, shape: tuple[int, ...]) -> QuantizedWeight | None:
     """A Q4_0 / Q4_1 / Q8_0 matrix as a ``QuantizedWeight`` holding exactly the
-    file's weights (f16 scales widen to f32 losslessly); None for other types."""
+    file's weights and f16 scales; None for other types."""
     if qtype not in _TORCH_KERNELS or len(shape) != 2:
         return None
     n, k = shape
     type_size = gguf.GGML_QUANT_SIZES[qtype][1]
     blocks = _from_numpy(data).view(-1, type_size)  # [n * k / 32, type_size] uint8
-    scales = _f16(blocks, 0).view(n, k // 32)
+    scales = _raw_f16(blocks, 0).view(n, k // 32)
     if qtype == QType.Q8_0:
         return QuantizedWeight("int8", blocks[:, 2:].contiguous().view(torch.int8).view(n, k), scales, None)
     if qtype == QType.Q4_0:  # d * (q - 8) == d * q + (-8 * d), exactly
         return QuantizedWeight("int4", blocks[:, 2:].reshape(n, k // 2).contiguous(), scales, -8 * scales)
-    mins = _f16(blocks, 2).view(n, k // 32)
+    mins = _raw_f16(blocks, 2).view(n, k // 32)
     return QuantizedWeight("int4", blocks[:, 4:].reshape(n, k // 2).contiguous(), scales, mins)
 
 
@@ -72,9 +72,14 @@ def _from_numpy(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array)
 
 
+def _raw_f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
+    """The f16 stored at byte ``start`` of every block, [num_blocks, 1] float16."""
+    return blocks[:, start:start + 2].contiguous().view(torch.float16)
+
+
 def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
     """The f16 stored at byte ``start`` of every block, as float32 [num_blocks, 1]."""
-    return blocks[:, start:start + 2].contiguous().view(torch.float16).float()
+    return _raw_f16(blocks, start).float()
 
 
 def _nibbles(packed: torch.Tensor) -> torch.Tensor:
