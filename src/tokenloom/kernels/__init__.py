@@ -42,6 +42,9 @@ def ops():
     """``torch.ops.tokenloom``, building the library first if needed.
 
     Raises KernelsUnavailable with the reason when it cannot be built."""
+    loaded = _state.get("ops")
+    if loaded is not None:  # every matmul asks: skip the lock once built
+        return loaded
     with _lock:
         if "error" in _state:
             raise KernelsUnavailable(_state["error"])
