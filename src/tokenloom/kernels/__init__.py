@@ -79,7 +79,7 @@ def _build_and_load() -> None:
 
     _put_ninja_on_path()
     sources = sorted(_CSRC.glob("*.cpp"))
-    name = f"tokenloom_kernels_{_digest(sources)}"
+    name = f"tokenloom_kernels_{_digest(sources + sorted(_CSRC.glob('*.h')))}"
     build_dir = _kernels_home() / name
     build_dir.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(

@@ -22,6 +22,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+
+#include "vec_math.h"
 #include <torch/library.h>
 
 #include <algorithm>
@@ -33,19 +35,15 @@
 namespace tokenloom {
 namespace {
 
+using tokenloom_vec::exp_ps;
+using tokenloom_vec::hsum;
+
 constexpr int64_t kLanes = 8;  // floats per AVX2 register
 
 // kLanes consecutive cache elements as float32 lanes.
 inline __m256 load_row(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load_row(const at::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-
-float horizontal_sum(__m256 v) {
-  __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
-  sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
-  return _mm_cvtss_f32(sum);
 }
 
 // n is a multiple of kLanes (checked on entry to the op).
@@ -62,7 +60,7 @@ float dot(const float* a, const T* b, int64_t n) {
   if (i < n) {
     acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load_row(b + i), acc0);
   }
-  return horizontal_sum(_mm256_add_ps(acc0, acc1));
+  return hsum(_mm256_add_ps(acc0, acc1));
 }
 
 // {sum of v[0]'s lanes, ..., sum of v[7]'s lanes}. Two rounds of pairwise
@@ -142,29 +140,6 @@ void scale_in_place(float alpha, float* y, int64_t n) {
   }
 }
 
-// exp(x) for x <= 0, to about 1 ulp. Writes x = n ln2 + r with |r| <= ln2 / 2,
-// takes e^r from its degree-7 Taylor polynomial (the first dropped term,
-// r^8 / 8!, is below 1e-8) and builds 2^n directly in the exponent bits.
-// Inputs below -87 are clamped there (e^-87 still is a normal float): next to
-// the largest term, 1, they vanish in the sum either way. NaN propagates.
-__m256 exp_nonpositive(__m256 x) {
-  const __m256 log2e = _mm256_set1_ps(1.44269504f);
-  const __m256 ln2_hi = _mm256_set1_ps(0.693145752f);  // few mantissa bits: n * ln2_hi is exact
-  const __m256 ln2_lo = _mm256_set1_ps(1.42860677e-6f);
-  x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);  // NaN in the second operand is kept
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, log2e),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, ln2_hi, x);
-  r = _mm256_fnmadd_ps(n, ln2_lo, r);
-  // Horner on 1 + r + r^2/2! + ... + r^7/7!.
-  const float inv_factorials[] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24,
-                                  1.0f / 6,    1.0f / 2,   1.0f,        1.0f};
-  __m256 p = _mm256_set1_ps(inv_factorials[0]);
-  for (int i = 1; i < 8; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(inv_factorials[i]));
-  const __m256i biased = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(biased, 23)));
-}
-
 float max_of(const float* x, int64_t n) {
   __m256 vmax = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   int64_t i = 0;
@@ -185,11 +160,11 @@ float exp_shifted(float* x, int64_t n) {
   __m256 vsum = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + i), vmax));
+    const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), vmax));
     _mm256_storeu_ps(x + i, e);
     vsum = _mm256_add_ps(vsum, e);
   }
-  float sum = horizontal_sum(vsum);
+  float sum = hsum(vsum);
   for (; i < n; ++i) {
     x[i] = std::exp(x[i] - max);
     sum += x[i];

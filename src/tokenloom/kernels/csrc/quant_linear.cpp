@@ -26,12 +26,16 @@
 
 #include <immintrin.h>
 
+#include "vec_math.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
 
 namespace {
+
+using tokenloom_vec::hsum;
 
 constexpr int64_t kBlock = 32;
 
@@ -40,15 +44,6 @@ using Half = uint16_t;
 inline float f16(Half h) { return _cvtsh_ss(h); }
 constexpr int64_t kRowTile = 4;  // rows of x sharing one dequantized block
 constexpr int64_t kDirectRows = 4;  // larger batches take the scratch-row path
-
-inline float hsum(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v);
-  __m128 hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_add_ps(lo, hi);
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-  return _mm_cvtss_f32(lo);
-}
 
 inline __m256 bytes_to_ps_u8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
 inline __m256 bytes_to_ps_i8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
@@ -191,16 +186,26 @@ void check_common(const at::Tensor& x, const at::Tensor& qweight, const at::Tens
               "quantized linear: scales must be contiguous float16 [N, K/32]");
 }
 
+void check_q4(const char* op, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+              const at::Tensor& mins) {
+  check_common(x, qweight, scales, kBlock / 2);
+  TORCH_CHECK(qweight.scalar_type() == at::kByte, op, ": qweight must be uint8");
+  TORCH_CHECK(mins.scalar_type() == at::kHalf && mins.is_contiguous() && mins.sizes() == scales.sizes(), op,
+              ": mins must be contiguous float16 shaped like scales");
+}
+
+void check_q8(const char* op, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
+  check_common(x, qweight, scales, kBlock);
+  TORCH_CHECK(qweight.scalar_type() == at::kChar, op, ": qweight must be int8");
+}
+
 // Rows of output per parallel task: enough work to amortise the task, enough
 // tasks to keep every thread busy on the smallest projections.
 int64_t grain_for(int64_t M) { return std::max<int64_t>(8, 256 / std::max<int64_t>(M, 1)); }
 
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                      const at::Tensor& mins) {
-  check_common(x, qweight, scales, kBlock / 2);
-  TORCH_CHECK(qweight.scalar_type() == at::kByte, "q4_linear: qweight must be uint8");
-  TORCH_CHECK(mins.scalar_type() == at::kHalf && mins.is_contiguous() && mins.sizes() == scales.sizes(),
-              "q4_linear: mins must be contiguous float16 shaped like scales");
+  check_q4("q4_linear", x, qweight, scales, mins);
   const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0), num_blocks = K / kBlock;
   at::Tensor y = at::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
@@ -230,8 +235,7 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
 }
 
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
-  check_common(x, qweight, scales, kBlock);
-  TORCH_CHECK(qweight.scalar_type() == at::kChar, "q8_linear: qweight must be int8");
+  check_q8("q8_linear", x, qweight, scales);
   const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0), num_blocks = K / kBlock;
   at::Tensor y = at::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
@@ -375,10 +379,7 @@ inline void each_row_tile(int64_t M, Rows rows) {
 
 at::Tensor q4_linear_i8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                         const at::Tensor& mins) {
-  check_common(x, qweight, scales, kBlock / 2);
-  TORCH_CHECK(qweight.scalar_type() == at::kByte, "q4_linear_i8: qweight must be uint8");
-  TORCH_CHECK(mins.scalar_type() == at::kHalf && mins.is_contiguous() && mins.sizes() == scales.sizes(),
-              "q4_linear_i8: mins must be contiguous float16 shaped like scales");
+  check_q4("q4_linear_i8", x, qweight, scales, mins);
   const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0), nb = K / kBlock;
   at::Tensor y = at::empty({M, N}, x.options());
   const QuantizedRows xr = quantize_rows(x.data_ptr<float>(), M, K);
@@ -396,8 +397,7 @@ at::Tensor q4_linear_i8(const at::Tensor& x, const at::Tensor& qweight, const at
 }
 
 at::Tensor q8_linear_i8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
-  check_common(x, qweight, scales, kBlock);
-  TORCH_CHECK(qweight.scalar_type() == at::kChar, "q8_linear_i8: qweight must be int8");
+  check_q8("q8_linear_i8", x, qweight, scales);
   const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0), nb = K / kBlock;
   at::Tensor y = at::empty({M, N}, x.options());
   const QuantizedRows xr = quantize_rows(x.data_ptr<float>(), M, K);
