@@ -21,8 +21,8 @@ from tokenloom.config import ModelArchConfig
 from tokenloom.model.layers.attention import AttentionMetadata, paged_attention, write_kv
 from tokenloom.model.layers.embedding import VocabEmbedding
 from tokenloom.model.layers.linear import Linear, MergedLinear, apply_linear
-from tokenloom.model.layers.quantization import QuantizedWeight
 from tokenloom.model.layers.norm import RMSNorm
+from tokenloom.model.layers.quantization import QuantizedWeight
 from tokenloom.model.layers.rotary import RopeInputs, RotaryEmbedding, apply_rotary
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
