@@ -115,8 +115,8 @@ inline void output_column(const float* x, int64_t M, int64_t K, LoadBlock load_b
 }
 
 // Four rows of x against two dequantized weight rows w0, w1 (K floats each):
-// 8 independent accumulators keep both FMA ports busy. (Three weight rows, or
-// three rows of x by three weight rows, measured slower: register spills.)
+// 8 independent accumulators keep both FMA ports busy. (Three weight rows, by
+// three or four rows of x, measured about 2x slower.)
 template <int ROWS>
 inline void micro_kernel(const float* x, int64_t K, const float* w0, const float* w1, float* y,
                          int64_t N, bool second) {
