@@ -50,9 +50,9 @@ class LlamaAttention(nn.Module):
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         qkv = self.qkv_proj(hidden)  # [num_tokens, (H + 2 KVH) * D]
-        q, k, v = qkv.split(self.qkv_proj.split_sizes, dim=-1)
+        q, k, v = qkv.split(self.qkv_proj.split_sizes, dim=-1)  # views, no copies
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.fused_kernels:
+        if self.fused_kernels:  # rotates straight out of qkv into new q, k
             q, k = kernels.ops().rotary_qk(qkv, rope.cos_sin_cache, rope.positions, self.num_heads,
                                            self.num_kv_heads, self.head_dim)
         else:

@@ -17,7 +17,7 @@ from tokenloom.sched.output import ModelOutput, SampledToken, SchedulerOutput
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, arch: ModelArchConfig, num_blocks: int,
-                 block_size: int, dtype: torch.dtype, device: torch.device) -> None:
+                 block_size: int, kv_cache_dtype: torch.dtype, device: torch.device) -> None:
         self.model = model
         self.arch = arch
         self.block_size = block_size
@@ -25,7 +25,8 @@ class ModelRunner:
         self.sampler = Sampler()
         shape = (num_blocks, block_size, arch.num_key_value_heads, arch.head_dim)
         self.kv_caches = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            (torch.zeros(shape, dtype=kv_cache_dtype, device=device),
+             torch.zeros(shape, dtype=kv_cache_dtype, device=device))
             for _ in range(arch.num_hidden_layers)
         ]
 

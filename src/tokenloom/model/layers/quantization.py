@@ -38,7 +38,7 @@ QUANTIZATION_KINDS = ("int4", "int8")
 # Batches of at most this many rows use the quantized kernels; larger ones the
 # dense GEMM (measured crossover on a 2-core AVX2 EPYC: see docs/performance.md).
 MAX_QUANTIZED_ROWS = 32
-MAX_INT8_ACTIVATION_ROWS = 4  # must match kDirectRows in quant_linear.cpp
+MAX_INT8_ACTIVATION_ROWS = 4  # the i8 ops take any number of rows; past ~4 the f32 kernels win
 
 
 @dataclass(frozen=True, slots=True)
