@@ -18,6 +18,7 @@ from torch import nn
 
 from tokenloom import kernels
 from tokenloom.config import ModelArchConfig
+from tokenloom.model.decode_stack import DecodeStack
 from tokenloom.model.layers.attention import AttentionMetadata, paged_attention, write_kv
 from tokenloom.model.layers.embedding import VocabEmbedding
 from tokenloom.model.layers.linear import Linear, MergedLinear, apply_linear
@@ -127,6 +128,7 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings,
                                           config.rope_theta, config.rope_scaling, dtype, device,
                                           freq_factors=rope_freq_factors)
+        self.decode_stack: DecodeStack | None = None  # set by use_fused_kernels, where it applies
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[KVCache], attn_metadata: AttentionMetadata) -> torch.Tensor:
@@ -134,6 +136,9 @@ class LlamaModel(nn.Module):
             raise ValueError(f"got {len(kv_caches)} KV caches for {len(self.layers)} layers")
         rope = self.rotary_emb.inputs(positions)  # shared by every layer
         delta, residual = self.embed_tokens(input_ids), None  # [num_tokens, hidden_size]
+        stack = self.decode_stack
+        if stack is not None and stack.applies(delta.shape[0], kv_caches, attn_metadata):
+            return stack(delta, rope, kv_caches, attn_metadata)
         for layer, kv_cache in zip(self.layers, kv_caches):
             delta, residual = layer(delta, residual, rope, kv_cache, attn_metadata)
         return self.norm.add_forward(delta, residual)[0]
@@ -172,13 +177,16 @@ class LlamaForCausalLM(nn.Module):
 
     def use_fused_kernels(self) -> bool:
         """Switch the norms, rotary and SwiGLU to the native fused ops where they
-        apply (float32 on the CPU, kernels built); returns whether it did."""
+        apply (float32 on the CPU, kernels built), and decode steps to the native
+        decoder stack where every layer is quantized; returns whether it did.
+        Call it after the quantized copies are attached (the loader does)."""
         weight = self.logits_weight()
         if weight.device.type != "cpu" or weight.dtype != torch.float32 or not kernels.available():
             return False
         for module in self.modules():
             if hasattr(module, "fused_kernels"):
                 module.fused_kernels = True
+        self.model.decode_stack = DecodeStack.build(self.model)
         return True
 
     def logits_weight(self) -> torch.Tensor:

@@ -11,12 +11,14 @@
 
 #include <immintrin.h>
 
+#include "ops.h"
 #include "vec_math.h"
 
 #include <cmath>
 #include <cstdint>
 #include <tuple>
 
+namespace tokenloom {
 namespace {
 
 using tokenloom_vec::exp_ps;
@@ -34,6 +36,8 @@ inline void rms_norm_row(const float* x, const float* weight, float eps, int64_t
   const float inv = 1.f / std::sqrt(sum / static_cast<float>(d) + eps);
   for (int64_t i = 0; i < d; ++i) out[i] = weight[i] * (x[i] * inv);
 }
+
+}  // namespace
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   check_rows(x, "rms_norm: x");
@@ -78,6 +82,8 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::T
   return {out, sum};
 }
 
+namespace {
+
 // Rotate heads [first, first + count) of one token's row, HF "rotate half"
 // convention: pairs (i, i + d/2) with cos/sin of frequency i.
 inline void rotate_heads(const float* src, float* dst, int64_t count, int64_t head_dim, const float* cos,
@@ -93,6 +99,8 @@ inline void rotate_heads(const float* src, float* dst, int64_t count, int64_t he
     }
   }
 }
+
+}  // namespace
 
 // qkv [n, (H + 2 KVH) * D] (the fused projection's output) -> rotated q [n, H, D]
 // and k [n, KVH, D]; cos_sin_cache [max_position, D] = [cos | sin].
@@ -160,7 +168,7 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
   return out;
 }
 
-}  // namespace
+}  // namespace tokenloom
 
 TORCH_LIBRARY_FRAGMENT(tokenloom, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
@@ -171,8 +179,8 @@ TORCH_LIBRARY_FRAGMENT(tokenloom, m) {
 }
 
 TORCH_LIBRARY_IMPL(tokenloom, CPU, m) {
-  m.impl("rms_norm", &rms_norm);
-  m.impl("add_rms_norm", &add_rms_norm);
-  m.impl("rotary_qk", &rotary_qk);
-  m.impl("silu_and_mul", &silu_and_mul);
+  m.impl("rms_norm", &tokenloom::rms_norm);
+  m.impl("add_rms_norm", &tokenloom::add_rms_norm);
+  m.impl("rotary_qk", &tokenloom::rotary_qk);
+  m.impl("silu_and_mul", &tokenloom::silu_and_mul);
 }

@@ -23,6 +23,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "ops.h"
 #include "vec_math.h"
 #include <torch/library.h>
 
@@ -321,6 +322,8 @@ void attend_all(const float* q, const CacheView<T>& keys, const CacheView<T>& va
   });
 }
 
+}  // namespace
+
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
                                   const at::Tensor& v_cache, const at::Tensor& block_tables,
                                   const at::Tensor& seq_lens, double scale) {
@@ -349,7 +352,6 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   return out;
 }
 
-}  // namespace
 }  // namespace tokenloom
 
 TORCH_LIBRARY_FRAGMENT(tokenloom, m) {

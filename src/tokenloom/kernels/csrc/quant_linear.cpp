@@ -26,6 +26,7 @@
 
 #include <immintrin.h>
 
+#include "ops.h"
 #include "vec_math.h"
 
 #include <algorithm>
@@ -33,6 +34,7 @@
 #include <type_traits>
 #include <vector>
 
+namespace tokenloom {
 namespace {
 
 using tokenloom_vec::hsum;
@@ -203,6 +205,8 @@ void check_q8(const char* op, const at::Tensor& x, const at::Tensor& qweight, co
 // tasks to keep every thread busy on the smallest projections.
 int64_t grain_for(int64_t M) { return std::max<int64_t>(8, 256 / std::max<int64_t>(M, 1)); }
 
+}  // namespace
+
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                      const at::Tensor& mins) {
   check_q4("q4_linear", x, qweight, scales, mins);
@@ -259,6 +263,8 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
   });
   return y;
 }
+
+namespace {
 
 // ---- int8 activations (decode-sized batches) --------------------------------
 //
@@ -377,6 +383,8 @@ inline void each_row_tile(int64_t M, Rows rows) {
   }
 }
 
+}  // namespace
+
 at::Tensor q4_linear_i8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                         const at::Tensor& mins) {
   check_q4("q4_linear_i8", x, qweight, scales, mins);
@@ -413,7 +421,7 @@ at::Tensor q8_linear_i8(const at::Tensor& x, const at::Tensor& qweight, const at
   return y;
 }
 
-}  // namespace
+}  // namespace tokenloom
 
 TORCH_LIBRARY_FRAGMENT(tokenloom, m) {
   m.def("q4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor mins) -> Tensor");
@@ -423,8 +431,8 @@ TORCH_LIBRARY_FRAGMENT(tokenloom, m) {
 }
 
 TORCH_LIBRARY_IMPL(tokenloom, CPU, m) {
-  m.impl("q4_linear", &q4_linear);
-  m.impl("q8_linear", &q8_linear);
-  m.impl("q4_linear_i8", &q4_linear_i8);
-  m.impl("q8_linear_i8", &q8_linear_i8);
+  m.impl("q4_linear", &tokenloom::q4_linear);
+  m.impl("q8_linear", &tokenloom::q8_linear);
+  m.impl("q4_linear_i8", &tokenloom::q4_linear_i8);
+  m.impl("q8_linear_i8", &tokenloom::q8_linear_i8);
 }

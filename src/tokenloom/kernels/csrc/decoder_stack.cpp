@@ -1,0 +1,117 @@
+// Every decoder layer of a Llama-family model, for one decode step, in one op.
+//
+// A decode step of a small model is ~10 native ops per layer; called one at a
+// time from Python, each pays the interpreter, nn.Module and dispatcher on top
+// of its kernel (about a quarter of a batch-1 step of the 30-layer default
+// model). Here the same ops run back to back from C++, with the GIL released
+// for the whole stack:
+//
+//   per layer:  norm (+ residual add) -> qkv -> rotary q, k -> write K/V to the
+//               paged cache -> paged decode attention -> o -> add + norm ->
+//               gate_up -> silu * up -> down
+//   at the end: the final add + norm
+//
+// It computes exactly what LlamaModel's per-layer path computes with the same
+// kernels (tests/unit/test_decoder_stack.py compares them). Inputs:
+//
+//   hidden        [M, hidden] float32: the embeddings of the step's tokens
+//   norms         2 L + 1 weights: input norm and post-attention norm per layer, then the final norm
+//   qweights, scales, mins
+//                 4 L quantized linears, per layer qkv, o, gate_up, down (quant_linear.cpp layouts);
+//                 a missing min means the int8 layout
+//   qkv_biases    L optional biases of the fused qkv projection (Qwen2)
+//   k_caches, v_caches, block_tables, seq_lens: as paged_decode_attention
+//   slot_mapping  [M] int64: the cache slot of each new token's K/V
+//   int8_activations: the linears quantize activations per block of 32 (q*_linear_i8)
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+#include <cstdint>
+
+namespace tokenloom {
+namespace {
+
+constexpr int64_t kLinearsPerLayer = 4;  // qkv, o, gate_up, down
+
+struct QuantLinears {
+  at::TensorList qweights;
+  at::TensorList scales;
+  const c10::List<std::optional<at::Tensor>>& mins;
+  bool int8_activations;
+
+  at::Tensor operator()(int64_t i, const at::Tensor& x) const {
+    const std::optional<at::Tensor> min = mins.get(i);
+    if (min.has_value())
+      return int8_activations ? q4_linear_i8(x, qweights[i], scales[i], *min)
+                              : q4_linear(x, qweights[i], scales[i], *min);
+    return int8_activations ? q8_linear_i8(x, qweights[i], scales[i]) : q8_linear(x, qweights[i], scales[i]);
+  }
+};
+
+void write_kv(const at::Tensor& cache, const at::Tensor& rows, const at::Tensor& slot_mapping) {
+  cache.view({-1, rows.size(1), rows.size(2)}).index_copy_(0, slot_mapping, rows.to(cache.scalar_type()));
+}
+
+}  // namespace
+
+at::Tensor decoder_stack(const at::Tensor& hidden, at::TensorList norms, at::TensorList qweights,
+                         at::TensorList scales, const c10::List<std::optional<at::Tensor>>& mins,
+                         const c10::List<std::optional<at::Tensor>>& qkv_biases, at::TensorList k_caches,
+                         at::TensorList v_caches, const at::Tensor& cos_sin_cache, const at::Tensor& positions,
+                         const at::Tensor& slot_mapping, const at::Tensor& block_tables,
+                         const at::Tensor& seq_lens, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                         double eps, double scale, bool int8_activations) {
+  const int64_t layers = static_cast<int64_t>(k_caches.size());
+  TORCH_CHECK(layers > 0 && static_cast<int64_t>(v_caches.size()) == layers, "decoder_stack: need one K and V cache per layer");
+  TORCH_CHECK(static_cast<int64_t>(norms.size()) == 2 * layers + 1, "decoder_stack: expected ", 2 * layers + 1,
+              " norm weights, got ", norms.size());
+  const int64_t linears = kLinearsPerLayer * layers;
+  TORCH_CHECK(static_cast<int64_t>(qweights.size()) == linears && static_cast<int64_t>(scales.size()) == linears &&
+                  static_cast<int64_t>(mins.size()) == linears,
+              "decoder_stack: expected ", linears, " quantized linears (qweights, scales, mins)");
+  TORCH_CHECK(static_cast<int64_t>(qkv_biases.size()) == layers, "decoder_stack: expected one qkv bias entry per layer");
+  TORCH_CHECK(hidden.dim() == 2 && slot_mapping.dim() == 1 && slot_mapping.size(0) == hidden.size(0) &&
+                  seq_lens.dim() == 1 && seq_lens.size(0) == hidden.size(0),
+              "decoder_stack: a decode step has one token per sequence (hidden, slot_mapping, seq_lens)");
+
+  const QuantLinears linear{qweights, scales, mins, int8_activations};
+  const int64_t M = hidden.size(0), q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
+  at::Tensor residual = hidden;
+  at::Tensor delta;
+  for (int64_t l = 0; l < layers; ++l) {
+    at::Tensor normed;
+    if (l == 0) {
+      normed = rms_norm(hidden, norms[0], eps);
+    } else {
+      std::tie(normed, residual) = add_rms_norm(delta, residual, norms[2 * l], eps);
+    }
+    at::Tensor qkv = linear(kLinearsPerLayer * l, normed);
+    if (const std::optional<at::Tensor> bias = qkv_biases.get(l); bias.has_value()) qkv.add_(*bias);
+    auto [q, k] = rotary_qk(qkv, cos_sin_cache, positions, num_heads, num_kv_heads, head_dim);
+    write_kv(k_caches[l], k, slot_mapping);
+    write_kv(v_caches[l], qkv.narrow(1, q_size + kv_size, kv_size).view({M, num_kv_heads, head_dim}), slot_mapping);
+    const at::Tensor attn = paged_decode_attention(q, k_caches[l], v_caches[l], block_tables, seq_lens, scale);
+    const at::Tensor attn_out = linear(kLinearsPerLayer * l + 1, attn.view({M, q_size}));
+    std::tie(normed, residual) = add_rms_norm(attn_out, residual, norms[2 * l + 1], eps);
+    const at::Tensor act = silu_and_mul(linear(kLinearsPerLayer * l + 2, normed));
+    delta = linear(kLinearsPerLayer * l + 3, act);
+  }
+  return std::get<0>(add_rms_norm(delta, residual, norms[2 * layers], eps));
+}
+
+}  // namespace tokenloom
+
+TORCH_LIBRARY_FRAGMENT(tokenloom, m) {
+  m.def(
+      "decoder_stack(Tensor hidden, Tensor[] norms, Tensor[] qweights, Tensor[] scales, Tensor?[] mins, "
+      "Tensor?[] qkv_biases, Tensor[] k_caches, Tensor[] v_caches, Tensor cos_sin_cache, Tensor positions, "
+      "Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, int num_heads, int num_kv_heads, int head_dim, "
+      "float eps, float scale, bool int8_activations) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tokenloom, CPU, m) {
+  m.impl("decoder_stack", &tokenloom::decoder_stack);
+}

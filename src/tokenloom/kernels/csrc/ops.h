@@ -1,0 +1,33 @@
+// The native ops as C++ functions, for ops built from other ops
+// (decoder_stack.cpp). Each is registered under torch.ops.tokenloom by the
+// file that defines it; see there for the layouts.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace tokenloom {
+
+// quant_linear.cpp
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                     const at::Tensor& mins);
+at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales);
+at::Tensor q4_linear_i8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                        const at::Tensor& mins);
+at::Tensor q8_linear_i8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales);
+
+// fused_ops.cpp
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
+                                                const at::Tensor& weight, double eps);
+std::tuple<at::Tensor, at::Tensor> rotary_qk(const at::Tensor& qkv, const at::Tensor& cos_sin_cache,
+                                             const at::Tensor& positions, int64_t num_heads,
+                                             int64_t num_kv_heads, int64_t head_dim);
+at::Tensor silu_and_mul(const at::Tensor& x);
+
+// paged_attention.cpp
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale);
+
+}  // namespace tokenloom
