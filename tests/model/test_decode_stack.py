@@ -80,6 +80,23 @@ def test_stack_matches_the_per_layer_path(tiny, tmp_path, kind, qtype, num_seqs,
     assert not torch.equal(our_caches[0][0], caches[0][0])  # the step did write K/V
 
 
+@pytest.mark.parametrize("qtype", [QType.Q4_1, QType.Q8_0])  # int8 blocks have no GEMM tiles
+def test_past_32_rows_only_gemm_tiles_take_the_stack(tiny, tmp_path, qtype):
+    path = write_gguf(tiny("llama3").hf, tmp_path / f"{qtype.name}.gguf", tensor_type=qtype)
+    model, _ = load_model(path, torch.float32, "cpu", quantization="auto")
+    caches, seqs = _prefilled(model, MAX_QUANTIZED_ROWS + 3, torch.float16)
+    if qtype == QType.Q8_0:
+        spy = _CountingStack(model.model.decode_stack)
+        model.model.decode_stack = spy
+        run_step(model, caches, seqs, [1] * len(seqs), BLOCK_SIZE)
+        assert spy.calls == 0
+        return
+    ours, our_caches = _decode_step(model, caches, seqs, use_stack=True)
+    theirs, their_caches = _decode_step(model, caches, seqs, use_stack=False)
+    assert torch.equal(ours, theirs)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(our_caches, their_caches))
+
+
 def test_no_stack_without_quantized_layers(tiny):
     model, _ = load_model(tiny("llama3").gguf_path, torch.float32, "cpu", quantization="auto")
     assert model.model.decode_stack is None  # a float checkpoint stays dense under auto

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import gguf
 import numpy as np
 import pytest
@@ -134,3 +136,33 @@ def test_small_batches_use_the_quantized_copy_large_ones_the_dense_weight():
                                rtol=0, atol=2e-6)
     assert torch.equal(apply_linear(large, w, bias, q), F.linear(large, w, bias))
     assert torch.equal(apply_linear(small, w, None, None), F.linear(small, w))
+
+
+def test_gemm_tiles_lay_out_8_columns_x_4_weights_per_32_bit_lane():
+    w = _weight(13, 64)  # 13 columns: the second tile is padded with 3 zero columns
+    q = quantize(w, "int4")
+    tiles = q.with_gemm_tiles().gemm
+    assert tiles.tiles.shape == (2, 2, 128) and tiles.scales.shape == tiles.mins.shape == (2, 2, 8)
+    nibbles = torch.cat([q.qweight.view(13, 2, 16) & 0x0F, q.qweight.view(13, 2, 16) >> 4], -1)  # [n, b, 32]
+    for n, b, p, r in [(0, 0, 0, 0), (5, 1, 2, 3), (12, 1, 3, 1), (9, 0, 1, 2)]:
+        byte = tiles.tiles[n // 8, b, 32 * p + 4 * (n % 8) + r].item()
+        assert byte & 0x0F == nibbles[n, b, 8 * p + r] and byte >> 4 == nibbles[n, b, 8 * p + 4 + r]
+        assert tiles.scales[n // 8, b, n % 8] == q.scales[n, b] and tiles.mins[n // 8, b, n % 8] == q.mins[n, b]
+    assert (tiles.tiles[1, :, 20:32] == 0).all() and (tiles.scales[1, :, 5:] == 0).all()  # padded columns
+    assert quantize(w, "int8").with_gemm_tiles().gemm is None
+    with pytest.raises(ValueError, match="int8 activations"):
+        dataclasses.replace(q, int8_activations=False, gemm=tiles)
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 3, MAX_INT8_ACTIVATION_ROWS + 1, MAX_QUANTIZED_ROWS, 70, 300])
+@pytest.mark.parametrize("columns", [80, 13])
+def test_gemm_tiles_compute_with_int8_activations_per_block(rows, columns):
+    q = quantize(_weight(columns, 160), "int4").with_gemm_tiles()
+    x = torch.randn(rows, 160, generator=torch.Generator().manual_seed(rows))
+    x[-1, 64:96] = 0  # an all-zero block quantizes to zeros, not NaN
+    ours = q.matmul(x)
+    torch.testing.assert_close(ours, _int8_blocks(x).nan_to_num() @ q.dequantize().T, rtol=0, atol=2e-6)
+    # Each row's result is the same whatever the batch (batch-invariant), as in the per-row kernel.
+    assert torch.equal(ours[-1:], q.matmul(torch.cat([x[-1:]] * (MAX_INT8_ACTIVATION_ROWS + 1)))[:1])
+    assert q.handles(rows) and not quantize(_weight(columns, 160), "int4").handles(MAX_QUANTIZED_ROWS + 1)

@@ -7,7 +7,8 @@ A fused projection stacks its parts along the output dimension::
 
 Checkpoints store the parts separately; the loader copies each one into the
 rows that ``shard_rows`` names. A projection may also carry a quantized copy
-of its weight (``quantized``, see ``quantization.py``) that small batches use.
+of its weight (``quantized``, see ``quantization.py``) that the batches it
+handles use.
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenloom.model.layers.quantization import MAX_QUANTIZED_ROWS, QuantizedWeight
+from tokenloom.model.layers.quantization import QuantizedWeight
 
 
 def apply_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  quantized: QuantizedWeight | None) -> torch.Tensor:
-    """x [M, K] -> [M, N]: the quantized kernel for decode-sized batches, else the dense GEMM."""
-    if quantized is not None and x.shape[0] <= MAX_QUANTIZED_ROWS:
+    """x [M, K] -> [M, N]: the quantized kernels where they take the batch, else the dense GEMM."""
+    if quantized is not None and quantized.handles(x.shape[0]):
         y = quantized.matmul(x)
         return y if bias is None else y + bias
     return F.linear(x, weight, bias)

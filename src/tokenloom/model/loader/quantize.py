@@ -13,12 +13,13 @@
           keeps the file's own blocks or else goes to int8, because 4-bit
           logits cost quality out of proportion to their share of the bytes.
 
-Decode-sized batches quantize the activations of the decoder projections to
-int8 (see ``layers/quantization.py``); the LM head always keeps f32
+The decoder projections quantize their activations to int8 per block of 32
+(see ``layers/quantization.py``), and int4 ones also get the tiles of the
+batched int4 x int8 GEMM, which prefill uses too. The LM head always keeps f32
 activations, since its error moves the logits directly.
 
-The dense weights stay as well: batches above ``MAX_QUANTIZED_ROWS`` rows
-(prefill) run the dense GEMM, which is faster when compute bound.
+The dense weights stay as well: int8 projections run batches above
+``MAX_QUANTIZED_ROWS`` rows on the dense GEMM, and so does the LM head.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def apply_quantization(model: LlamaForCausalLM, mode: str, packed: PackedParts) 
         if isinstance(module, Linear) and module is not model.lm_head:
             parts = list(module.output_sizes) if isinstance(module, MergedLinear) else [None]
             blocks = [packed.get((f"{name}.weight", p)) for p in parts]
-            module.quantized = _choose(module.weight, blocks, *_LAYER_POLICY[mode])
+            chosen = _choose(module.weight, blocks, *_LAYER_POLICY[mode])
+            module.quantized = None if chosen is None else chosen.with_gemm_tiles()
             kinds[_kind(module.quantized)] += 1
     head_name = "model.embed_tokens.weight" if model.lm_head is None else "lm_head.weight"
     head = _choose(model.logits_weight(), [packed.get((head_name, None))], *_HEAD_POLICY[mode])
