@@ -42,8 +42,10 @@ def test_chat_greedy_over_http_equals_offline(server, references):
     [ref] = references["chat"]
     client = server.client()
     resp = client.chat.completions.create(model="smollm2-135m", messages=QUESTION, temperature=0, max_tokens=24)
+    # No "Paris" check here: on this GGUF the fast path answers like llama.cpp does
+    # ("L'Étoile, la Marseillaise, ..."); the exact path's answer is held to
+    # transformers in tests/e2e/test_default_model.py.
     assert resp.choices[0].message.content == ref.outputs[0].text
-    assert "Paris" in resp.choices[0].message.content
     assert resp.usage.completion_tokens == len(ref.outputs[0].token_ids)
     assert resp.usage.prompt_tokens == len(ref.prompt_token_ids)
     streamed = client.chat.completions.create(model="smollm2-135m", messages=QUESTION, temperature=0,
@@ -55,5 +57,6 @@ def test_completions_greedy_over_http_equal_offline(server, references):
     refs = references["completions"]
     resp = server.client().completions.create(model="smollm2-135m", prompt=PROMPTS, temperature=0, max_tokens=24)
     assert [c.text for c in resp.choices] == [r.outputs[0].text for r in refs]
+    assert "100" in resp.choices[2].text  # "Water boils at" -> " 100°C": a working model, not two equal wrong ones
     assert [c.finish_reason for c in resp.choices] == [r.outputs[0].finish_reason for r in refs]
     server.wait_idle()

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.helpers.quant import int8_blocks
 from tokenloom import kernels
 from tokenloom.model.layers.linear import apply_linear
 from tokenloom.model.layers.quantization import (MAX_INT8_ACTIVATION_ROWS, MAX_QUANTIZED_ROWS,
@@ -79,13 +80,6 @@ def test_quantize_rejects_ragged_rows_and_unknown_kinds():
         quantize(torch.zeros(4, 32), "int2")
 
 
-def _int8_blocks(x: torch.Tensor) -> torch.Tensor:
-    """x with every block of 32 rounded to int8 steps of max|block| / 127 (llama.cpp's Q8)."""
-    blocks = x.view(x.shape[0], -1, 32)
-    step = blocks.abs().amax(-1, keepdim=True) / 127
-    return (torch.round(blocks / step) * step).view_as(x)
-
-
 @needs_kernels
 @pytest.mark.parametrize("kind", ["int4", "int8"])
 @pytest.mark.parametrize("rows", [5, 9, 32])
@@ -103,7 +97,7 @@ def test_decode_kernel_quantizes_activations_per_block(kind, rows):
     x = torch.randn(rows, 160, generator=torch.Generator().manual_seed(rows))
     x[0, 32:64] = 0  # an all-zero block quantizes to zeros, not NaN
     ours = q.matmul(x)
-    torch.testing.assert_close(ours, _int8_blocks(x).nan_to_num() @ q.dequantize().T, rtol=0, atol=2e-6)
+    torch.testing.assert_close(ours, int8_blocks(x) @ q.dequantize().T, rtol=0, atol=2e-6)
     exact = x @ q.dequantize().T
     assert 0 < (ours - exact).abs().max() < 0.02 * exact.abs().max()
 
@@ -162,7 +156,7 @@ def test_gemm_tiles_compute_with_int8_activations_per_block(rows, columns):
     x = torch.randn(rows, 160, generator=torch.Generator().manual_seed(rows))
     x[-1, 64:96] = 0  # an all-zero block quantizes to zeros, not NaN
     ours = q.matmul(x)
-    torch.testing.assert_close(ours, _int8_blocks(x).nan_to_num() @ q.dequantize().T, rtol=0, atol=2e-6)
+    torch.testing.assert_close(ours, int8_blocks(x) @ q.dequantize().T, rtol=0, atol=2e-6)
     # Each row's result is the same whatever the batch (batch-invariant), as in the per-row kernel.
     assert torch.equal(ours[-1:], q.matmul(torch.cat([x[-1:]] * (MAX_INT8_ACTIVATION_ROWS + 1)))[:1])
     assert q.handles(rows) and not quantize(_weight(columns, 160), "int4").handles(MAX_QUANTIZED_ROWS + 1)

@@ -98,10 +98,13 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     kh = k.transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, KVH, kv_len, D]
     vh = v.transpose(0, 1).unsqueeze(0).to(q.dtype)
     mask = None
-    if q_len > 1:
+    # A whole prompt at once is plain causal attention, which SDPA does without a
+    # mask and, on the CPU, skips the blocks above the diagonal (half the work).
+    is_causal = q_len > 1 and causal_offset == 0
+    if q_len > 1 and not is_causal:
         rows = torch.arange(q_len, device=q.device).unsqueeze(1) + causal_offset
         mask = torch.arange(kv_len, device=q.device).unsqueeze(0) <= rows  # [q_len, kv_len]
-    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale,
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=is_causal, scale=scale,
                                          enable_gqa=kh.shape[1] != qh.shape[1])
     return out.squeeze(0).transpose(0, 1)  # [q_len, H, D]
 
