@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from tests.helpers.quant import int8_blocks
 from tokenloom import kernels
-from tokenloom.model.layers.linear import apply_linear
+from tokenloom.model.layers.linear import Linear, apply_linear
 from tokenloom.model.layers.quantization import (MAX_INT8_ACTIVATION_ROWS, MAX_QUANTIZED_ROWS,
                                                  concat_rows, quantize)
 from tokenloom.model.loader.dequant import dequantize_tensor, quantized_blocks
@@ -160,3 +160,17 @@ def test_gemm_tiles_compute_with_int8_activations_per_block(rows, columns):
     # Each row's result is the same whatever the batch (batch-invariant), as in the per-row kernel.
     assert torch.equal(ours[-1:], q.matmul(torch.cat([x[-1:]] * (MAX_INT8_ACTIVATION_ROWS + 1)))[:1])
     assert q.handles(rows) and not quantize(_weight(columns, 160), "int4").handles(MAX_QUANTIZED_ROWS + 1)
+
+
+@needs_kernels
+def test_only_a_weight_that_takes_every_batch_frees_its_dense_copy():
+    layer = Linear(64, 16, False, torch.float32, "cpu")
+    layer.weight.data.copy_(_weight(16, 64))
+    layer.quantized = quantize(layer.weight, "int8")  # dense GEMM above MAX_QUANTIZED_ROWS rows
+    with pytest.raises(ValueError, match="still needed"):
+        layer.release_dense_weight()
+    layer.quantized = quantize(layer.weight, "int4").with_gemm_tiles()
+    layer.release_dense_weight()
+    assert layer.weight.shape == (16, 0)
+    x = torch.randn(MAX_QUANTIZED_ROWS + 5, 64)
+    torch.testing.assert_close(layer(x), int8_blocks(x) @ layer.quantized.dequantize().T, rtol=0, atol=2e-6)

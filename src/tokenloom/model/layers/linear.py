@@ -49,6 +49,13 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return apply_linear(x, self.weight, self.bias, self.quantized)
 
+    def release_dense_weight(self) -> None:
+        """Free the dense weight once ``quantized`` handles every batch; ``weight``
+        becomes an empty [output_size, 0] tensor."""
+        if self.quantized is None or not self.quantized.takes_every_batch:
+            raise ValueError("the dense weight is still needed: the quantized copy does not take every batch")
+        self.weight = nn.Parameter(self.weight.new_empty(self.output_size, 0), requires_grad=False)
+
 
 class MergedLinear(Linear):
     """Several projections of the same input fused into one ``Linear``.

@@ -88,9 +88,14 @@ class QuantizedWeight:
     def shape(self) -> tuple[int, int]:
         return self.scales.shape[0], self.scales.shape[1] * BLOCK
 
+    @property
+    def takes_every_batch(self) -> bool:
+        """``matmul`` is the faster choice at any number of rows (the dense weight is unused)."""
+        return self.gemm is not None
+
     def handles(self, num_rows: int) -> bool:
         """Whether ``matmul`` should take a batch this size (else the dense GEMM)."""
-        return num_rows <= MAX_QUANTIZED_ROWS or self.gemm is not None
+        return num_rows <= MAX_QUANTIZED_ROWS or self.takes_every_batch
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] float32 -> x @ W.T [M, N], by the kernel the module docstring gives."""

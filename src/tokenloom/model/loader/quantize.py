@@ -18,8 +18,9 @@ The decoder projections quantize their activations to int8 per block of 32
 batched int4 x int8 GEMM, which prefill uses too. The LM head always keeps f32
 activations, since its error moves the logits directly.
 
-The dense weights stay as well: int8 projections run batches above
-``MAX_QUANTIZED_ROWS`` rows on the dense GEMM, and so does the LM head.
+Projections whose quantized copy takes every batch size (int4 with GEMM tiles)
+drop their dense f32 weight; int8 ones keep it for batches above
+``MAX_QUANTIZED_ROWS`` rows, and so does the LM head (the embedding table).
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ def apply_quantization(model: LlamaForCausalLM, mode: str, packed: PackedParts) 
             blocks = [packed.get((f"{name}.weight", p)) for p in parts]
             chosen = _choose(module.weight, blocks, *_LAYER_POLICY[mode])
             module.quantized = None if chosen is None else chosen.with_gemm_tiles()
+            if module.quantized is not None and module.quantized.takes_every_batch:
+                module.release_dense_weight()  # never read again: saves 4 bytes per weight
             kinds[_kind(module.quantized)] += 1
     head_name = "model.embed_tokens.weight" if model.lm_head is None else "lm_head.weight"
     head = _choose(model.logits_weight(), [packed.get((head_name, None))], *_HEAD_POLICY[mode])
