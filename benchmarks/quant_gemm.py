@@ -1,0 +1,65 @@
+"""The quantized matmul kernels against each other and MKL, on the default model's shapes.
+
+    .venv/bin/python benchmarks/quant_gemm.py
+
+For each projection shape and row count: ``q4_gemm`` (int4 x int8 GEMM tiles),
+``q4_linear_i8`` (per-row int8 kernel, 1-4 rows), ``q4_linear`` (f32
+activations, up to 32 rows) and MKL's f32 GEMM on the dense weight. Each runs
+over 8 distinct random weights in turn, so weights come from memory as in a
+model (not from a cache-hot single matrix). The kernels are timed alternately,
+best of several repeats, so the machine's drift hits them alike; compare the
+ratios.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from tokenloom import kernels
+from tokenloom.model.layers.quantization import quantize
+
+SHAPES = {"qkv [576 -> 960]": (960, 576), "gate_up [576 -> 3072]": (3072, 576), "down [1536 -> 576]": (576, 1536)}
+ROWS = (1, 4, 32, 256, 2048)
+WEIGHTS = 8
+
+
+def best_ms(fns: dict, repeats: int) -> dict[str, float]:
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: min(t) / WEIGHTS * 1e3 for name, t in times.items()}
+
+
+def main() -> None:
+    ops = kernels.ops()
+    torch.manual_seed(0)
+    print("| shape | rows | q4_gemm ms | q4_linear_i8 ms | q4_linear ms | MKL f32 ms | q4_gemm GFLOP/s | MKL / q4_gemm |")
+    print("|---|---|---|---|---|---|---|---|")
+    for label, (n, k) in SHAPES.items():
+        weights = [quantize(torch.randn(n, k) * 0.05, "int4").with_gemm_tiles() for _ in range(WEIGHTS)]
+        dense = [w.dequantize() for w in weights]
+        for m in ROWS:
+            x = torch.randn(m, k)
+            fns = {"gemm": lambda: [ops.q4_gemm(x, w.gemm.tiles, w.gemm.scales, w.gemm.mins, n) for w in weights],
+                   "mkl": lambda: [F.linear(x, d) for d in dense]}
+            if m <= 4:
+                fns["i8"] = lambda: [ops.q4_linear_i8(x, w.qweight, w.scales, w.mins) for w in weights]
+            if m <= 32:
+                fns["f32"] = lambda: [ops.q4_linear(x, w.qweight, w.scales, w.mins) for w in weights]
+            t = best_ms(fns, repeats=30 if m <= 32 else 5)
+            cell = lambda key: f"{t[key]:.3f}" if key in t else "-"  # noqa: E731
+            gflops = 2 * m * n * k / (t["gemm"] * 1e-3) / 1e9
+            print(f"| {label} | {m} | {cell('gemm')} | {cell('i8')} | {cell('f32')} | {cell('mkl')} | "
+                  f"{gflops:.0f} | {t['mkl'] / t['gemm']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
