@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from tests.helpers.tiny_models import tiny_config
+from tokenloom import kernels
 from tokenloom.config import RopeScaling
+from tokenloom.model.layers.attention import AttentionMetadata, paged_attention
 from tokenloom.model.layers.linear import MergedLinear
 from tokenloom.model.layers.norm import RMSNorm
 from tokenloom.model.layers.rotary import RotaryEmbedding, apply_rotary, compute_inv_freq
@@ -119,3 +121,27 @@ def test_merged_linear_shard_rows_and_forward():
 def test_tiny_configs_are_what_the_tests_rely_on():
     assert tiny_config("qwen2").vocab_size >= 300
     assert tiny_config("smollm").tie_word_embeddings
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_attention_never_reads_unwritten_cache_slots(native):
+    """KV caches are not initialised: NaN where nobody wrote must not reach any output."""
+    if native and not kernels.available():
+        pytest.skip("native kernels unavailable here")
+    gen = torch.Generator().manual_seed(0)
+    shape = (8, 4, 2, 64)  # blocks of 4 slots, 2 KV heads
+    k_cache, v_cache = torch.full(shape, float("nan")), torch.full(shape, float("nan"))
+    tables = torch.tensor([[5, 2, 0], [7, 0, 0]])
+    seq_lens = torch.tensor([10, 3])  # slots written: blocks 5, 2 and half of 0; 3 of block 7
+    for row, length in zip(tables, seq_lens.tolist()):
+        for pos in range(length):
+            slot = (int(row[pos // 4]), pos % 4)
+            k_cache[slot], v_cache[slot] = torch.randn(2, 64, generator=gen), torch.randn(2, 64, generator=gen)
+    q = torch.randn(2, 4, 64, generator=gen)
+    decode = AttentionMetadata(slot_mapping=torch.tensor([1, 30]), block_tables=tables,
+                               seq_lens=seq_lens, query_start_loc=(0, 1, 2), seq_lens_host=(10, 3), block_size=4)
+    out = paged_attention(q, k_cache, v_cache, decode, 0.125, native=native)
+    assert torch.isfinite(out).all()
+    chunk = AttentionMetadata(slot_mapping=torch.tensor([8, 9]), block_tables=tables[:1], seq_lens=seq_lens[:1],
+                              query_start_loc=(0, 2), seq_lens_host=(10,), block_size=4)  # seq 0's last 2 tokens
+    assert torch.isfinite(paged_attention(q, k_cache, v_cache, chunk, 0.125, native=native)).all()

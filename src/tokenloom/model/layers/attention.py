@@ -117,9 +117,9 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """All sequences decode one token: one padded batched attention call.
 
-    Padding keys are masked out; they add exact zeros (the cache is zero-initialised
-    and only ever holds finite K/V), so a sequence's result does not depend on what
-    else is in the batch.
+    Padding keys are masked out and their K/V zeroed first (the cache holds
+    anything where nobody wrote: it is not initialised), so they add exact
+    zeros and a sequence's result does not depend on what else is in the batch.
     """
     block_size = k_cache.shape[1]
     max_len = max(meta.seq_lens_host)
@@ -128,6 +128,8 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     k = k_cache[tables].flatten(1, 2)[:, :max_len]  # [S, max_len, KVH, D]
     v = v_cache[tables].flatten(1, 2)[:, :max_len]
     mask = torch.arange(max_len, device=q.device).unsqueeze(0) < meta.seq_lens.unsqueeze(1)
+    padding = ~mask[:, :, None, None]
+    k, v = k.masked_fill(padding, 0), v.masked_fill(padding, 0)
     qh = q.unsqueeze(2)  # [S, H, 1, D]
     kh = k.transpose(1, 2).to(q.dtype)  # [S, KVH, max_len, D]
     vh = v.transpose(1, 2).to(q.dtype)
