@@ -23,6 +23,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "attention_checks.h"
 #include "ops.h"
 #include "vec_math.h"
 #include <torch/library.h>
@@ -235,71 +236,17 @@ void attend_group(const float* q, const CacheView<T>& keys, const CacheView<T>& 
   for (int64_t g = 0; g < group; ++g) scale_in_place(inv_sums[g], out + g * d, d);
 }
 
-void check_cache(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf, name,
-              " must be float32 or float16, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 4, name, " must be [num_blocks, block_size, num_kv_heads, head_dim], got ",
-              t.dim(), " dims");
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-}
-
-void check_index(const at::Tensor& t, const char* name, int64_t dims) {
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
-  TORCH_CHECK(t.scalar_type() == at::kLong, name, " must be int64, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == dims, name, " must have ", dims, " dims, got ", t.dim());
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-}
-
 void check_inputs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                   const at::Tensor& block_tables, const at::Tensor& seq_lens) {
-  TORCH_CHECK(q.device().is_cpu(), "q must be a CPU tensor");
-  TORCH_CHECK(q.scalar_type() == at::kFloat, "q must be float32, got ", q.scalar_type());
-  TORCH_CHECK(q.dim() == 3, "q must be [num_seqs, num_heads, head_dim], got ", q.dim(), " dims");
-  TORCH_CHECK(q.is_contiguous(), "q must be contiguous");
-  check_cache(k_cache, "k_cache");
-  check_cache(v_cache, "v_cache");
-  TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), "v_cache dtype ",
-              v_cache.scalar_type(), " must match k_cache dtype ", k_cache.scalar_type());
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache shape ", v_cache.sizes(),
-              " must match k_cache shape ", k_cache.sizes());
-  check_index(block_tables, "block_tables", 2);
-  check_index(seq_lens, "seq_lens", 1);
-
-  const int64_t num_seqs = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
-  const int64_t num_kv_heads = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == head_dim, "k_cache head_dim ", k_cache.size(3),
-              " must match q head_dim ", head_dim);
-  // The AVX2 loops have no scalar tail; every common head_dim (64, 80, 128, ...) qualifies.
-  TORCH_CHECK(head_dim > 0 && head_dim % kLanes == 0, "q head_dim must be a positive multiple of ",
-              kLanes, ", got ", head_dim);
-  TORCH_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0, "q num_heads ", num_heads,
-              " must be a multiple of k_cache num_kv_heads ", num_kv_heads);
-  TORCH_CHECK(block_tables.size(0) == num_seqs, "block_tables has ", block_tables.size(0),
-              " rows, expected num_seqs = ", num_seqs);
-  TORCH_CHECK(seq_lens.size(0) == num_seqs, "seq_lens has ", seq_lens.size(0),
-              " entries, expected num_seqs = ", num_seqs);
-}
-
-// Out-of-range lengths or block ids would read outside the cache, so they are
-// rejected before any work starts (a check inside the parallel region would
-// leave other threads mid-flight).
-void check_tables(const at::Tensor& block_tables, const at::Tensor& seq_lens, int64_t num_blocks,
-                  int64_t block_size) {
-  const int64_t num_seqs = seq_lens.size(0), max_num_blocks = block_tables.size(1);
+  attention_checks::check_q_and_cache(q, "[num_seqs, num_heads, head_dim]", k_cache, v_cache, block_tables,
+                                      seq_lens, kLanes, [&] { return q.size(0); });
+  const int64_t num_blocks = k_cache.size(0), block_size = k_cache.size(1);
+  const int64_t max_num_blocks = block_tables.size(1);
   const int64_t* lens = seq_lens.data_ptr<int64_t>();
   const int64_t* tables = block_tables.data_ptr<int64_t>();
-  for (int64_t i = 0; i < num_seqs; ++i) {
-    TORCH_CHECK(lens[i] >= 1, "seq_lens[", i, "] = ", lens[i], " must be >= 1");
-    TORCH_CHECK(lens[i] <= max_num_blocks * block_size, "seq_lens[", i, "] = ", lens[i],
-                " exceeds block_tables capacity ", max_num_blocks, " blocks * ", block_size);
-    const int64_t used = (lens[i] + block_size - 1) / block_size;
-    for (int64_t b = 0; b < used; ++b) {
-      const int64_t id = tables[i * max_num_blocks + b];
-      TORCH_CHECK(id >= 0 && id < num_blocks, "block_tables[", i, ", ", b, "] = ", id,
-                  " is outside the cache's ", num_blocks, " blocks");
-    }
-  }
+  for (int64_t i = 0; i < seq_lens.size(0); ++i)
+    attention_checks::check_sequence(i, lens[i], tables + i * max_num_blocks, max_num_blocks, num_blocks,
+                                     block_size);
 }
 
 // Every (sequence, kv head) pair of the batch, with caches of element type T.
@@ -328,8 +275,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
                                   const at::Tensor& v_cache, const at::Tensor& block_tables,
                                   const at::Tensor& seq_lens, double scale) {
   check_inputs(q, k_cache, v_cache, block_tables, seq_lens);
-  const int64_t num_blocks = k_cache.size(0), block_size = k_cache.size(1);
-  check_tables(block_tables, seq_lens, num_blocks, block_size);
+  const int64_t block_size = k_cache.size(1);
 
   const int64_t num_seqs = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
   const int64_t num_kv_heads = k_cache.size(2);
