@@ -39,14 +39,9 @@ namespace {
 
 using tokenloom_vec::exp_ps;
 using tokenloom_vec::hsum;
+using tokenloom_vec::load8;
 
 constexpr int64_t kLanes = 8;  // floats per AVX2 register
-
-// kLanes consecutive cache elements as float32 lanes.
-inline __m256 load_row(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load_row(const at::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
 
 // n is a multiple of kLanes (checked on entry to the op).
 template <typename T>
@@ -56,11 +51,11 @@ float dot(const float* a, const T* b, int64_t n) {
   __m256 acc1 = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load_row(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + kLanes), load_row(b + i + kLanes), acc1);
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + kLanes), load8(b + i + kLanes), acc1);
   }
   if (i < n) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load_row(b + i), acc0);
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc0);
   }
   return hsum(_mm256_add_ps(acc0, acc1));
 }
@@ -87,7 +82,7 @@ __m256 dot_rows(const float* q, const T* rows, int64_t stride, int64_t d) {
   for (int64_t c = 0; c < d; c += kLanes) {
     const __m256 qc = _mm256_loadu_ps(q + c);
     for (int64_t r = 0; r < kLanes; ++r) {
-      acc[r] = _mm256_fmadd_ps(qc, load_row(rows + r * stride + c), acc[r]);
+      acc[r] = _mm256_fmadd_ps(qc, load8(rows + r * stride + c), acc[r]);
     }
   }
   return sum_each(acc);
@@ -120,7 +115,7 @@ void tile_accumulate(const float* weights, const T* rows, int64_t stride, int64_
       const __m256 w = _mm256_set1_ps(weights[t]);
       const T* row = rows + t * stride + c;
       for (int64_t j = 0; j < kAccRegs; ++j) {
-        acc[j] = _mm256_fmadd_ps(w, load_row(row + j * kLanes), acc[j]);
+        acc[j] = _mm256_fmadd_ps(w, load8(row + j * kLanes), acc[j]);
       }
     }
     for (int64_t j = 0; j < kAccRegs; ++j) _mm256_storeu_ps(out + c + j * kLanes, acc[j]);
@@ -129,7 +124,7 @@ void tile_accumulate(const float* weights, const T* rows, int64_t stride, int64_
     __m256 acc = _mm256_loadu_ps(out + c);
     for (int64_t t = 0; t < count; ++t) {
       const __m256 w = _mm256_set1_ps(weights[t]);
-      acc = _mm256_fmadd_ps(w, load_row(rows + t * stride + c), acc);
+      acc = _mm256_fmadd_ps(w, load8(rows + t * stride + c), acc);
     }
     _mm256_storeu_ps(out + c, acc);
   }

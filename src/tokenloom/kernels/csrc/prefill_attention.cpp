@@ -53,7 +53,9 @@ namespace tokenloom {
 namespace {
 
 using tokenloom_vec::exp_ps;
+using tokenloom_vec::hmax;
 using tokenloom_vec::hsum;
+using tokenloom_vec::load8;
 
 constexpr int64_t kLanes = 8;          // floats per AVX2 register
 constexpr int64_t kQueryTokens = 32;   // query tokens per task
@@ -65,11 +67,6 @@ constexpr int64_t kKeyTile = 64;       // keys per tile
 constexpr int64_t kRowBlock = 5;       // query rows per micro-kernel call
 constexpr int64_t kBlockVecs = 2;      // key or head_dim registers per micro-kernel call
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const at::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
 
 // Calls fn(std::integral_constant<int, value>) for 1 <= value <= Max.
 template <int Max, typename Fn>
@@ -131,13 +128,6 @@ void accumulate_block(const float* p, const float* v, int64_t count, int64_t col
   } while (++k < count);
   for (int m = 0; m < M; ++m)
     for (int n = 0; n < N; ++n) _mm256_storeu_ps(o + m * d + col + n * kLanes, acc[m * N + n]);
-}
-
-float hmax(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_movehdup_ps(m));
-  return _mm_cvtss_f32(m);
 }
 
 // All-ones in the lanes of register v (keys v*8 .. v*8+7) whose key < limit.

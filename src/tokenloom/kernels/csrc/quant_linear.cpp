@@ -42,6 +42,7 @@
 namespace tokenloom {
 namespace {
 
+using tokenloom_vec::hmax;
 using tokenloom_vec::hsum;
 
 constexpr int64_t kBlock = 32;
@@ -287,13 +288,6 @@ struct QuantizedRows {
   std::vector<float> d;    // [M, K/32] block scales
   std::vector<float> sum;  // [M, K/32] d * sum(xq): the block's sum as the kernel sees it
 };
-
-inline float hmax(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_movehdup_ps(m));
-  return _mm_cvtss_f32(m);
-}
 
 // One block of 32 floats -> 32 int8 (q), its scale (d) and d * sum(q).
 inline void quantize_block(const float* xb, int8_t* q, float* d, float* sum) {

@@ -1,9 +1,24 @@
-// AVX2 helpers shared by the kernels: a horizontal sum and a vector exp.
+// AVX2 helpers shared by the kernels: horizontal sum and max, a vector exp, and
+// 8 cache elements (float32, or float16 widened with F16C) as float32 lanes.
 #pragma once
 
+#include <c10/util/Half.h>
 #include <immintrin.h>
 
 namespace tokenloom_vec {
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// The largest of the 8 lanes.
+inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
 
 // The sum of the 8 lanes.
 inline float hsum(__m256 v) {
