@@ -15,7 +15,9 @@ from tests.helpers.tiny_models import write_gguf
 from tests.model.conftest import PROMPT
 from tests.model.paged import Sequence, make_kv_caches, run_step
 from tokenloom import kernels
-from tokenloom.model.layers.quantization import MAX_INT8_ACTIVATION_ROWS, MAX_QUANTIZED_ROWS
+from tokenloom.model.decode_stack import DecodeStack
+from tokenloom.model.layers.linear import Linear
+from tokenloom.model.layers.quantization import MAX_INT8_ACTIVATION_ROWS, MAX_QUANTIZED_ROWS, quantize
 from tokenloom.model.loader import load_model
 
 QType = gguf.GGMLQuantizationType
@@ -80,12 +82,19 @@ def test_stack_matches_the_per_layer_path(tiny, tmp_path, kind, qtype, num_seqs,
     assert not torch.equal(our_caches[0][0], caches[0][0])  # the step did write K/V
 
 
-@pytest.mark.parametrize("qtype", [QType.Q4_1, QType.Q8_0])  # int8 blocks have no GEMM tiles
-def test_past_32_rows_only_gemm_tiles_take_the_stack(tiny, tmp_path, qtype):
+@pytest.mark.parametrize("qtype", [QType.Q4_1, QType.Q8_0])
+@pytest.mark.parametrize("tiles", [True, False])
+def test_past_32_rows_only_gemm_tiles_take_the_stack(tiny, tmp_path, qtype, tiles):
     path = write_gguf(tiny("llama3").hf, tmp_path / f"{qtype.name}.gguf", tensor_type=qtype)
-    model, _ = load_model(path, torch.float32, "cpu", quantization="auto")
+    model, _ = load_model(path, torch.float32, "cpu", quantization="none" if not tiles else "auto")
+    if not tiles:  # blocks without GEMM tiles take at most MAX_QUANTIZED_ROWS rows
+        kind = "int4" if qtype == QType.Q4_1 else "int8"
+        for module in model.modules():
+            if isinstance(module, Linear) and module is not model.lm_head:
+                module.quantized = quantize(module.weight, kind)
+        model.model.decode_stack = DecodeStack.build(model.model)
     caches, seqs = _prefilled(model, MAX_QUANTIZED_ROWS + 3, torch.float16)
-    if qtype == QType.Q8_0:
+    if not tiles:
         spy = _CountingStack(model.model.decode_stack)
         model.model.decode_stack = spy
         run_step(model, caches, seqs, [1] * len(seqs), BLOCK_SIZE)

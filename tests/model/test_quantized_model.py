@@ -43,9 +43,9 @@ def test_auto_runs_the_files_own_blocks_with_the_same_logits(tiny, tmp_path, kin
     layers, head = _kinds(auto)
     assert layers == Counter({expected: 8}) and head == expected  # 2 layers x (qkv, o, gate_up, down)
     assert _kinds(dense) == (Counter({"dense": 8}), "dense")
-    # int4 projections take every batch on their GEMM tiles, so their dense weights are freed.
+    # Projections take every batch on their GEMM tiles, so their dense weights are freed.
     released = {m.weight.numel() == 0 for m in auto.modules() if isinstance(m, Linear) and m is not auto.lm_head}
-    assert released == {expected == "int4"}
+    assert released == {True} and auto.logits_quantized.gemm is not None
     _assert_same_logits(auto, dense)
 
 

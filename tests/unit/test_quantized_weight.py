@@ -117,6 +117,11 @@ def test_kernel_rejects_mismatched_shapes():
         kernels.ops().q8_linear(torch.randn(2, 96), q.qweight, q.scales)
     with pytest.raises(RuntimeError, match="x must be float32"):
         q.matmul(torch.randn(2, 64, dtype=torch.float64))
+    tiles = q.with_gemm_tiles().gemm
+    with pytest.raises(RuntimeError, match=r"q8_gemm: tiles must be"):
+        kernels.ops().q8_gemm(torch.randn(2, 96), tiles.tiles, tiles.scales, 16)
+    with pytest.raises(RuntimeError, match=r"q8_gemm: tile scales"):
+        kernels.ops().q8_gemm(torch.randn(2, 64), tiles.tiles, tiles.scales.float(), 16)
 
 
 @needs_kernels
@@ -143,23 +148,47 @@ def test_gemm_tiles_lay_out_8_columns_x_4_weights_per_32_bit_lane():
         assert byte & 0x0F == nibbles[n, b, 8 * p + r] and byte >> 4 == nibbles[n, b, 8 * p + 4 + r]
         assert tiles.scales[n // 8, b, n % 8] == q.scales[n, b] and tiles.mins[n // 8, b, n % 8] == q.mins[n, b]
     assert (tiles.tiles[1, :, 20:32] == 0).all() and (tiles.scales[1, :, 5:] == 0).all()  # padded columns
-    assert quantize(w, "int8").with_gemm_tiles().gemm is None
     with pytest.raises(ValueError, match="int8 activations"):
         dataclasses.replace(q, int8_activations=False, gemm=tiles)
+    assert dataclasses.replace(q, int8_activations=False).with_gemm_tiles().gemm is None
+
+
+def test_int8_gemm_tiles_lay_out_8_columns_x_4_weights_per_32_bit_lane():
+    q = quantize(_weight(13, 64), "int8")
+    tiles = q.with_gemm_tiles().gemm
+    assert tiles.tiles.shape == (2, 2, 256) and tiles.tiles.dtype == torch.int8 and tiles.mins is None
+    assert tiles.scales.shape == (2, 2, 8)
+    blocks = q.qweight.view(13, 2, 32)
+    for n, b, p, r in [(0, 0, 0, 0), (5, 1, 2, 3), (12, 1, 7, 1), (9, 0, 5, 2)]:
+        assert tiles.tiles[n // 8, b, 32 * p + 4 * (n % 8) + r] == blocks[n, b, 4 * p + r]
+        assert tiles.scales[n // 8, b, n % 8] == q.scales[n, b]
+    assert (tiles.tiles[1].view(2, 8, 8, 4)[:, :, 5:] == 0).all() and (tiles.scales[1, :, 5:] == 0).all()
 
 
 @needs_kernels
 @pytest.mark.parametrize("rows", [1, 3, MAX_INT8_ACTIVATION_ROWS + 1, MAX_QUANTIZED_ROWS, 70, 300])
 @pytest.mark.parametrize("columns", [80, 13])
-def test_gemm_tiles_compute_with_int8_activations_per_block(rows, columns):
-    q = quantize(_weight(columns, 160), "int4").with_gemm_tiles()
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_gemm_tiles_compute_with_int8_activations_per_block(rows, columns, kind):
+    q = quantize(_weight(columns, 160), kind).with_gemm_tiles()
     x = torch.randn(rows, 160, generator=torch.Generator().manual_seed(rows))
     x[-1, 64:96] = 0  # an all-zero block quantizes to zeros, not NaN
     ours = q.matmul(x)
     torch.testing.assert_close(ours, int8_blocks(x) @ q.dequantize().T, rtol=0, atol=2e-6)
     # Each row's result is the same whatever the batch (batch-invariant), as in the per-row kernel.
     assert torch.equal(ours[-1:], q.matmul(torch.cat([x[-1:]] * (MAX_INT8_ACTIVATION_ROWS + 1)))[:1])
-    assert q.handles(rows) and not quantize(_weight(columns, 160), "int4").handles(MAX_QUANTIZED_ROWS + 1)
+    assert q.handles(rows) and not quantize(_weight(columns, 160), kind).handles(MAX_QUANTIZED_ROWS + 1)
+
+
+@needs_kernels
+def test_int8_gemm_takes_full_scale_weights_and_activations_without_overflow():
+    # |w| = |x| = 127 in every position: each maddubs pair is 2 x 127 x 127, the int16 limit's edge.
+    w = torch.full((8, 64), 127.0)
+    w[::2] *= -1
+    q = quantize(w, "int8").with_gemm_tiles()
+    x = torch.full((3, 64), 127.0)
+    x[1] *= -1
+    torch.testing.assert_close(q.matmul(x), x @ q.dequantize().T, rtol=1e-6, atol=0)
 
 
 @needs_kernels

@@ -10,6 +10,7 @@ import torch
 
 from tokenloom.config import ModelArchConfig
 from tokenloom.request import Logprob, PositionLogprobs
+from tokenloom.runner.host_allocator import keep_freed_memory
 from tokenloom.runner.inputs import ModelInputs, PromptLogprobsSlice, prepare_inputs
 from tokenloom.sample import Sampler, SamplerOutput, build_sampling_metadata, compute_prompt_logprobs
 from tokenloom.sched.output import ModelOutput, SampledToken, SchedulerOutput
@@ -23,6 +24,8 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.sampler = Sampler()
+        if self.device.type == "cpu":
+            keep_freed_memory()  # activations are reused from step to step, not faulted in again
         shape = (num_blocks, block_size, arch.num_key_value_heads, arch.head_dim)
         # Not zeroed: attention reads only slots written by this step or earlier ones
         # (the padded PyTorch decode path zeroes its padding itself). Zeroing the

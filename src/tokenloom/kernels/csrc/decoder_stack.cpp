@@ -18,11 +18,11 @@
 //   norms         2 L + 1 weights: input norm and post-attention norm per layer, then the final norm
 //   qweights, scales, mins, tiles, tile_scales, tile_mins
 //                 4 L quantized linears, per layer qkv, o, gate_up, down (quant_linear.cpp layouts);
-//                 a missing min means the int8 layout, missing tiles no q4_gemm
+//                 a missing min means the int8 layout, missing tiles no q4_gemm / q8_gemm
 //   qkv_biases    L optional biases of the fused qkv projection (Qwen2)
 //   k_caches, v_caches, block_tables, seq_lens: as paged_decode_attention
 //   slot_mapping  [M] int64: the cache slot of each new token's K/V
-//   int8_activations: linears without tiles (which take q4_gemm) run q*_linear_i8 if set,
+//   int8_activations: linears without tiles (which take q4_gemm / q8_gemm) run q*_linear_i8 if set,
 //                 q*_linear if not
 
 #include <ATen/ATen.h>
@@ -51,8 +51,11 @@ struct QuantLinears {
 
   at::Tensor operator()(int64_t i, const at::Tensor& x) const {
     const std::optional<at::Tensor> min = mins.get(i);
-    if (tiles.get(i).has_value())
-      return q4_gemm(x, *tiles.get(i), *tile_scales.get(i), *tile_mins.get(i), qweights[i].size(0));
+    if (tiles.get(i).has_value()) {
+      const std::optional<at::Tensor> tile_min = tile_mins.get(i);
+      return tile_min.has_value() ? q4_gemm(x, *tiles.get(i), *tile_scales.get(i), *tile_min, qweights[i].size(0))
+                                  : q8_gemm(x, *tiles.get(i), *tile_scales.get(i), qweights[i].size(0));
+    }
     if (min.has_value())
       return int8_activations ? q4_linear_i8(x, qweights[i], scales[i], *min)
                               : q4_linear(x, qweights[i], scales[i], *min);

@@ -2,7 +2,7 @@
 //
 //   q4_linear, q8_linear        f32 activations, up to ~32 rows (below)
 //   q4_linear_i8, q8_linear_i8  activations quantized to int8 per block of 32, a few rows
-//   q4_gemm                     int8 activations x nibbles re-laid out in tiles, any rows
+//   q4_gemm, q8_gemm            int8 activations x weights re-laid out in tiles, any rows
 //
 // y[M, N] = x[M, K] @ W^T where W is stored in blocks of 32 weights along K,
 // in the layouts of llama.cpp's Q4_1 / Q8_0 (f16 block scales, as in the file):
@@ -451,6 +451,7 @@ namespace {
 
 constexpr int64_t kTileCols = 8;
 constexpr int64_t kTileBytes = 128;  // one block of 32 x 8 nibbles
+constexpr int64_t kQ8TileBytes = 256;  // one block of 32 x 8 int8 weights
 constexpr int64_t kGemmRows = 4;     // rows of x per micro-kernel
 constexpr int64_t kRowChunk = 32;    // rows of x kept cache-hot while every column tile passes
 
@@ -463,9 +464,28 @@ inline __m256i broadcast4(const int8_t* p) {
 struct Tiles {
   const uint8_t* q;
   const Half* scales;
-  const Half* mins;
+  const Half* mins;  // int4 only
   int64_t nb;
 };
+
+// Stores out[i][j] (8 columns of tile t + j) into rows r.. of y, clipping the
+// padded columns of the last tile.
+template <int MR, int NR>
+inline void store_tile(const __m256 (&out)[MR][NR], int64_t r, int64_t t, float* y, int64_t N) {
+  for (int j = 0; j < NR; ++j) {
+    const int64_t n0 = (t + j) * kTileCols, cols = std::min<int64_t>(kTileCols, N - n0);
+    for (int i = 0; i < MR; ++i) {
+      float* dst = y + (r + i) * N + n0;
+      if (cols == kTileCols) {
+        _mm256_storeu_ps(dst, out[i][j]);
+      } else {
+        alignas(32) float tmp[kTileCols];
+        _mm256_store_ps(tmp, out[i][j]);
+        std::copy(tmp, tmp + cols, dst);
+      }
+    }
+  }
+}
 
 // y[0:MR, 8 NR columns from tile t] for MR rows of quantized x starting at row r.
 template <int MR, int NR>
@@ -506,52 +526,85 @@ void q4_gemm_tile(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w,
       }
     }
   }
-  for (int j = 0; j < NR; ++j) {
-    const int64_t n0 = (t + j) * kTileCols, cols = std::min<int64_t>(kTileCols, N - n0);
-    for (int i = 0; i < MR; ++i) {
-      float* dst = y + (r + i) * N + n0;
-      if (cols == kTileCols) {
-        _mm256_storeu_ps(dst, out[i][j]);
-      } else {
-        alignas(32) float tmp[kTileCols];
-        _mm256_store_ps(tmp, out[i][j]);
-        std::copy(tmp, tmp + cols, dst);
+  store_tile(out, r, t, y, N);
+}
+
+// The same for int8 weights (Q8_0), one column tile at a time: tiles
+// [N/8, K/32, 256] int8, per 8 columns and block 8 groups of 32 bytes, byte
+// 4c + r of group p holding column c's weight 4p + r; no mins. maddubs wants
+// one unsigned operand, so it multiplies |w| by x carrying w's sign (llama.cpp's
+// trick for signed x signed). A pair of products (up to 2 x 127 x 127) fills an
+// int16, so each maddubs is widened to int32 at once (madd by ones) rather than
+// summed over the block in int16. Two tiles at once (as q4 does) measured
+// slower: their int32 accumulators and outputs no longer fit in 16 registers.
+template <int MR>
+void q8_gemm_tile(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w, int64_t t, float* y, int64_t N) {
+  const int64_t nb = w.nb;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 out[MR][1];
+  for (int i = 0; i < MR; ++i) out[i][0] = _mm256_setzero_ps();
+  const int8_t* xq = xr.q.data() + r * K;
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i acc[MR];
+    for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_si256();
+    const uint8_t* block = w.q + (t * nb + b) * kQ8TileBytes;
+    for (int p = 0; p < 8; ++p) {
+      const __m256i wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * p));
+      const __m256i wabs = _mm256_sign_epi8(wq, wq);
+      for (int i = 0; i < MR; ++i) {
+        const __m256i xb = broadcast4(xq + i * K + b * kBlock + 4 * p);
+        const __m256i prod = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(xb, wq));
+        acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(prod, ones));
       }
     }
+    const __m256 dw =
+        _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.scales + (t * nb + b) * kTileCols)));
+    for (int i = 0; i < MR; ++i) {
+      const __m256 dots = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[i]), _mm256_set1_ps(xr.d[(r + i) * nb + b]));
+      out[i][0] = _mm256_fmadd_ps(dots, dw, out[i][0]);
+    }
   }
+  store_tile(out, r, t, y, N);
 }
 
-template <int NR>
-void q4_gemm_rows(const QuantizedRows& xr, int64_t r0, int64_t r1, int64_t K, const Tiles& w, int64_t t, float* y,
+// Rows r0..r1 of y for tiles t.. t + NR - 1, kGemmRows rows at a time.
+template <int NR, template <int, int> class Tile>
+struct GemmRows {
+  static void run(const QuantizedRows& xr, int64_t r0, int64_t r1, int64_t K, const Tiles& w, int64_t t, float* y,
                   int64_t N) {
-  int64_t r = r0;
-  for (; r + kGemmRows <= r1; r += kGemmRows) q4_gemm_tile<kGemmRows, NR>(xr, r, K, w, t, y, N);
-  switch (r1 - r) {
-    case 3: q4_gemm_tile<3, NR>(xr, r, K, w, t, y, N); break;
-    case 2: q4_gemm_tile<2, NR>(xr, r, K, w, t, y, N); break;
-    case 1: q4_gemm_tile<1, NR>(xr, r, K, w, t, y, N); break;
-    default: break;
+    int64_t r = r0;
+    for (; r + kGemmRows <= r1; r += kGemmRows) Tile<kGemmRows, NR>::run(xr, r, K, w, t, y, N);
+    switch (r1 - r) {
+      case 3: Tile<3, NR>::run(xr, r, K, w, t, y, N); break;
+      case 2: Tile<2, NR>::run(xr, r, K, w, t, y, N); break;
+      case 1: Tile<1, NR>::run(xr, r, K, w, t, y, N); break;
+      default: break;
+    }
   }
-}
+};
 
-}  // namespace
+template <int MR, int NR>
+struct Q4Tile {
+  static void run(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w, int64_t t, float* y, int64_t N) {
+    q4_gemm_tile<MR, NR>(xr, r, K, w, t, y, N);
+  }
+};
 
-at::Tensor q4_gemm(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& tile_scales,
-                   const at::Tensor& tile_mins, int64_t N) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
-              "q4_gemm: x must be a contiguous float32 CPU matrix");
-  const int64_t M = x.size(0), K = x.size(1), nb = K / kBlock, num_tiles = (N + kTileCols - 1) / kTileCols;
-  TORCH_CHECK(K % kBlock == 0, "q4_gemm: K must be a multiple of ", kBlock);
-  TORCH_CHECK(tiles.scalar_type() == at::kByte && tiles.is_contiguous() && tiles.dim() == 3 &&
-                  tiles.size(0) == num_tiles && tiles.size(1) == nb && tiles.size(2) == kTileBytes,
-              "q4_gemm: tiles must be uint8 [ceil(N/8), K/32, 128]");
-  for (const at::Tensor* t : {&tile_scales, &tile_mins})
-    TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous() && t->dim() == 3 && t->size(0) == num_tiles &&
-                    t->size(1) == nb && t->size(2) == kTileCols,
-                "q4_gemm: tile scales and mins must be float16 [ceil(N/8), K/32, 8]");
+template <int MR, int NR>
+struct Q8Tile {
+  static void run(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w, int64_t t, float* y, int64_t N) {
+    for (int j = 0; j < NR; ++j) q8_gemm_tile<MR>(xr, r, K, w, t + j, y, N);
+  }
+};
+
+// y = x @ W^T over column tiles in pairs (the parallel loop), rows of x in
+// chunks of kRowChunk so that a chunk's int8 rows stay in cache while every
+// tile passes over them.
+template <template <int, int> class Tile>
+at::Tensor tiled_gemm(const at::Tensor& x, const Tiles& w, int64_t num_tiles, int64_t N) {
+  const int64_t M = x.size(0), K = x.size(1);
   at::Tensor y = at::empty({M, N}, x.options());
   const QuantizedRows xr = quantize_rows(x.data_ptr<float>(), M, K);
-  const Tiles w{tiles.data_ptr<uint8_t>(), half_data(tile_scales), half_data(tile_mins), nb};
   float* yp = y.data_ptr<float>();
   const int64_t pairs = (num_tiles + 1) / 2;
   for (int64_t r0 = 0; r0 < M; r0 += kRowChunk) {
@@ -560,14 +613,50 @@ at::Tensor q4_gemm(const at::Tensor& x, const at::Tensor& tiles, const at::Tenso
       for (int64_t pair = begin; pair < end; ++pair) {
         const int64_t t = 2 * pair;
         if (t + 1 < num_tiles) {
-          q4_gemm_rows<2>(xr, r0, r1, K, w, t, yp, N);
+          GemmRows<2, Tile>::run(xr, r0, r1, K, w, t, yp, N);
         } else {
-          q4_gemm_rows<1>(xr, r0, r1, K, w, t, yp, N);
+          GemmRows<1, Tile>::run(xr, r0, r1, K, w, t, yp, N);
         }
       }
     });
   }
   return y;
+}
+
+void check_gemm_input(const char* op, const at::Tensor& x, const at::Tensor& tiles, at::ScalarType tile_type,
+                      int64_t tile_bytes, int64_t N) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
+              op, ": x must be a contiguous float32 CPU matrix");
+  const int64_t K = x.size(1), nb = K / kBlock, num_tiles = (N + kTileCols - 1) / kTileCols;
+  TORCH_CHECK(K % kBlock == 0, op, ": K must be a multiple of ", kBlock);
+  TORCH_CHECK(tiles.scalar_type() == tile_type && tiles.is_contiguous() && tiles.dim() == 3 &&
+                  tiles.size(0) == num_tiles && tiles.size(1) == nb && tiles.size(2) == tile_bytes,
+              op, ": tiles must be ", tile_type, " [ceil(N/8), K/32, ", tile_bytes, "]");
+}
+
+void check_tile_halves(const char* op, const at::Tensor& t, const at::Tensor& tiles) {
+  TORCH_CHECK(t.scalar_type() == at::kHalf && t.is_contiguous() && t.dim() == 3 && t.size(0) == tiles.size(0) &&
+                  t.size(1) == tiles.size(1) && t.size(2) == kTileCols,
+              op, ": tile scales and mins must be float16 [ceil(N/8), K/32, 8]");
+}
+
+}  // namespace
+
+at::Tensor q4_gemm(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& tile_scales,
+                   const at::Tensor& tile_mins, int64_t N) {
+  check_gemm_input("q4_gemm", x, tiles, at::kByte, kTileBytes, N);
+  check_tile_halves("q4_gemm", tile_scales, tiles);
+  check_tile_halves("q4_gemm", tile_mins, tiles);
+  const Tiles w{tiles.data_ptr<uint8_t>(), half_data(tile_scales), half_data(tile_mins), tiles.size(1)};
+  return tiled_gemm<Q4Tile>(x, w, tiles.size(0), N);
+}
+
+at::Tensor q8_gemm(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& tile_scales, int64_t N) {
+  check_gemm_input("q8_gemm", x, tiles, at::kChar, kQ8TileBytes, N);
+  check_tile_halves("q8_gemm", tile_scales, tiles);
+  const Tiles w{reinterpret_cast<const uint8_t*>(tiles.data_ptr<int8_t>()), half_data(tile_scales), nullptr,
+                tiles.size(1)};
+  return tiled_gemm<Q8Tile>(x, w, tiles.size(0), N);
 }
 
 }  // namespace tokenloom
@@ -578,6 +667,7 @@ TORCH_LIBRARY_FRAGMENT(tokenloom, m) {
   m.def("q4_linear_i8(Tensor x, Tensor qweight, Tensor scales, Tensor mins) -> Tensor");
   m.def("q8_linear_i8(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
   m.def("q4_gemm(Tensor x, Tensor tiles, Tensor tile_scales, Tensor tile_mins, int N) -> Tensor");
+  m.def("q8_gemm(Tensor x, Tensor tiles, Tensor tile_scales, int N) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tokenloom, CPU, m) {
@@ -586,4 +676,5 @@ TORCH_LIBRARY_IMPL(tokenloom, CPU, m) {
   m.impl("q4_linear_i8", &tokenloom::q4_linear_i8);
   m.impl("q8_linear_i8", &tokenloom::q8_linear_i8);
   m.impl("q4_gemm", &tokenloom::q4_gemm);
+  m.impl("q8_gemm", &tokenloom::q8_gemm);
 }

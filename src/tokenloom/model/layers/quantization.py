@@ -15,24 +15,26 @@ asymmetric (min/max), int8 symmetric (absmax), as llama.cpp's quantizers do.
 
 Which kernel a batch of M rows takes (``matmul``):
 
-- an int4 weight with GEMM tiles (``with_gemm_tiles``: every int4 decoder
-  projection), any M: the rows are quantized to int8 per block of 32, as
-  llama.cpp does, and multiplied by the nibbles re-laid out in tiles of 8
-  output columns, so that the products run on integer instructions with no
-  horizontal sums (``q4_gemm``). On AVX2 that is ~1.7x the f32 GEMM at prefill
-  sizes, ~2.8x at 32 rows, and 1.1-1.6x the per-row kernel below at 1 row.
-  Each row's result is the same whatever else is in the batch.
-- otherwise, M <= ``MAX_INT8_ACTIVATION_ROWS`` (decode, bound by weight
-  bytes): int8 activations per block of 32, each weight block read once for
-  all rows (``q*_linear_i8``);
+- a weight with GEMM tiles (``with_gemm_tiles``: every weight the loader
+  quantizes, decoder projections and LM head alike), any M: the rows are
+  quantized to int8 per block of 32, as llama.cpp does, and multiplied by the
+  weights re-laid out in tiles of 8 output columns, so that the products run
+  on integer instructions with no horizontal sums (``q4_gemm``, ``q8_gemm``).
+  On AVX2 ``q4_gemm`` is ~1.7x the f32 GEMM at prefill sizes, ~2.8x at 32
+  rows, and 1.1-1.6x the per-row kernel below at 1 row; ``q8_gemm`` is ~1.7x
+  the f32-activation kernel at 32 rows and no slower at 1. Each row's result
+  is the same whatever else is in the batch (batch-invariant).
+- otherwise (blocks built by ``quantize`` or ``concat_rows`` before their tiles
+  are added), M <= ``MAX_INT8_ACTIVATION_ROWS``: int8 activations per block
+  of 32, each weight block read once for all rows (``q*_linear_i8``);
 - otherwise up to ``MAX_QUANTIZED_ROWS`` rows, f32 activations (``q*_linear``);
   beyond that the caller's dense GEMM (``handles``).
 
-The LM head keeps f32 activations at every size (``int8_activations=False``):
-its error lands on the logits directly, where near-ties between the top tokens
-flip. Outside ``q4_gemm``, quantized activations make a request's numbers depend
-a little on how many rows share its step (no batch invariance, as in vLLM);
-``--quantization none`` is the exact path.
+``int8_activations=False`` keeps f32 activations at every size (no tiles).
+The LM head used to, for fear that near-ties between the top tokens would
+flip; measured, int8 activations on the Q8_0 head move the default model's
+perplexity by less than 0.01% (docs/performance.md), as llama.cpp, which
+does the same, also finds. ``--quantization none`` is the exact path.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ class GemmTiles:
 
     tiles: torch.Tensor
     scales: torch.Tensor
-    mins: torch.Tensor
+    mins: torch.Tensor | None  # int4 only
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,8 +83,8 @@ class QuantizedWeight:
     gemm: GemmTiles | None = None  # int4 only: the layout of the batched kernel
 
     def __post_init__(self) -> None:
-        if self.gemm is not None and not (self.kind == "int4" and self.int8_activations):
-            raise ValueError("GEMM tiles are for int4 weights with int8 activations")
+        if self.gemm is not None and not self.int8_activations:
+            raise ValueError("GEMM tiles are for weights with int8 activations")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -101,6 +103,8 @@ class QuantizedWeight:
         """x [M, K] float32 -> x @ W.T [M, N], by the kernel the module docstring gives."""
         ops = kernels.ops()
         x = x.contiguous()
+        if self.gemm is not None and self.kind == "int8":
+            return ops.q8_gemm(x, self.gemm.tiles, self.gemm.scales, self.shape[0])
         if self.gemm is not None:
             return ops.q4_gemm(x, self.gemm.tiles, self.gemm.scales, self.gemm.mins, self.shape[0])
         small = self.int8_activations and x.shape[0] <= MAX_INT8_ACTIVATION_ROWS
@@ -109,21 +113,22 @@ class QuantizedWeight:
         return (ops.q8_linear_i8 if small else ops.q8_linear)(x, self.qweight, self.scales)
 
     def with_gemm_tiles(self) -> QuantizedWeight:
-        """This int4 weight with its ``GemmTiles`` too (other kinds: unchanged)."""
-        if self.kind != "int4" or not self.int8_activations:
+        """This weight with its ``GemmTiles`` too (unchanged if it keeps f32 activations)."""
+        if not self.int8_activations:
             return self
         n, k = self.shape
         nb, num_tiles = k // BLOCK, -(-n // 8)
-        nibbles = self._nibbles()  # [N, K/32, 32]
-        scales, mins = self.scales, self.mins
-        if (pad := num_tiles * 8 - n):  # zero columns: nibble 0, scale 0, min 0
-            nibbles = torch.cat([nibbles, nibbles.new_zeros(pad, nb, BLOCK)])
-            scales, mins = (torch.cat([t, t.new_zeros(pad, nb)]) for t in (scales, mins))
-        q = nibbles.view(num_tiles, 8, nb, 4, 2, 4)  # [tile, column, block, group, half, r]: k = 8 group + 4 half + r
+        pad = num_tiles * 8 - n  # zero columns: weight 0, scale 0, min 0
+        padded = lambda t: torch.cat([t, t.new_zeros(pad, *t.shape[1:])]) if pad else t  # noqa: E731
+        by_tile = lambda t: padded(t).view(num_tiles, 8, nb).transpose(1, 2).contiguous()  # noqa: E731
+        if self.kind == "int8":
+            q = padded(self.qweight).view(num_tiles, 8, nb, 8, 4)  # [tile, column, block, group, r]: k = 4 group + r
+            tiles = q.permute(0, 2, 3, 1, 4).contiguous().view(num_tiles, nb, 256)
+            return dataclasses.replace(self, gemm=GemmTiles(tiles, by_tile(self.scales), None))
+        q = padded(self._nibbles()).view(num_tiles, 8, nb, 4, 2, 4)  # [tile, column, block, group, half, r]: k = 8 group + 4 half + r
         packed = q[..., 0, :] | (q[..., 1, :] << 4)  # [tile, column, block, group, r]
         tiles = packed.permute(0, 2, 3, 1, 4).contiguous().view(num_tiles, nb, 128)
-        by_tile = lambda t: t.view(num_tiles, 8, nb).transpose(1, 2).contiguous()  # noqa: E731
-        return dataclasses.replace(self, gemm=GemmTiles(tiles, by_tile(scales), by_tile(mins)))
+        return dataclasses.replace(self, gemm=GemmTiles(tiles, by_tile(self.scales), by_tile(self.mins)))
 
     def _nibbles(self) -> torch.Tensor:
         n, k = self.shape

@@ -13,19 +13,16 @@
           keeps the file's own blocks or else goes to int8, because 4-bit
           logits cost quality out of proportion to their share of the bytes.
 
-The decoder projections quantize their activations to int8 per block of 32
-(see ``layers/quantization.py``), and int4 ones also get the tiles of the
-batched int4 x int8 GEMM, which prefill uses too. The LM head always keeps f32
-activations, since its error moves the logits directly.
-
-Projections whose quantized copy takes every batch size (int4 with GEMM tiles)
-drop their dense f32 weight; int8 ones keep it for batches above
-``MAX_QUANTIZED_ROWS`` rows, and so does the LM head (the embedding table).
+Every quantized weight, decoder projection or LM head, gets the tiles of the
+batched int x int8 GEMM (see ``layers/quantization.py``): its activations are
+quantized to int8 per block of 32 at every batch size, prefill included, as
+llama.cpp does. Since the tiles take every batch, the projections drop their
+dense f32 weight; the LM head's dense weight stays (it is the embedding table
+when tied).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections import Counter
 
@@ -64,7 +61,7 @@ def apply_quantization(model: LlamaForCausalLM, mode: str, packed: PackedParts) 
             kinds[_kind(module.quantized)] += 1
     head_name = "model.embed_tokens.weight" if model.lm_head is None else "lm_head.weight"
     head = _choose(model.logits_weight(), [packed.get((head_name, None))], *_HEAD_POLICY[mode])
-    model.logits_quantized = None if head is None else dataclasses.replace(head, int8_activations=False)
+    model.logits_quantized = None if head is None else head.with_gemm_tiles()
     kinds[_kind(model.logits_quantized)] += 1
     logger.info("weights: %s", ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())))
     return kinds
