@@ -8,7 +8,11 @@ activations, up to 32 rows) and MKL's f32 GEMM on the dense weight. Each runs
 over 8 distinct random weights in turn, so weights come from memory as in a
 model (not from a cache-hot single matrix). The kernels are timed alternately,
 best of several repeats, so the machine's drift hits them alike; compare the
-ratios.
+ratios. Freed memory stays in the process (``keep_freed_memory``), as in the
+engine: without it, large outputs are page-faulted in again on every call.
+
+A second table puts the LM head (Q8_0, [576 -> 49152]) on ``q8_gemm`` (int8 x
+int8 tiles) against ``q8_linear`` (f32 activations, the head's kernel before).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch.nn.functional as F
 
 from tokenloom import kernels
 from tokenloom.model.layers.quantization import quantize
+from tokenloom.runner.host_allocator import keep_freed_memory
 
 SHAPES = {"qkv [576 -> 960]": (960, 576), "gate_up [576 -> 3072]": (3072, 576), "down [1536 -> 576]": (576, 1536)}
 ROWS = (1, 4, 32, 256, 2048)
@@ -40,6 +45,7 @@ def best_ms(fns: dict, repeats: int) -> dict[str, float]:
 
 def main() -> None:
     ops = kernels.ops()
+    keep_freed_memory()
     torch.manual_seed(0)
     print("| shape | rows | q4_gemm ms | q4_linear_i8 ms | q4_linear ms | MKL f32 ms | q4_gemm GFLOP/s | MKL / q4_gemm |")
     print("|---|---|---|---|---|---|---|---|")
@@ -59,6 +65,23 @@ def main() -> None:
             gflops = 2 * m * n * k / (t["gemm"] * 1e-3) / 1e9
             print(f"| {label} | {m} | {cell('gemm')} | {cell('i8')} | {cell('f32')} | {cell('mkl')} | "
                   f"{gflops:.0f} | {t['mkl'] / t['gemm']:.2f} |")
+    lm_head(ops)
+
+
+def lm_head(ops) -> None:
+    n, k = 49152, 576
+    head = quantize(torch.randn(n, k) * 0.05, "int8").with_gemm_tiles()
+    print()
+    print("| LM head [576 -> 49152] rows | q8_gemm ms | q8_linear ms | q8_gemm GFLOP/s | q8_linear / q8_gemm |")
+    print("|---|---|---|---|---|")
+    for m in (1, 4, 32, 256):
+        x = torch.randn(m, k)
+        # One head of 28 MB is larger than the caches: calling it WEIGHTS times reads it from memory each time.
+        fns = {"gemm": lambda: [ops.q8_gemm(x, head.gemm.tiles, head.gemm.scales, n) for _ in range(WEIGHTS)],
+               "f32": lambda: [ops.q8_linear(x, head.qweight, head.scales) for _ in range(WEIGHTS)]}
+        t = best_ms(fns, repeats=10)
+        print(f"| {m} | {t['gemm']:.2f} | {t['f32']:.2f} | {2 * m * n * k / (t['gemm'] * 1e-3) / 1e9:.0f} | "
+              f"{t['f32'] / t['gemm']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ class LlamaAttention(nn.Module):
             q = apply_rotary(q.view(num_tokens, self.num_heads, self.head_dim), rope.cos, rope.sin)
             k = apply_rotary(k.view(num_tokens, self.num_kv_heads, self.head_dim), rope.cos, rope.sin)
         k_cache, v_cache = kv_cache
-        write_kv(k_cache, v_cache, k, v, attn_metadata.slot_mapping)
+        write_kv(k_cache, v_cache, k, v, attn_metadata.slot_mapping, native=self.fused_kernels)
         out = paged_attention(q, k_cache, v_cache, attn_metadata, self.scale,
                               native=self.fused_kernels)  # [n, H, D]
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))

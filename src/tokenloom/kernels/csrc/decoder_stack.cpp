@@ -63,10 +63,6 @@ struct QuantLinears {
   }
 };
 
-void write_kv(const at::Tensor& cache, const at::Tensor& rows, const at::Tensor& slot_mapping) {
-  cache.view({-1, rows.size(1), rows.size(2)}).index_copy_(0, slot_mapping, rows.to(cache.scalar_type()));
-}
-
 }  // namespace
 
 at::Tensor decoder_stack(const at::Tensor& hidden, at::TensorList norms, at::TensorList qweights,
@@ -106,8 +102,8 @@ at::Tensor decoder_stack(const at::Tensor& hidden, at::TensorList norms, at::Ten
     at::Tensor qkv = linear(kLinearsPerLayer * l, normed);
     if (const std::optional<at::Tensor> bias = qkv_biases.get(l); bias.has_value()) qkv.add_(*bias);
     auto [q, k] = rotary_qk(qkv, cos_sin_cache, positions, num_heads, num_kv_heads, head_dim);
-    write_kv(k_caches[l], k, slot_mapping);
-    write_kv(v_caches[l], qkv.narrow(1, q_size + kv_size, kv_size).view({M, num_kv_heads, head_dim}), slot_mapping);
+    write_kv(k_caches[l], v_caches[l], k,
+             qkv.narrow(1, q_size + kv_size, kv_size).view({M, num_kv_heads, head_dim}), slot_mapping);
     const at::Tensor attn = paged_decode_attention(q, k_caches[l], v_caches[l], block_tables, seq_lens, scale);
     const at::Tensor attn_out = linear(kLinearsPerLayer * l + 1, attn.view({M, q_size}));
     std::tie(normed, residual) = add_rms_norm(attn_out, residual, norms[2 * l + 1], eps);

@@ -20,6 +20,10 @@ at::Tensor q4_gemm(const at::Tensor& x, const at::Tensor& tiles, const at::Tenso
                    const at::Tensor& tile_mins, int64_t N);
 at::Tensor q8_gemm(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& tile_scales, int64_t N);
 
+// cache_write.cpp
+void write_kv(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
+              const at::Tensor& slot_mapping);
+
 // fused_ops.cpp
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual,

@@ -50,8 +50,15 @@ _NATIVE_CACHE_DTYPES = (torch.float32, torch.float16)
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Scatter this step's keys/values ([num_tokens, num_kv_heads, head_dim]) into their slots."""
+             slot_mapping: torch.Tensor, native: bool = False) -> None:
+    """Scatter this step's keys/values ([num_tokens, num_kv_heads, head_dim]) into their slots.
+
+    ``native``: one C++ call for both caches (float32 rows into a float32 or
+    float16 CPU cache), the same bits as the cast and ``index_copy_`` below.
+    """
+    if native and k.dtype == torch.float32 and k_cache.dtype in _NATIVE_CACHE_DTYPES:
+        kernels.ops().write_kv(k_cache, v_cache, k, v, slot_mapping)
+        return
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))

@@ -1,0 +1,66 @@
+"""write_kv (csrc/cache_write.cpp) against the cast + index_copy_ it replaces."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokenloom import kernels
+from tokenloom.model.layers.attention import write_kv
+
+try:
+    OPS = kernels.ops()
+except kernels.KernelsUnavailable as exc:
+    pytest.skip(str(exc), allow_module_level=True)
+
+NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM = 6, 16, 3, 20  # 60 values a row: a tail past the 8-wide loop
+
+
+def _case(num_tokens: int, cache_dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
+    k_cache = torch.randn(shape, generator=g).to(cache_dtype)
+    v_cache = torch.randn(shape, generator=g).to(cache_dtype)
+    q_size, kv_size = 4 * HEAD_DIM, KV_HEADS * HEAD_DIM
+    qkv = torch.randn(num_tokens, q_size + 2 * kv_size, generator=g) * 1000  # large values round in float16
+    k = qkv[:, q_size:q_size + kv_size].contiguous().view(num_tokens, KV_HEADS, HEAD_DIM)
+    v = qkv[:, q_size + kv_size:].view(num_tokens, KV_HEADS, HEAD_DIM)  # a strided view, as the layer passes
+    slots = torch.randperm(NUM_BLOCKS * BLOCK_SIZE, generator=g)[:num_tokens]
+    return k_cache, v_cache, k, v, slots
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("num_tokens", [1, 7, NUM_BLOCKS * BLOCK_SIZE])
+def test_writes_the_same_bits_as_cast_and_index_copy(cache_dtype, num_tokens):
+    k_cache, v_cache, k, v, slots = _case(num_tokens, cache_dtype)
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    write_kv(ref_k, ref_v, k, v, slots)  # the PyTorch path
+    write_kv(k_cache, v_cache, k, v, slots, native=True)
+    assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
+    flat = k_cache.view(-1, KV_HEADS, HEAD_DIM)
+    assert torch.equal(flat[slots[0]], k[0].to(cache_dtype))  # and the slots really were written
+
+
+def test_untouched_slots_keep_their_values():
+    k_cache, v_cache, k, v, slots = _case(5, torch.float16)
+    before = k_cache.clone().view(-1, KV_HEADS, HEAD_DIM)
+    OPS.write_kv(k_cache, v_cache, k, v, slots)
+    others = torch.ones(NUM_BLOCKS * BLOCK_SIZE, dtype=torch.bool)
+    others[slots] = False
+    assert torch.equal(k_cache.view(-1, KV_HEADS, HEAD_DIM)[others], before[others])
+
+
+def test_rejects_slots_outside_the_cache_and_mismatched_rows():
+    k_cache, v_cache, k, v, slots = _case(3, torch.float16)
+    bad = slots.clone()
+    bad[1] = NUM_BLOCKS * BLOCK_SIZE
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        OPS.write_kv(k_cache, v_cache, k, v, bad)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        OPS.write_kv(k_cache, v_cache, k, v, slots - 100)
+    with pytest.raises(RuntimeError, match="heads x dims"):
+        OPS.write_kv(k_cache, v_cache, k[:, :2], v[:, :2], slots)
+    with pytest.raises(RuntimeError, match="one slot per row"):
+        OPS.write_kv(k_cache, v_cache, k, v, slots[:2])
+    with pytest.raises(RuntimeError, match="float32 or float16"):
+        OPS.write_kv(k_cache.bfloat16(), v_cache.bfloat16(), k, v, slots)
