@@ -93,13 +93,21 @@ def test_past_32_rows_only_gemm_tiles_take_the_stack(tiny, tmp_path, qtype, tile
             if isinstance(module, Linear) and module is not model.lm_head:
                 module.quantized = quantize(module.weight, kind)
         model.model.decode_stack = DecodeStack.build(model.model)
-    caches, seqs = _prefilled(model, MAX_QUANTIZED_ROWS + 3, torch.float16)
     if not tiles:
+        # Up to MAX_QUANTIZED_ROWS the stack runs the per-row kernels, as the per-layer path does...
+        for num_seqs in (MAX_INT8_ACTIVATION_ROWS, MAX_INT8_ACTIVATION_ROWS + 1):
+            caches, seqs = _prefilled(model, num_seqs, torch.float16)
+            ours, our_caches = _decode_step(model, caches, seqs, use_stack=True)
+            theirs, their_caches = _decode_step(model, caches, seqs, use_stack=False)
+            assert torch.equal(ours, theirs)
+        # ...past that the dense GEMM takes the batch, outside the stack.
+        caches, seqs = _prefilled(model, MAX_QUANTIZED_ROWS + 3, torch.float16)
         spy = _CountingStack(model.model.decode_stack)
         model.model.decode_stack = spy
         run_step(model, caches, seqs, [1] * len(seqs), BLOCK_SIZE)
         assert spy.calls == 0
         return
+    caches, seqs = _prefilled(model, MAX_QUANTIZED_ROWS + 3, torch.float16)
     ours, our_caches = _decode_step(model, caches, seqs, use_stack=True)
     theirs, their_caches = _decode_step(model, caches, seqs, use_stack=False)
     assert torch.equal(ours, theirs)

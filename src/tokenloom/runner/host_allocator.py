@@ -5,8 +5,9 @@ chunk of the default model makes buffers of up to 25 MB per op, hundreds per
 step. With glibc's defaults, blocks that large are often mapped and unmapped
 per allocation, or trimmed back to the kernel once freed, so the next step
 takes a page fault for every 4 KB it touches and the kernel zeroes each page
-again: about 400,000 faults per wave of 32 prompts here, and 8-15% of prefill
-time (docs/performance.md). PyTorch's CPU tuning guide answers this with
+again: about 400,000 faults per offline wave of 32 prompts here, and a 2048-row
+gate_up projection ran at 156-184 GFLOP/s instead of 222-267 because of its
+output's faults (docs/performance.md). PyTorch's CPU tuning guide answers this with
 jemalloc or tcmalloc through LD_PRELOAD; a server started as ``tokenloom
 serve`` gets the same effect from two ``mallopt`` settings made at start-up,
 before the first forward:

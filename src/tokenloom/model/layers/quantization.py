@@ -80,7 +80,7 @@ class QuantizedWeight:
     # False keeps f32 activations at every batch size: the LM head's, whose
     # errors land on the logits directly (near-ties between the top tokens flip).
     int8_activations: bool = True
-    gemm: GemmTiles | None = None  # int4 only: the layout of the batched kernel
+    gemm: GemmTiles | None = None  # the layout of the batched kernel (with_gemm_tiles)
 
     def __post_init__(self) -> None:
         if self.gemm is not None and not self.int8_activations:
