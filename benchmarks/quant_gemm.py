@@ -1,18 +1,18 @@
-"""The quantized matmul kernels against each other and MKL, on the default model's shapes.
+"""The quantized matmul kernels against MKL, on the default model's shapes.
 
     .venv/bin/python benchmarks/quant_gemm.py
 
-For each projection shape and row count: ``q4_gemm`` (int4 x int8 GEMM tiles),
-``q4_linear_i8`` (per-row int8 kernel, 1-4 rows), ``q4_linear`` (f32
-activations, up to 32 rows) and MKL's f32 GEMM on the dense weight. Each runs
+For each projection shape and row count: ``q4_gemm`` (int4 x int8 GEMM tiles)
+and MKL's f32 GEMM on the dense weight. Each runs
 over 8 distinct random weights in turn, so weights come from memory as in a
 model (not from a cache-hot single matrix). The kernels are timed alternately,
 best of several repeats, so the machine's drift hits them alike; compare the
 ratios. Freed memory stays in the process (``keep_freed_memory``), as in the
 engine: without it, large outputs are page-faulted in again on every call.
 
-A second table puts the LM head (Q8_0, [576 -> 49152]) on ``q8_gemm`` (int8 x
-int8 tiles) against ``q8_linear`` (f32 activations, the head's kernel before).
+A second table does the same for the LM head (Q8_0, [576 -> 49152]) on
+``q8_gemm`` (int8 x int8 tiles). The per-row kernels these tables once also
+timed are gone (docs/performance.md keeps their figures).
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ def main() -> None:
     ops = kernels.ops()
     keep_freed_memory()
     torch.manual_seed(0)
-    print("| shape | rows | q4_gemm ms | q4_linear_i8 ms | q4_linear ms | MKL f32 ms | q4_gemm GFLOP/s | MKL / q4_gemm |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| shape | rows | q4_gemm ms | MKL f32 ms | q4_gemm GFLOP/s | MKL / q4_gemm |")
+    print("|---|---|---|---|---|---|")
     for label, (n, k) in SHAPES.items():
         weights = [quantize(torch.randn(n, k) * 0.05, "int4").with_gemm_tiles() for _ in range(WEIGHTS)]
         dense = [w.dequantize() for w in weights]
@@ -56,32 +56,27 @@ def main() -> None:
             x = torch.randn(m, k)
             fns = {"gemm": lambda: [ops.q4_gemm(x, w.gemm.tiles, w.gemm.scales, w.gemm.mins, n) for w in weights],
                    "mkl": lambda: [F.linear(x, d) for d in dense]}
-            if m <= 4:
-                fns["i8"] = lambda: [ops.q4_linear_i8(x, w.qweight, w.scales, w.mins) for w in weights]
-            if m <= 32:
-                fns["f32"] = lambda: [ops.q4_linear(x, w.qweight, w.scales, w.mins) for w in weights]
             t = best_ms(fns, repeats=30 if m <= 32 else 5)
-            cell = lambda key: f"{t[key]:.3f}" if key in t else "-"  # noqa: E731
             gflops = 2 * m * n * k / (t["gemm"] * 1e-3) / 1e9
-            print(f"| {label} | {m} | {cell('gemm')} | {cell('i8')} | {cell('f32')} | {cell('mkl')} | "
-                  f"{gflops:.0f} | {t['mkl'] / t['gemm']:.2f} |")
+            print(f"| {label} | {m} | {t['gemm']:.3f} | {t['mkl']:.3f} | {gflops:.0f} | {t['mkl'] / t['gemm']:.2f} |")
     lm_head(ops)
 
 
 def lm_head(ops) -> None:
     n, k = 49152, 576
     head = quantize(torch.randn(n, k) * 0.05, "int8").with_gemm_tiles()
+    dense = head.dequantize()
     print()
-    print("| LM head [576 -> 49152] rows | q8_gemm ms | q8_linear ms | q8_gemm GFLOP/s | q8_linear / q8_gemm |")
+    print("| LM head [576 -> 49152] rows | q8_gemm ms | MKL f32 ms | q8_gemm GFLOP/s | MKL / q8_gemm |")
     print("|---|---|---|---|---|")
     for m in (1, 4, 32, 256):
         x = torch.randn(m, k)
         # One head of 28 MB is larger than the caches: calling it WEIGHTS times reads it from memory each time.
         fns = {"gemm": lambda: [ops.q8_gemm(x, head.gemm.tiles, head.gemm.scales, n) for _ in range(WEIGHTS)],
-               "f32": lambda: [ops.q8_linear(x, head.qweight, head.scales) for _ in range(WEIGHTS)]}
+               "mkl": lambda: [F.linear(x, dense) for _ in range(WEIGHTS)]}
         t = best_ms(fns, repeats=10)
-        print(f"| {m} | {t['gemm']:.2f} | {t['f32']:.2f} | {2 * m * n * k / (t['gemm'] * 1e-3) / 1e9:.0f} | "
-              f"{t['f32'] / t['gemm']:.2f} |")
+        print(f"| {m} | {t['gemm']:.2f} | {t['mkl']:.2f} | {2 * m * n * k / (t['gemm'] * 1e-3) / 1e9:.0f} | "
+              f"{t['mkl'] / t['gemm']:.2f} |")
 
 
 if __name__ == "__main__":

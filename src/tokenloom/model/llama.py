@@ -137,7 +137,7 @@ class LlamaModel(nn.Module):
         rope = self.rotary_emb.inputs(positions)  # shared by every layer
         delta, residual = self.embed_tokens(input_ids), None  # [num_tokens, hidden_size]
         stack = self.decode_stack
-        if stack is not None and stack.applies(delta.shape[0], kv_caches, attn_metadata):
+        if stack is not None and stack.applies(kv_caches, attn_metadata):
             return stack(delta, rope, kv_caches, attn_metadata)
         for layer, kv_cache in zip(self.layers, kv_caches):
             delta, residual = layer(delta, residual, rope, kv_cache, attn_metadata)

@@ -12,18 +12,16 @@
 //   at the end: the final add + norm
 //
 // It computes exactly what LlamaModel's per-layer path computes with the same
-// kernels (tests/unit/test_decoder_stack.py compares them). Inputs:
+// kernels (tests/model/test_decode_stack.py compares them). Inputs:
 //
 //   hidden        [M, hidden] float32: the embeddings of the step's tokens
 //   norms         2 L + 1 weights: input norm and post-attention norm per layer, then the final norm
-//   qweights, scales, mins, tiles, tile_scales, tile_mins
-//                 4 L quantized linears, per layer qkv, o, gate_up, down (quant_linear.cpp layouts);
-//                 a missing min means the int8 layout, missing tiles no q4_gemm / q8_gemm
+//   tiles, tile_scales, tile_mins, out_features
+//                 4 L quantized linears, per layer qkv, o, gate_up, down, as GEMM tiles
+//                 (quant_linear.cpp); a missing tile_min means int8 weights (q8_gemm)
 //   qkv_biases    L optional biases of the fused qkv projection (Qwen2)
 //   k_caches, v_caches, block_tables, seq_lens: as paged_decode_attention
 //   slot_mapping  [M] int64: the cache slot of each new token's K/V
-//   int8_activations: linears without tiles (which take q4_gemm / q8_gemm) run q*_linear_i8 if set,
-//                 q*_linear if not
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -41,54 +39,42 @@ using OptionalTensors = c10::List<std::optional<at::Tensor>>;
 
 // The kernel choice of QuantizedWeight.matmul (layers/quantization.py).
 struct QuantLinears {
-  at::TensorList qweights;
-  at::TensorList scales;
-  const OptionalTensors& mins;
-  const OptionalTensors& tiles;
-  const OptionalTensors& tile_scales;
+  at::TensorList tiles;
+  at::TensorList tile_scales;
   const OptionalTensors& tile_mins;
-  bool int8_activations;
+  at::IntArrayRef out_features;
 
   at::Tensor operator()(int64_t i, const at::Tensor& x) const {
-    const std::optional<at::Tensor> min = mins.get(i);
-    if (tiles.get(i).has_value()) {
-      const std::optional<at::Tensor> tile_min = tile_mins.get(i);
-      return tile_min.has_value() ? q4_gemm(x, *tiles.get(i), *tile_scales.get(i), *tile_min, qweights[i].size(0))
-                                  : q8_gemm(x, *tiles.get(i), *tile_scales.get(i), qweights[i].size(0));
-    }
-    if (min.has_value())
-      return int8_activations ? q4_linear_i8(x, qweights[i], scales[i], *min)
-                              : q4_linear(x, qweights[i], scales[i], *min);
-    return int8_activations ? q8_linear_i8(x, qweights[i], scales[i]) : q8_linear(x, qweights[i], scales[i]);
+    const std::optional<at::Tensor> tile_min = tile_mins.get(i);
+    return tile_min.has_value() ? q4_gemm(x, tiles[i], tile_scales[i], *tile_min, out_features[i])
+                                : q8_gemm(x, tiles[i], tile_scales[i], out_features[i]);
   }
 };
 
 }  // namespace
 
-at::Tensor decoder_stack(const at::Tensor& hidden, at::TensorList norms, at::TensorList qweights,
-                         at::TensorList scales, const OptionalTensors& mins, const OptionalTensors& tiles,
-                         const OptionalTensors& tile_scales, const OptionalTensors& tile_mins,
-                         const OptionalTensors& qkv_biases, at::TensorList k_caches,
+at::Tensor decoder_stack(const at::Tensor& hidden, at::TensorList norms, at::TensorList tiles,
+                         at::TensorList tile_scales, const OptionalTensors& tile_mins,
+                         at::IntArrayRef out_features, const OptionalTensors& qkv_biases, at::TensorList k_caches,
                          at::TensorList v_caches, const at::Tensor& cos_sin_cache, const at::Tensor& positions,
                          const at::Tensor& slot_mapping, const at::Tensor& block_tables,
                          const at::Tensor& seq_lens, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                         double eps, double scale, bool int8_activations) {
+                         double eps, double scale) {
   const int64_t layers = static_cast<int64_t>(k_caches.size());
   TORCH_CHECK(layers > 0 && static_cast<int64_t>(v_caches.size()) == layers, "decoder_stack: need one K and V cache per layer");
   TORCH_CHECK(static_cast<int64_t>(norms.size()) == 2 * layers + 1, "decoder_stack: expected ", 2 * layers + 1,
               " norm weights, got ", norms.size());
   const int64_t linears = kLinearsPerLayer * layers;
-  TORCH_CHECK(static_cast<int64_t>(qweights.size()) == linears && static_cast<int64_t>(scales.size()) == linears &&
-                  static_cast<int64_t>(mins.size()) == linears && static_cast<int64_t>(tiles.size()) == linears &&
-                  static_cast<int64_t>(tile_scales.size()) == linears &&
-                  static_cast<int64_t>(tile_mins.size()) == linears,
-              "decoder_stack: expected ", linears, " quantized linears (qweights, scales, mins, tiles)");
+  TORCH_CHECK(static_cast<int64_t>(tiles.size()) == linears && static_cast<int64_t>(tile_scales.size()) == linears &&
+                  static_cast<int64_t>(tile_mins.size()) == linears &&
+                  static_cast<int64_t>(out_features.size()) == linears,
+              "decoder_stack: expected ", linears, " quantized linears (tiles, tile_scales, tile_mins, out_features)");
   TORCH_CHECK(static_cast<int64_t>(qkv_biases.size()) == layers, "decoder_stack: expected one qkv bias entry per layer");
   TORCH_CHECK(hidden.dim() == 2 && slot_mapping.dim() == 1 && slot_mapping.size(0) == hidden.size(0) &&
                   seq_lens.dim() == 1 && seq_lens.size(0) == hidden.size(0),
               "decoder_stack: a decode step has one token per sequence (hidden, slot_mapping, seq_lens)");
 
-  const QuantLinears linear{qweights, scales, mins, tiles, tile_scales, tile_mins, int8_activations};
+  const QuantLinears linear{tiles, tile_scales, tile_mins, out_features};
   const int64_t M = hidden.size(0), q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
   at::Tensor residual = hidden;
   at::Tensor delta;
@@ -117,10 +103,11 @@ at::Tensor decoder_stack(const at::Tensor& hidden, at::TensorList norms, at::Ten
 
 TORCH_LIBRARY_FRAGMENT(tokenloom, m) {
   m.def(
-      "decoder_stack(Tensor hidden, Tensor[] norms, Tensor[] qweights, Tensor[] scales, Tensor?[] mins, "
-      "Tensor?[] tiles, Tensor?[] tile_scales, Tensor?[] tile_mins, Tensor?[] qkv_biases, Tensor[] k_caches, Tensor[] v_caches, Tensor cos_sin_cache, Tensor positions, "
-      "Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, int num_heads, int num_kv_heads, int head_dim, "
-      "float eps, float scale, bool int8_activations) -> Tensor");
+      "decoder_stack(Tensor hidden, Tensor[] norms, Tensor[] tiles, Tensor[] tile_scales, Tensor?[] tile_mins, "
+      "int[] out_features, Tensor?[] qkv_biases, Tensor[] k_caches, Tensor[] v_caches, Tensor cos_sin_cache, "
+      "Tensor positions, Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, int num_heads, "
+      "int num_kv_heads, int head_dim, "
+      "float eps, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tokenloom, CPU, m) {

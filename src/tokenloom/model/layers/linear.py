@@ -7,8 +7,8 @@ A fused projection stacks its parts along the output dimension::
 
 Checkpoints store the parts separately; the loader copies each one into the
 rows that ``shard_rows`` names. A projection may also carry a quantized copy
-of its weight (``quantized``, see ``quantization.py``) that the batches it
-handles use.
+of its weight (``quantized``, see ``quantization.py``), which then takes every
+batch.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from tokenloom.model.layers.quantization import QuantizedWeight
 
 def apply_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  quantized: QuantizedWeight | None) -> torch.Tensor:
-    """x [M, K] -> [M, N]: the quantized kernels where they take the batch, else the dense GEMM."""
-    if quantized is not None and quantized.handles(x.shape[0]):
+    """x [M, K] -> [M, N]: the quantized kernels if there is a quantized copy, else the dense GEMM."""
+    if quantized is not None:
         y = quantized.matmul(x)
         return y if bias is None else y + bias
     return F.linear(x, weight, bias)
@@ -50,10 +50,10 @@ class Linear(nn.Module):
         return apply_linear(x, self.weight, self.bias, self.quantized)
 
     def release_dense_weight(self) -> None:
-        """Free the dense weight once ``quantized`` handles every batch; ``weight``
-        becomes an empty [output_size, 0] tensor."""
-        if self.quantized is None or not self.quantized.takes_every_batch:
-            raise ValueError("the dense weight is still needed: the quantized copy does not take every batch")
+        """Free the dense weight once ``quantized`` (with its GEMM tiles) takes
+        every batch; ``weight`` becomes an empty [output_size, 0] tensor."""
+        if self.quantized is None or self.quantized.gemm is None:
+            raise ValueError("the dense weight is still needed: there is no quantized copy with GEMM tiles")
         self.weight = nn.Parameter(self.weight.new_empty(self.output_size, 0), requires_grad=False)
 
 

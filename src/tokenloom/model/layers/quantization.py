@@ -13,28 +13,18 @@ file's own weights. Other weights are quantized here (``quantize``):
 round-to-nearest per block against the float16-rounded scale (and min), int4
 asymmetric (min/max), int8 symmetric (absmax), as llama.cpp's quantizers do.
 
-Which kernel a batch of M rows takes (``matmul``):
-
-- a weight with GEMM tiles (``with_gemm_tiles``: every weight the loader
-  quantizes, decoder projections and LM head alike), any M: the rows are
-  quantized to int8 per block of 32, as llama.cpp does, and multiplied by the
-  weights re-laid out in tiles of 8 output columns, so that the products run
-  on integer instructions with no horizontal sums (``q4_gemm``, ``q8_gemm``).
-  On AVX2 ``q4_gemm`` is ~1.7x the f32 GEMM at prefill sizes, ~2.8x at 32
-  rows, and 1.1-1.6x the per-row kernel below at 1 row; ``q8_gemm`` is ~1.7x
-  the f32-activation kernel at 32 rows and no slower at 1. Each row's result
-  is the same whatever else is in the batch (batch-invariant).
-- otherwise (blocks built by ``quantize`` or ``concat_rows`` before their tiles
-  are added), M <= ``MAX_INT8_ACTIVATION_ROWS``: int8 activations per block
-  of 32, each weight block read once for all rows (``q*_linear_i8``);
-- otherwise up to ``MAX_QUANTIZED_ROWS`` rows, f32 activations (``q*_linear``);
-  beyond that the caller's dense GEMM (``handles``).
-
-``int8_activations=False`` keeps f32 activations at every size (no tiles).
-The LM head used to, for fear that near-ties between the top tokens would
-flip; measured, int8 activations on the Q8_0 head move the default model's
-perplexity by less than 0.01% (docs/performance.md), as llama.cpp, which
-does the same, also finds. ``--quantization none`` is the exact path.
+``matmul`` multiplies by a weight's GEMM tiles (``with_gemm_tiles``; the
+loader builds them for every weight it quantizes, decoder projections and LM
+head alike), at any number of rows: the rows are quantized to int8 per block
+of 32, as llama.cpp does, and multiplied by the weights re-laid out in tiles
+of 8 output columns, so that the products run on integer instructions with
+no horizontal sums (``q4_gemm``, ``q8_gemm``). Each row's result is the same
+whatever else is in the batch (batch-invariant). Per-row kernels with f32
+activations came before the tiles; the tiles measured faster at every batch
+size (1.1-1.6x at one row, ~2.8x at 32), so they went. Int8 activations on
+the Q8_0 LM head move the default model's perplexity by less than 0.01%
+(docs/performance.md), as llama.cpp, which does the same, also finds.
+``--quantization none`` is the exact path.
 """
 
 from __future__ import annotations
@@ -48,10 +38,6 @@ from tokenloom import kernels
 
 BLOCK = 32
 QUANTIZATION_KINDS = ("int4", "int8")
-# Batches of at most this many rows use the quantized kernels; larger ones the
-# dense GEMM (measured crossover on a 2-core AVX2 EPYC: see docs/performance.md).
-MAX_QUANTIZED_ROWS = 32
-MAX_INT8_ACTIVATION_ROWS = 4  # the i8 ops take any number of rows; past ~4 the f32 kernels win
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,45 +63,24 @@ class QuantizedWeight:
     qweight: torch.Tensor
     scales: torch.Tensor  # [N, K // 32] float16
     mins: torch.Tensor | None  # [N, K // 32] float16
-    # False keeps f32 activations at every batch size: the LM head's, whose
-    # errors land on the logits directly (near-ties between the top tokens flip).
-    int8_activations: bool = True
-    gemm: GemmTiles | None = None  # the layout of the batched kernel (with_gemm_tiles)
-
-    def __post_init__(self) -> None:
-        if self.gemm is not None and not self.int8_activations:
-            raise ValueError("GEMM tiles are for weights with int8 activations")
+    gemm: GemmTiles | None = None  # what ``matmul`` runs on (with_gemm_tiles)
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.scales.shape[0], self.scales.shape[1] * BLOCK
 
-    @property
-    def takes_every_batch(self) -> bool:
-        """``matmul`` is the faster choice at any number of rows (the dense weight is unused)."""
-        return self.gemm is not None
-
-    def handles(self, num_rows: int) -> bool:
-        """Whether ``matmul`` should take a batch this size (else the dense GEMM)."""
-        return num_rows <= MAX_QUANTIZED_ROWS or self.takes_every_batch
-
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x [M, K] float32 -> x @ W.T [M, N], by the kernel the module docstring gives."""
+        """x [M, K] float32 -> x @ W.T [M, N] on the GEMM tiles (int8 activations)."""
+        if self.gemm is None:
+            raise ValueError("this QuantizedWeight has no GEMM tiles: build them with with_gemm_tiles()")
         ops = kernels.ops()
         x = x.contiguous()
-        if self.gemm is not None and self.kind == "int8":
+        if self.kind == "int8":
             return ops.q8_gemm(x, self.gemm.tiles, self.gemm.scales, self.shape[0])
-        if self.gemm is not None:
-            return ops.q4_gemm(x, self.gemm.tiles, self.gemm.scales, self.gemm.mins, self.shape[0])
-        small = self.int8_activations and x.shape[0] <= MAX_INT8_ACTIVATION_ROWS
-        if self.kind == "int4":
-            return (ops.q4_linear_i8 if small else ops.q4_linear)(x, self.qweight, self.scales, self.mins)
-        return (ops.q8_linear_i8 if small else ops.q8_linear)(x, self.qweight, self.scales)
+        return ops.q4_gemm(x, self.gemm.tiles, self.gemm.scales, self.gemm.mins, self.shape[0])
 
     def with_gemm_tiles(self) -> QuantizedWeight:
-        """This weight with its ``GemmTiles`` too (unchanged if it keeps f32 activations)."""
-        if not self.int8_activations:
-            return self
+        """This weight with its ``GemmTiles`` too."""
         n, k = self.shape
         nb, num_tiles = k // BLOCK, -(-n // 8)
         pad = num_tiles * 8 - n  # zero columns: weight 0, scale 0, min 0
@@ -149,8 +114,7 @@ class QuantizedWeight:
         """Rows ``index`` of the weight (a permutation or subset), exactly; without
         GEMM tiles (``with_gemm_tiles`` builds them for the result)."""
         mins = None if self.mins is None else self.mins[index].contiguous()
-        return QuantizedWeight(self.kind, self.qweight[index].contiguous(),
-                               self.scales[index].contiguous(), mins, self.int8_activations)
+        return QuantizedWeight(self.kind, self.qweight[index].contiguous(), self.scales[index].contiguous(), mins)
 
 
 def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:

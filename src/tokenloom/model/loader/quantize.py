@@ -56,7 +56,7 @@ def apply_quantization(model: LlamaForCausalLM, mode: str, packed: PackedParts) 
             blocks = [packed.get((f"{name}.weight", p)) for p in parts]
             chosen = _choose(module.weight, blocks, *_LAYER_POLICY[mode])
             module.quantized = None if chosen is None else chosen.with_gemm_tiles()
-            if module.quantized is not None and module.quantized.takes_every_batch:
+            if module.quantized is not None:
                 module.release_dense_weight()  # never read again: saves 4 bytes per weight
             kinds[_kind(module.quantized)] += 1
     head_name = "model.embed_tokens.weight" if model.lm_head is None else "lm_head.weight"
