@@ -94,10 +94,17 @@ def _build_and_load() -> None:
 
 
 def _put_ninja_on_path() -> None:
-    """torch's builder runs ``ninja`` from PATH; the ``ninja`` wheel installs it
-    next to this interpreter, which is not on PATH when the venv is not activated."""
-    if shutil.which("ninja") is None:
-        os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    """torch's builder runs ``ninja`` from PATH. The ``ninja`` wheel (a dependency)
+    installs it next to this interpreter, which is not on PATH when the venv is
+    not activated; where it is there, it goes first, ahead of any system ninja.
+    Two ninja versions disagree on the format of the build log, so alternating
+    between them (an activated venv, then a plain ``.venv/bin/python``) rebuilt
+    every kernel, ~55 s, at each switch."""
+    here = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    if Path(here, "ninja").exists() or shutil.which("ninja") is None:
+        if path.split(os.pathsep)[0] != here:
+            os.environ["PATH"] = os.pathsep.join([here, path]) if path else here
 
 
 def _digest(sources: list[Path]) -> str:
