@@ -19,9 +19,9 @@ head alike), at any number of rows: the rows are quantized to int8 per block
 of 32, as llama.cpp does, and multiplied by the weights re-laid out in tiles
 of 8 output columns, so that the products run on integer instructions with
 no horizontal sums (``q4_gemm``, ``q8_gemm``). Each row's result is the same
-whatever else is in the batch (batch-invariant). Per-row kernels with f32
-activations came before the tiles; the tiles measured faster at every batch
-size (1.1-1.6x at one row, ~2.8x at 32), so they went. Int8 activations on
+whatever else is in the batch (batch-invariant). Per-row kernels (f32 or
+int8 activations) came before the tiles; the tiles measured faster at every
+batch size (1.1-1.6x at one row, ~2.8x at 32), so they went. Int8 activations on
 the Q8_0 LM head move the default model's perplexity by less than 0.01%
 (docs/performance.md), as llama.cpp, which does the same, also finds.
 ``--quantization none`` is the exact path.
