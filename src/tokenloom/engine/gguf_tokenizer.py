@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
-import gguf
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as BackendTokenizer
 
@@ -80,12 +81,12 @@ class GGUFTokenizerMetadata:
         return self.tokens[token_id]
 
 
-def read_gguf_tokenizer_metadata(reader: gguf.GGUFReader) -> GGUFTokenizerMetadata:
-    fields = reader.fields
+def read_gguf_tokenizer_metadata(fields: Mapping[str, Any]) -> GGUFTokenizerMetadata:
+    """From a GGUF file's metadata (``GGUFFile.fields``)."""
 
     def get(key: str, default=None):
-        field = fields.get(key)
-        return default if field is None else field.contents()
+        value = fields.get(key)
+        return default if value is None else value
 
     model = get("tokenizer.ggml.model")
     if model is None:

@@ -22,13 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from gguf import GGUFReader
 
 from tokenloom.config import CacheConfig, EngineConfig, ModelArchConfig, ModelConfig, SchedulerConfig
 from tokenloom.engine.memory import default_kv_cache_memory, num_kv_blocks, resolve_max_model_len
 from tokenloom.engine.output_processor import OutputProcessor
 from tokenloom.engine.stats import StatsCollector
 from tokenloom.engine.tokenizer import Tokenizer
+from tokenloom.gguf_file import GGUFFile
 from tokenloom.kv_cache.manager import KVCacheManager
 from tokenloom.model.loader import load_model
 from tokenloom.model.loader.gguf import load_gguf_model
@@ -207,10 +207,10 @@ def _kv_cache_dtype(choice: str, model: torch.nn.Module, dtype: torch.dtype) -> 
 
 
 def _load_tokenizer_and_model(path: Path, dtype: torch.dtype, device: torch.device, quantization: str):
-    """A GGUF file is parsed once (its vocabulary alone takes seconds) for both."""
+    """A GGUF file is opened and its header parsed once for both."""
     if path.suffix == ".gguf" and path.is_file():
-        reader = GGUFReader(path)
-        return Tokenizer.from_gguf_reader(reader), load_gguf_model(reader, dtype, device, quantization)
+        file = GGUFFile(path)
+        return Tokenizer.from_gguf_file(file), load_gguf_model(file, dtype, device, quantization)
     return Tokenizer.from_path(path), load_model(path, dtype, device, quantization)
 
 

@@ -13,7 +13,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import gguf
 from tokenizers import Tokenizer as BackendTokenizer
 
 from tokenloom.engine.chat_template import Message, render_chat_template
@@ -23,6 +22,7 @@ from tokenloom.engine.gguf_tokenizer import (
     default_add_bos_token,
     read_gguf_tokenizer_metadata,
 )
+from tokenloom.gguf_file import GGUFFile
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,12 +67,12 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, path: str | Path) -> Tokenizer:
-        return cls.from_gguf_reader(gguf.GGUFReader(path))
+        return cls.from_gguf_file(GGUFFile(path))
 
     @classmethod
-    def from_gguf_reader(cls, reader: gguf.GGUFReader) -> Tokenizer:
+    def from_gguf_file(cls, file: GGUFFile) -> Tokenizer:
         """From an already opened GGUF file (saves a second parse when the weights loader has one)."""
-        meta = read_gguf_tokenizer_metadata(reader)
+        meta = read_gguf_tokenizer_metadata(file.fields)
         eos_ids = tuple(dict.fromkeys(
             i for i in (meta.eos_token_id, meta.eot_token_id, meta.eom_token_id) if i is not None))
         named = {"bos_token": meta.bos_token_id, "eos_token": meta.eos_token_id,

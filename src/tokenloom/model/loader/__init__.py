@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from gguf import GGUFReader
 
 from tokenloom.config import QUANTIZATION_MODES, ModelArchConfig
+from tokenloom.gguf_file import GGUFFile
 from tokenloom.model.llama import LlamaForCausalLM
 from tokenloom.model.loader.gguf import load_gguf_model, read_gguf_config
 from tokenloom.model.loader.safetensors import load_hf_model, read_hf_config
@@ -29,7 +29,7 @@ def read_arch_config(path: str | Path) -> ModelArchConfig:
     """The network shape of ``path`` without loading any weights."""
     path = Path(path)
     if _is_gguf(path):
-        return read_gguf_config(GGUFReader(path))
+        return read_gguf_config(GGUFFile(path))
     return read_hf_config(_hf_directory(path))
 
 

@@ -29,7 +29,7 @@ QType = gguf.GGMLQuantizationType
 
 def dequantize_tensor(data: np.ndarray, qtype: QType, shape: tuple[int, ...],
                       dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    """``data`` as GGUFReader returns it -> tensor of ``shape`` (torch order, rows first)."""
+    """``data`` as ``GGUFTensor.data`` holds it -> tensor of ``shape`` (torch order, rows first)."""
     if qtype in (QType.F32, QType.F16):
         return _from_numpy(data).to(device=device, dtype=dtype).reshape(shape)
     if qtype == QType.BF16:
@@ -65,7 +65,7 @@ def quantized_blocks(data: np.ndarray, qtype: QType, shape: tuple[int, ...]) -> 
 
 
 def _from_numpy(array: np.ndarray) -> torch.Tensor:
-    # GGUFReader hands out read-only memory maps; they are only ever read from
+    # GGUF tensors are read-only memory maps; they are only ever read from
     # here, so torch's warning about non-writable arrays does not apply.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from gguf import GGUFReader, ReaderTensor
 
 from tokenloom.config import ModelArchConfig, RopeScaling
+from tokenloom.gguf_file import GGUFFile
 from tokenloom.model.llama import LlamaForCausalLM
 from tokenloom.model.layers.quantization import QuantizedWeight
 from tokenloom.model.loader.dequant import dequantize_tensor, quantized_blocks
@@ -33,55 +33,53 @@ _EOS_KEYS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
              "tokenizer.ggml.eom_token_id")
 
 
-def read_gguf_config(reader: GGUFReader) -> ModelArchConfig:
+def read_gguf_config(file: GGUFFile) -> ModelArchConfig:
     """ModelArchConfig from a GGUF file's metadata (``architecture`` is the GGUF
     arch name, e.g. "llama"). End-of-generation ids include EOT/EOM tokens."""
-    arch = _field(reader, "general.architecture")
+    arch = _field(file, "general.architecture")
     get_model_class(arch)  # unsupported arch: fail before reading arch-specific keys
-    hidden = _field(reader, f"{arch}.embedding_length")
-    heads = _field(reader, f"{arch}.attention.head_count")
-    head_dim = _field(reader, f"{arch}.attention.key_length", hidden // heads)
-    rope_dim = _field(reader, f"{arch}.rope.dimension_count", head_dim)
+    hidden = _field(file, f"{arch}.embedding_length")
+    heads = _field(file, f"{arch}.attention.head_count")
+    head_dim = _field(file, f"{arch}.attention.key_length", hidden // heads)
+    rope_dim = _field(file, f"{arch}.rope.dimension_count", head_dim)
     if rope_dim != head_dim:
         raise ValueError(f"partial rotary embedding ({rope_dim} of {head_dim} dims) "
                          "is not supported")
-    tensor_names = {tensor.name for tensor in reader.tensors}
-    eos_ids = [_field(reader, key, None) for key in _EOS_KEYS]
+    eos_ids = [_field(file, key, None) for key in _EOS_KEYS]
     return ModelArchConfig(
         architecture=arch,
-        vocab_size=_vocab_size(reader, arch),
+        vocab_size=_vocab_size(file, arch),
         hidden_size=hidden,
-        intermediate_size=_field(reader, f"{arch}.feed_forward_length"),
-        num_hidden_layers=_field(reader, f"{arch}.block_count"),
+        intermediate_size=_field(file, f"{arch}.feed_forward_length"),
+        num_hidden_layers=_field(file, f"{arch}.block_count"),
         num_attention_heads=heads,
-        num_key_value_heads=_field(reader, f"{arch}.attention.head_count_kv", heads),
+        num_key_value_heads=_field(file, f"{arch}.attention.head_count_kv", heads),
         head_dim=head_dim,
-        rms_norm_eps=_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
-        rope_theta=_field(reader, f"{arch}.rope.freq_base", 10000.0),
-        rope_scaling=_rope_scaling(reader, arch),
-        max_position_embeddings=_context_length(reader, arch),
-        tie_word_embeddings="output.weight" not in tensor_names,
-        attention_bias="blk.0.attn_q.bias" in tensor_names,
-        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id", None),
+        rms_norm_eps=_field(file, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
+        rope_theta=_field(file, f"{arch}.rope.freq_base", 10000.0),
+        rope_scaling=_rope_scaling(file, arch),
+        max_position_embeddings=_context_length(file, arch),
+        tie_word_embeddings=file.tensor("output.weight") is None,
+        attention_bias=file.tensor("blk.0.attn_q.bias") is not None,
+        bos_token_id=_field(file, "tokenizer.ggml.bos_token_id", None),
         eos_token_ids=tuple(dict.fromkeys(i for i in eos_ids if i is not None)),
     )
 
 
-def load_gguf_model(source: Path | GGUFReader, dtype: torch.dtype, device: torch.device | str,
+def load_gguf_model(source: Path | GGUFFile, dtype: torch.dtype, device: torch.device | str,
                     quantization: str = "none") -> tuple[LlamaForCausalLM, ModelArchConfig]:
-    """Build and fill the model of a GGUF file. Opening a reader parses every
-    metadata array (the whole vocabulary: seconds for a 49k vocab), so a caller
-    that also reads the tokenizer from the file can pass its open reader.
+    """Build and fill the model of a GGUF file. A caller that also reads the
+    tokenizer from the file can pass it open (the vocabulary is parsed once).
     ``quantization``: see ``loader/quantize.py``."""
-    reader = source if isinstance(source, GGUFReader) else GGUFReader(source)
-    config = read_gguf_config(reader)
+    file = source if isinstance(source, GGUFFile) else GGUFFile(source)
+    config = read_gguf_config(file)
     model_class = get_model_class(config.architecture)
-    model = model_class(config, dtype, device, rope_freq_factors=_rope_freq_factors(reader))
+    model = model_class(config, dtype, device, rope_freq_factors=_rope_freq_factors(file))
     packed: PackedParts = {}
     keep_blocks = quantization != "none"
 
     def dense_weights() -> Iterator[tuple[ParamTarget, torch.Tensor]]:
-        for target, weight, blocks in _iter_weights(reader, config, dtype, device, keep_blocks):
+        for target, weight, blocks in _iter_weights(file, config, dtype, device, keep_blocks):
             if blocks is not None:
                 packed[(target.param_name, target.shard)] = blocks
             yield target, weight
@@ -99,17 +97,17 @@ def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     return by_head.transpose(1, 2).reshape(weight.shape)
 
 
-def _iter_weights(reader: GGUFReader, config: ModelArchConfig, dtype: torch.dtype,
+def _iter_weights(file: GGUFFile, config: ModelArchConfig, dtype: torch.dtype,
                   device: torch.device | str, keep_blocks: bool,
                   ) -> Iterator[tuple[ParamTarget, torch.Tensor, QuantizedWeight | None]]:
     """(target, dense weight, the file's own quantized blocks if ``keep_blocks``)."""
     heads_of_shard = {"q": config.num_attention_heads, "k": config.num_key_value_heads}
     permuted = config.architecture in _PERMUTED_ARCHS
-    for tensor in reader.tensors:
+    for tensor in file.tensors:
         target = gguf_param_target(tensor.name)
         if target is None:
             continue
-        shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dims fastest first
+        shape = tensor.shape
         weight = dequantize_tensor(tensor.data, tensor.tensor_type, shape, dtype, device)
         blocks = quantized_blocks(tensor.data, tensor.tensor_type, shape) if keep_blocks else None
         if permuted and target.shard in heads_of_shard:
@@ -120,57 +118,51 @@ def _iter_weights(reader: GGUFReader, config: ModelArchConfig, dtype: torch.dtyp
         yield target, weight, blocks
 
 
-def _rope_freq_factors(reader: GGUFReader) -> torch.Tensor | None:
-    tensor = _find_tensor(reader, GGUF_ROPE_FREQS)
+def _rope_freq_factors(file: GGUFFile) -> torch.Tensor | None:
+    tensor = file.tensor(GGUF_ROPE_FREQS)
     if tensor is None:
         return None
-    shape = tuple(int(n) for n in reversed(tensor.shape))
-    return dequantize_tensor(tensor.data, tensor.tensor_type, shape, torch.float32, "cpu")
-
-
-def _find_tensor(reader: GGUFReader, name: str) -> ReaderTensor | None:
-    return next((tensor for tensor in reader.tensors if tensor.name == name), None)
+    return dequantize_tensor(tensor.data, tensor.tensor_type, tensor.shape, torch.float32, "cpu")
 
 
 _MISSING = object()
 
 
-def _field(reader: GGUFReader, key: str, default: Any = _MISSING) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
+def _field(file: GGUFFile, key: str, default: Any = _MISSING) -> Any:
+    value = file.fields.get(key)
+    if value is None:
         if default is _MISSING:
             raise ValueError(f"GGUF metadata lacks {key!r}")
         return default
-    value = field.contents()
     if isinstance(value, list):
         raise ValueError(f"GGUF metadata {key!r} varies per layer; not supported")
     return value
 
 
-def _vocab_size(reader: GGUFReader, arch: str) -> int:
-    size = _field(reader, f"{arch}.vocab_size", None)
+def _vocab_size(file: GGUFFile, arch: str) -> int:
+    size = _field(file, f"{arch}.vocab_size", None)
     if size is not None:
         return int(size)
-    embedding = _find_tensor(reader, "token_embd.weight")
+    embedding = file.tensor("token_embd.weight")
     if embedding is None:
         raise ValueError("GGUF file has neither a vocab_size nor a token_embd.weight")
-    return int(embedding.shape[1])
+    return embedding.shape[0]
 
 
-def _rope_scaling(reader: GGUFReader, arch: str) -> RopeScaling:
+def _rope_scaling(file: GGUFFile, arch: str) -> RopeScaling:
     # llama3 scaling reaches the model through the rope_freqs tensor instead.
-    kind = _field(reader, f"{arch}.rope.scaling.type", "none")
-    legacy_factor = _field(reader, f"{arch}.rope.scale_linear", None)
+    kind = _field(file, f"{arch}.rope.scaling.type", "none")
+    legacy_factor = _field(file, f"{arch}.rope.scale_linear", None)
     if kind == "none" and legacy_factor is None:
         return RopeScaling()
     if kind in ("linear", "none"):
-        factor = _field(reader, f"{arch}.rope.scaling.factor", legacy_factor)
+        factor = _field(file, f"{arch}.rope.scaling.factor", legacy_factor)
         return RopeScaling(kind="linear", factor=float(factor))
     raise ValueError(f"unsupported rope scaling {kind!r} in GGUF file (supported: none, linear)")
 
 
-def _context_length(reader: GGUFReader, arch: str) -> int:
+def _context_length(file: GGUFFile, arch: str) -> int:
     # No sliding-window attention: limit a windowed model to its window (see safetensors.py).
-    length = int(_field(reader, f"{arch}.context_length"))
-    window = _field(reader, f"{arch}.attention.sliding_window", None)
+    length = int(_field(file, f"{arch}.context_length"))
+    window = _field(file, f"{arch}.attention.sliding_window", None)
     return length if window is None else min(length, int(window))
