@@ -98,21 +98,28 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(llm):
     assert again.outputs[0].text == alone.outputs[0].text
 
 
-def test_fast_path_greedy_agrees_with_the_exact_path(llm, fast_llm):
-    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-    exact = llm.generate(MIXED_PROMPTS, params, use_tqdm=False)
-    fast = fast_llm.generate(MIXED_PROMPTS, params, use_tqdm=False)
-    for prompt in MIXED_PROMPTS:  # decode one at a time: the int8-activation kernels
-        fast.append(fast_llm.generate(prompt, params, use_tqdm=False)[0])
-    agree = total = 0
-    for e, f in zip(exact + exact, fast):
-        ids_e, ids_f = e.outputs[0].token_ids, f.outputs[0].token_ids
-        # Tokens up to the first divergence (after it, the contexts differ).
-        same = next((i for i, (a, b) in enumerate(zip(ids_e, ids_f)) if a != b), len(ids_e))
-        agree, total = agree + same, total + len(ids_e)
-    # Measured 851/1024 (83%): a 135M model's greedy path flips on near-ties, and
-    # one flip changes every later token; the perplexity test bounds the quality.
-    assert agree / total >= 0.75, f"{agree}/{total} tokens before the first divergence"
+@pytest.mark.parametrize("stepwise", [False, True], ids=["prompt kernels", "decode kernels"])
+def test_fast_path_ranks_the_exact_paths_tokens_first(llm, default_model_path, stepwise):
+    """Teacher-forced agreement: the exact path's greedy continuations are fed to the
+    fast path as prompts, and at nearly every position the fast path must rank the
+    exact path's token first. ``stepwise`` feeds one token per step, so every step is
+    a decode step (the decoder stack, decode attention over the int8 KV cache).
+
+    Measured 97-99% (float16, int8 or float32 KV cache alike). This replaced counting
+    free-running greedy tokens before the first divergence, which is chaotic on a 135M
+    model: one near-tie flip changes every later token, and a change of summation
+    order alone in decode attention moved it from 78% to 67% (docs/performance.md)."""
+    exact = llm.generate(MIXED_PROMPTS, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True),
+                         use_tqdm=False)
+    fast = LLM(str(default_model_path), max_model_len=2048, kv_cache_memory=0.5,
+               max_num_batched_tokens=1 if stepwise else 2048)
+    forced = [{"prompt_token_ids": e.prompt_token_ids + e.outputs[0].token_ids} for e in exact]
+    scored = fast.generate(forced, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+    ranks = [s.prompt_logprobs[len(e.prompt_token_ids) + i][token].rank
+             for e, s in zip(exact, scored) for i, token in enumerate(e.outputs[0].token_ids)]
+    assert len(ranks) == 32 * len(MIXED_PROMPTS)
+    first = sum(rank == 1 for rank in ranks)
+    assert first / len(ranks) >= 0.95, f"{first}/{len(ranks)} of the exact path's tokens ranked first"
 
 
 def test_fast_path_perplexity_within_one_percent(llm, fast_llm):

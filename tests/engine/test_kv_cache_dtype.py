@@ -28,29 +28,43 @@ def _cache_dtype(engine: LLMEngine) -> torch.dtype:
 
 
 @pytest.mark.skipif(not kernels.available(), reason="native kernels unavailable here")
-def test_auto_is_float16_only_with_quantized_weights(tiny_checkpoint, q4_gguf):
+def test_auto_is_int8_only_with_quantized_weights(tiny_checkpoint, q4_gguf):
     quantized = LLMEngine.from_options(str(q4_gguf), num_kv_blocks=32)
     exact = LLMEngine.from_options(str(q4_gguf), quantization="none", num_kv_blocks=32)
     dense = LLMEngine.from_options(str(tiny_checkpoint.gguf_path), num_kv_blocks=32)  # F32 file: auto is dense
-    assert _cache_dtype(quantized) == torch.float16
+    assert _cache_dtype(quantized) == torch.int8
     assert _cache_dtype(exact) == torch.float32 and _cache_dtype(dense) == torch.float32
 
 
-def test_float16_cache_decodes_close_to_float32(tiny_checkpoint):
+@pytest.mark.parametrize(("kv", "tolerance"), [("float16", 1e-2), ("int8", 3e-2)])
+def test_smaller_caches_decode_close_to_float32(tiny_checkpoint, kv, tolerance):
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
     prompts = [[1, 17, 300, 45, 211, 9, 498, 120, 33], [5, 404, 250]]
     outs = {}
-    for kv in ("float32", "float16"):
-        llm = LLM(str(tiny_checkpoint.hf_dir), kv_cache_dtype=kv, num_kv_blocks=32)
-        assert _cache_dtype(llm.engine) == getattr(torch, kv)
-        outs[kv] = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    for a, b in zip(outs["float32"], outs["float16"]):
+    for dtype in ("float32", kv):
+        llm = LLM(str(tiny_checkpoint.hf_dir), kv_cache_dtype=dtype, num_kv_blocks=32)
+        assert _cache_dtype(llm.engine) == getattr(torch, dtype)
+        outs[dtype] = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    for a, b in zip(outs["float32"], outs[kv]):
         first_a, first_b = a.outputs[0].logprobs[0], b.outputs[0].logprobs[0]
         token = a.outputs[0].token_ids[0]
         assert b.outputs[0].token_ids[0] == token
-        assert abs(first_a[token].logprob - first_b[token].logprob) < 1e-2
+        assert abs(first_a[token].logprob - first_b[token].logprob) < tolerance
+
+
+def test_int8_cache_holds_more_blocks_in_the_same_memory(tiny_checkpoint):
+    """A row of head_dim int8 values and a 4-byte scale, against head_dim float16s."""
+    arch_head_dim = {}
+    blocks = {}
+    for kv in ("float16", "int8"):
+        engine = LLMEngine.from_options(str(tiny_checkpoint.hf_dir), kv_cache_dtype=kv, kv_cache_memory=0.01)
+        arch_head_dim[kv] = engine.arch.head_dim
+        blocks[kv] = engine.config.cache.num_blocks
+        assert engine.runner.kv_caches[0][0].shape[0] == blocks[kv]
+    head_dim = arch_head_dim["int8"]
+    assert blocks["int8"] == pytest.approx(blocks["float16"] * 2 * head_dim / (head_dim + 4), abs=1)
 
 
 def test_unknown_kv_cache_dtype_is_rejected(tiny_checkpoint):
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
-        LLMEngine.from_options(str(tiny_checkpoint.hf_dir), kv_cache_dtype="int8", num_kv_blocks=32)
+        LLMEngine.from_options(str(tiny_checkpoint.hf_dir), kv_cache_dtype="int4", num_kv_blocks=32)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tokenloom.config import ModelArchConfig
-from tokenloom.model.layers.attention import AttentionMetadata
+from tokenloom.model.layers.attention import AttentionMetadata, kv_row_width
 from tokenloom.model.llama import LlamaForCausalLM
 
 UNWRITTEN = 64.0
@@ -16,10 +16,11 @@ UNWRITTEN = 64.0
 def make_kv_caches(config: ModelArchConfig, num_blocks: int, block_size: int,
                    dtype: torch.dtype, device: torch.device | str = "cpu",
                    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+    shape = (num_blocks, block_size, config.num_key_value_heads, kv_row_width(config.head_dim, dtype))
     # Filled with a large finite value so that attending to a slot nobody wrote
     # visibly changes the result. Not NaN: batched decode multiplies masked
     # padding slots by an exact zero weight, which only finite values survive.
+    # (An int8 row of 64s reads as 64 times its scale bytes 0x40404040, i.e. 3.0.)
     return [(torch.full(shape, UNWRITTEN, dtype=dtype, device=device),
              torch.full(shape, UNWRITTEN, dtype=dtype, device=device))
             for _ in range(config.num_hidden_layers)]

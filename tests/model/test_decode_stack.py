@@ -68,7 +68,7 @@ def _decode_step(model, caches, seqs, use_stack: bool):
 @pytest.mark.parametrize("kind", ["llama3", "qwen2", "smollm"])  # permuted q/k, qkv bias, tied head
 @pytest.mark.parametrize("qtype", [QType.Q4_1, QType.Q8_0])
 @pytest.mark.parametrize("num_seqs", [1, 6, 35])
-@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.int8])
 def test_stack_matches_the_per_layer_path(tiny, tmp_path, kind, qtype, num_seqs, cache_dtype):
     path = write_gguf(tiny(kind).hf, tmp_path / f"{kind}.gguf", tensor_type=qtype)
     model, _ = load_model(path, torch.float32, "cpu", quantization="auto")

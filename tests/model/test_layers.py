@@ -8,7 +8,7 @@ import torch
 from tests.helpers.tiny_models import tiny_config
 from tokenloom import kernels
 from tokenloom.config import RopeScaling
-from tokenloom.model.layers.attention import AttentionMetadata, paged_attention
+from tokenloom.model.layers.attention import AttentionMetadata, paged_attention, write_kv
 from tokenloom.model.layers.linear import MergedLinear
 from tokenloom.model.layers.norm import RMSNorm
 from tokenloom.model.layers.rotary import RotaryEmbedding, apply_rotary, compute_inv_freq
@@ -145,3 +145,30 @@ def test_attention_never_reads_unwritten_cache_slots(native):
     chunk = AttentionMetadata(slot_mapping=torch.tensor([8, 9]), block_tables=tables[:1], seq_lens=seq_lens[:1],
                               query_start_loc=(0, 2), seq_lens_host=(10,), block_size=4)  # seq 0's last 2 tokens
     assert torch.isfinite(paged_attention(q, k_cache, v_cache, chunk, 0.125, native=native)).all()
+
+
+@pytest.mark.skipif(not kernels.available(), reason="native kernels unavailable here")
+def test_int8_cache_plain_pytorch_path_matches_the_kernels():
+    """The PyTorch path (any device) writes the same int8 rows as the kernels and
+    attends over their dequantized values: decode steps and prompt chunks."""
+    gen = torch.Generator().manual_seed(1)
+    tables = torch.tensor([[5, 2, 0], [7, 1, 3]])
+    seq_lens = torch.tensor([10, 7])
+    slots = torch.tensor([int(row[p // 4]) * 4 + p % 4 for row, n in zip(tables, seq_lens.tolist())
+                          for p in range(n)])
+    k, v = torch.randn(17, 2, 64, generator=gen) * 3, torch.randn(17, 2, 64, generator=gen)
+    caches = {}
+    for native in (False, True):
+        k_cache, v_cache = torch.zeros(8, 4, 2, 68, dtype=torch.int8), torch.zeros(8, 4, 2, 68, dtype=torch.int8)
+        write_kv(k_cache, v_cache, k, v, slots, native=native)
+        caches[native] = (k_cache, v_cache)
+    assert torch.equal(caches[False][0], caches[True][0]) and torch.equal(caches[False][1], caches[True][1])
+    q = torch.randn(5, 4, 64, generator=gen)
+    decode = AttentionMetadata(slot_mapping=torch.tensor([9, 30]), block_tables=tables, seq_lens=seq_lens,
+                               query_start_loc=(0, 1, 2), seq_lens_host=(10, 7), block_size=4)
+    chunks = AttentionMetadata(slot_mapping=torch.tensor([6, 7, 8, 9, 13]), block_tables=tables,
+                               seq_lens=seq_lens, query_start_loc=(0, 4, 5), seq_lens_host=(10, 7), block_size=4)
+    for meta, rows in ((decode, q[:2]), (chunks, q)):
+        ours = paged_attention(rows, *caches[True], meta, 0.125, native=True)
+        plain = paged_attention(rows, *caches[False], meta, 0.125, native=False)
+        torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)

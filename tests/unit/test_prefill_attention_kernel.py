@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.helpers.kv_cache import poison
 from tokenloom import kernels
+from tokenloom.model.layers.attention import cache_rows_as, to_cache_rows
 
 try:
     OPS = kernels.ops()
@@ -13,7 +15,7 @@ except kernels.KernelsUnavailable as exc:
     pytest.skip(str(exc), allow_module_level=True)
 
 BLOCK_SIZE = 16
-CACHE_DTYPES = pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+CACHE_DTYPES = pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.int8])
 HEAD_SHAPES = pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), [
     (9, 3, 64),  # SmolLM2-135M: GQA groups of 3
     (4, 4, 128),  # multi-head attention (groups of 1)
@@ -42,7 +44,7 @@ def make_case(seqs: list[tuple[int, int]], num_heads: int, num_kv_heads: int, he
     Block 0 is never given to a sequence and every table row is padded with it
     (``pad_blocks`` extra entries), so padding points at a block nobody owns.
     ``spare_blocks`` more blocks stay unreferenced too. The caches are drawn in
-    float32 and rounded to ``cache_dtype``; q stays float32."""
+    float32 and rounded (int8: quantized) to ``cache_dtype``; q stays float32."""
     gen = torch.Generator().manual_seed(seed)
     used = [blocks_for(seq_len, block_size) for seq_len, _ in seqs]
     num_blocks = 1 + sum(used) + spare_blocks
@@ -58,8 +60,8 @@ def make_case(seqs: list[tuple[int, int]], num_heads: int, num_kv_heads: int, he
     cache_shape = (num_blocks, block_size, num_kv_heads, head_dim)
     return {
         "q": torch.randn(starts[-1], num_heads, head_dim, generator=gen),
-        "k_cache": torch.randn(cache_shape, generator=gen).to(cache_dtype),
-        "v_cache": torch.randn(cache_shape, generator=gen).to(cache_dtype),
+        "k_cache": to_cache_rows(torch.randn(cache_shape, generator=gen), cache_dtype),
+        "v_cache": to_cache_rows(torch.randn(cache_shape, generator=gen), cache_dtype),
         "block_tables": tables,
         "seq_lens": torch.tensor([seq_len for seq_len, _ in seqs], dtype=torch.int64),
         "query_start_loc": torch.tensor(starts, dtype=torch.int64),
@@ -75,7 +77,8 @@ def reference(case: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
     """Gathers each sequence's context and attends with an explicit causal mask, in float64.
 
     A float16 cache is upcast from the very values the kernel reads (exactly),
-    so only summation order separates the two, whatever the cache dtype."""
+    an int8 cache dequantized (exactly, in float64), so only the order of the
+    arithmetic separates the two, whatever the cache dtype."""
     q, k_cache, v_cache = case["q"], case["k_cache"], case["v_cache"]
     block_size = k_cache.shape[1]
     group = q.shape[1] // k_cache.shape[2]
@@ -84,8 +87,8 @@ def reference(case: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
     for i, seq_len in enumerate(case["seq_lens"].tolist()):
         lo, hi = starts[i], starts[i + 1]
         blocks = case["block_tables"][i, :blocks_for(seq_len, block_size)]
-        k = k_cache[blocks].flatten(0, 1)[:seq_len].double()  # [seq_len, num_kv_heads, head_dim]
-        v = v_cache[blocks].flatten(0, 1)[:seq_len].double()
+        k = cache_rows_as(k_cache[blocks].flatten(0, 1)[:seq_len], torch.float64)  # [seq_len, num_kv_heads, head_dim]
+        v = cache_rows_as(v_cache[blocks].flatten(0, 1)[:seq_len], torch.float64)
         k = k.repeat_interleave(group, dim=1)  # [seq_len, num_heads, head_dim]
         v = v.repeat_interleave(group, dim=1)
         scores = torch.einsum("jhd,thd->hjt", q[lo:hi].double(), k) * scale  # [H, q_len, seq_len]
@@ -186,8 +189,8 @@ def test_unreferenced_cache_slots_are_never_read(cache_dtype: torch.dtype) -> No
         for t in range(seq_len):
             referenced[case["block_tables"][i, t // BLOCK_SIZE], t % BLOCK_SIZE] = True
     assert not referenced[0].any()  # the padding block, among others
-    case["k_cache"][~referenced] = float("nan")
-    case["v_cache"][~referenced] = float("inf")
+    poison(case["k_cache"], ~referenced, float("nan"))
+    poison(case["v_cache"], ~referenced, float("inf"))
 
     out = run_kernel(case, 0.125)
     assert torch.isfinite(out).all()
@@ -226,12 +229,16 @@ def _invalid_cases() -> list[object]:
         case("q dtype", "q must be float32", q=q.double()),
         case("q dims", "q must be", q=q[0]),
         case("q layout", "q must be contiguous", q=q.transpose(0, 1).contiguous().transpose(0, 1)),
-        case("k dtype", "k_cache must be float32 or float16", k_cache=k.double()),
-        case("v dtype", "v_cache must be float32 or float16", v_cache=v.bfloat16()),
+        case("k dtype", "k_cache must be float32, float16 or int8", k_cache=k.double()),
+        case("v dtype", "v_cache must be float32, float16 or int8", v_cache=v.bfloat16()),
+        case("int8 rows without scales", "do not hold q's head_dim", k_cache=to_cache_rows(k, torch.int8)[..., :-4].contiguous(),
+             v_cache=to_cache_rows(v, torch.int8)[..., :-4].contiguous()),
+        case("int8 rows", "do not hold q's head_dim", q=q[:, :, :8].contiguous(),
+             k_cache=to_cache_rows(k, torch.int8), v_cache=to_cache_rows(v, torch.int8)),
         case("k half, v float", "v_cache dtype Float must match k_cache dtype Half", k_cache=k.half()),
         case("k layout", "k_cache must be contiguous", k_cache=k.transpose(0, 1)),
         case("v shape", "v_cache shape", v_cache=v[:-1]),
-        case("head_dim mismatch", "k_cache head_dim", q=q[:, :, :8].contiguous()),
+        case("head_dim mismatch", "do not hold q's head_dim", q=q[:, :, :8].contiguous()),
         pytest.param(make_case([(5, 5)], 4, 2, 12), "head_dim", id="head_dim not a multiple of 8"),
         pytest.param(make_case([(5, 5)], 3, 2, 16), "num_heads", id="heads not a multiple"),
         case("tables dtype", "block_tables must be int64", block_tables=tables.int()),

@@ -156,12 +156,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _add_perplexity_args(p: argparse.ArgumentParser) -> None:
-    from tokenloom.config import QUANTIZATION_MODES, SUPPORTED_DTYPES
+    from tokenloom.config import KV_CACHE_DTYPES, QUANTIZATION_MODES, SUPPORTED_DTYPES
 
     p.add_argument("text", type=Path, help="a UTF-8 text file")
     p.add_argument("--model", default=DEFAULT_MODEL, help="a .gguf file, HF directory or alias (default: %(default)s)")
     p.add_argument("--dtype", default="float32", choices=SUPPORTED_DTYPES, help="(default: %(default)s)")
     p.add_argument("--quantization", default="auto", choices=QUANTIZATION_MODES, help="(default: %(default)s)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES, help="(default: %(default)s)")
     p.add_argument("--n-ctx", type=int, default=512, help="window length; its second half is scored "
                    "(default: %(default)s)")
     p.add_argument("--max-num-batched-tokens", type=int, default=32,
@@ -172,11 +173,13 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
     from tokenloom.bench.perplexity import run_perplexity
     from tokenloom.entrypoints.llm import LLM
 
-    llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization, kv_cache_memory=0.25,
+    llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+              kv_cache_memory=0.25,
               max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False)
     result = run_perplexity(llm, args.text.read_text(encoding="utf-8"), args.n_ctx)
     print(f"perplexity {result.perplexity:.4f} over {result.num_scored_tokens} tokens "
-          f"({result.num_windows} windows of {result.n_ctx}; {args.quantization}, {args.dtype}) "
+          f"({result.num_windows} windows of {result.n_ctx}; {args.quantization}, {args.dtype}, "
+          f"KV cache {args.kv_cache_dtype}) "
           f"in {result.seconds:.1f}s")
     return 0
 

@@ -30,6 +30,7 @@ from tokenloom.engine.stats import StatsCollector
 from tokenloom.engine.tokenizer import Tokenizer
 from tokenloom.gguf_file import GGUFFile
 from tokenloom.kv_cache.manager import KVCacheManager
+from tokenloom.model.layers.attention import kv_row_width
 from tokenloom.model.loader import load_model
 from tokenloom.model.loader.gguf import load_gguf_model
 from tokenloom.model_files import resolve_model
@@ -43,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 _NOTHING_SCHEDULED = SchedulerOutput(scheduled=(), num_batched_tokens=0)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_KV_CACHE_DTYPES = {**_DTYPES, "int8": torch.int8}
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,9 +203,9 @@ class LLMEngine:
 
 def _kv_cache_dtype(choice: str, model: torch.nn.Module, dtype: torch.dtype) -> torch.dtype:
     if choice != "auto":
-        return _DTYPES[choice]
+        return _KV_CACHE_DTYPES[choice]
     quantized = getattr(model, "logits_quantized", None) is not None
-    return torch.float16 if quantized else dtype
+    return torch.int8 if quantized else dtype
 
 
 def _load_tokenizer_and_model(path: Path, dtype: torch.dtype, device: torch.device, quantization: str):
@@ -237,7 +239,8 @@ def _resolve_config(config: EngineConfig, arch: ModelArchConfig, dtype: torch.dt
     num_blocks = cache.num_blocks
     if num_blocks is None:
         budget = cache.kv_cache_memory or default_kv_cache_memory()
-        num_blocks = num_kv_blocks(arch, dtype.itemsize, cache.block_size, budget)
+        row_bytes = kv_row_width(arch.head_dim, dtype) * dtype.itemsize
+        num_blocks = num_kv_blocks(arch, row_bytes, cache.block_size, budget)
     max_len = resolve_max_model_len(config.model.max_model_len, arch.max_position_embeddings,
                                     num_blocks * cache.block_size)
     return dataclasses.replace(

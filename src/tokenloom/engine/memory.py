@@ -36,14 +36,15 @@ def default_kv_cache_memory() -> float:
     return min(MAX_DEFAULT_GIB, max(MIN_DEFAULT_GIB, share))
 
 
-def kv_bytes_per_token(arch: ModelArchConfig, dtype_size: int) -> int:
-    """K and V, every layer: 2 * layers * kv_heads * head_dim * bytes."""
-    return 2 * arch.num_hidden_layers * arch.num_key_value_heads * arch.head_dim * dtype_size
+def kv_bytes_per_token(arch: ModelArchConfig, row_bytes: int) -> int:
+    """K and V, every layer: 2 * layers * kv_heads * the bytes of one head's cache row
+    (head_dim elements, plus a scale for int8 rows: layers/attention.py)."""
+    return 2 * arch.num_hidden_layers * arch.num_key_value_heads * row_bytes
 
 
-def num_kv_blocks(arch: ModelArchConfig, dtype_size: int, block_size: int,
+def num_kv_blocks(arch: ModelArchConfig, row_bytes: int, block_size: int,
                   kv_cache_memory_gib: float) -> int:
-    per_block = kv_bytes_per_token(arch, dtype_size) * block_size
+    per_block = kv_bytes_per_token(arch, row_bytes) * block_size
     num_blocks = int(kv_cache_memory_gib * GiB) // per_block
     if num_blocks < 1:
         raise ValueError(

@@ -89,8 +89,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory", type=float, default=None,
                    help="GiB of memory for the KV cache; default: a quarter of free RAM, within [0.25, 4]")
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
-                   help="element type of the KV cache; auto: float16 when the weights run quantized "
-                   "(the native kernels read it), else the model dtype (default: %(default)s)")
+                   help="element type of the KV cache; int8 quantizes each token's head row with its own "
+                   "scale (like llama.cpp's -ctk q8_0); auto: int8 when the weights run quantized (the "
+                   "native kernels read it), else the model dtype (default: %(default)s)")
     p.add_argument("--block-size", type=int, default=16,
                    help="tokens per KV cache block, a power of two (default: %(default)s)")
     p.add_argument("--no-prefix-caching", action="store_true",

@@ -8,7 +8,7 @@ kernels back to back in C++ (``kernels/csrc/decoder_stack.cpp``), so the
 result is the one the per-layer path computes.
 
 It applies to what serving spends its time on: decode-only steps, every layer
-projection quantized (with its GEMM tiles), a float32 or float16 KV cache.
+projection quantized (with its GEMM tiles), a float32, float16 or int8 KV cache.
 Every other step (prefill chunks, mixed batches) takes the per-layer path.
 """
 
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from tokenloom.model.layers.rotary import RopeInputs
     from tokenloom.model.llama import KVCache, LlamaModel
 
-_CACHE_DTYPES = (torch.float32, torch.float16)
+_CACHE_DTYPES = (torch.float32, torch.float16, torch.int8)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from tokenloom.config import ModelArchConfig
+from tokenloom.model.layers.attention import kv_row_width
 from tokenloom.request import Logprob, PositionLogprobs
 from tokenloom.runner.host_allocator import keep_freed_memory
 from tokenloom.runner.inputs import ModelInputs, PromptLogprobsSlice, prepare_inputs
@@ -26,7 +27,7 @@ class ModelRunner:
         self.sampler = Sampler()
         if self.device.type == "cpu":
             keep_freed_memory()  # activations are reused from step to step, not faulted in again
-        shape = (num_blocks, block_size, arch.num_key_value_heads, arch.head_dim)
+        shape = (num_blocks, block_size, arch.num_key_value_heads, kv_row_width(arch.head_dim, kv_cache_dtype))
         # Not zeroed: attention reads only slots written by this step or earlier ones
         # (the padded PyTorch decode path zeroes its padding itself). Zeroing the
         # default 4 GiB took 1.5 s of a 10 s startup.

@@ -6,15 +6,17 @@
 
 #include <ATen/ATen.h>
 
+#include "cache_rows.h"
+
 #include <cstdint>
 
 namespace tokenloom::attention_checks {
 
 inline void check_cache(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf, name,
-              " must be float32 or float16, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 4, name, " must be [num_blocks, block_size, num_kv_heads, head_dim], got ",
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf || t.scalar_type() == at::kChar,
+              name, " must be float32, float16 or int8, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 4, name, " must be [num_blocks, block_size, num_kv_heads, width], got ",
               t.dim(), " dims");
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
@@ -46,8 +48,9 @@ void check_q_and_cache(const at::Tensor& q, const char* q_layout, const at::Tens
   check_index(seq_lens, "seq_lens", 1);
   const int64_t num_seqs = num_seqs_of(), num_heads = q.size(1), head_dim = q.size(2);
   const int64_t num_kv_heads = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == head_dim, "k_cache head_dim ", k_cache.size(3),
-              " must match q head_dim ", head_dim);
+  TORCH_CHECK(k_cache.size(3) == cache_rows::row_width(k_cache.scalar_type(), head_dim), "k_cache rows of ",
+              k_cache.size(3), " ", k_cache.scalar_type(), " elements do not hold q's head_dim ", head_dim,
+              " (int8 rows are head_dim + 4: values, then their float32 scale)");
   // The AVX2 loops have no scalar tail; every common head_dim (64, 80, 128, ...) qualifies.
   TORCH_CHECK(head_dim > 0 && head_dim % lanes == 0, "q head_dim must be a positive multiple of ",
               lanes, ", got ", head_dim);

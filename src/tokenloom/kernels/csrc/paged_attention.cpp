@@ -3,27 +3,34 @@
 // the block table, so no per-step gathered copy of the context is built.
 //
 // Cache layout (see model/layers/attention.py):
-//   k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+//   k_cache, v_cache: [num_blocks, block_size, num_kv_heads, width]
 //   token t of a sequence lives in block block_table[t / block_size] at offset
 //   t % block_size.
 //
 // Work is split over (sequence, kv head) pairs. Within a pair all the query
 // heads of that GQA group are computed together, so each K/V row is fetched
-// from memory once per group rather than once per query head.
+// from memory once per group rather than once per query head, and loaded into
+// registers once per pass of up to three heads. Rows are read a tile of 16
+// tokens at a time, and the next tile is prefetched while one is computed:
+// the loop is bound by memory latency more than by bandwidth (a float32 cache,
+// twice the bytes, ran as fast as float16 before the prefetch).
 //
-// The caches are float32 or float16 (both the same). Float16 rows are widened
-// to float32 with F16C as they are loaded into registers (exactly), so a
-// float16 cache halves the K/V bytes read while all arithmetic stays float32,
+// The caches are float32, float16 or int8 (cache_rows.h). Float16 rows are
+// widened to float32 with F16C as they are loaded into registers (exactly), so
+// a float16 cache halves the K/V bytes read while all arithmetic stays float32,
 // in the same order: the result is bit-identical to the float32 path on the
-// upcast cache. The loops are templated on the element type. Widening each
-// tile into a float scratch instead (once per GQA group rather than once per
-// query head) measured slower than converting in registers.
+// upcast cache. Int8 rows halve the bytes again: their values are converted in
+// registers too, and each row's scale multiplies its score (K) or its weight
+// (V) once rather than every element. The loops are templated on the element
+// type. Widening each tile into a float scratch instead (once per GQA group
+// rather than once per query head) measured slower than converting in registers.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include "attention_checks.h"
+#include "cache_rows.h"
 #include "ops.h"
 #include "vec_math.h"
 #include <torch/library.h>
@@ -32,101 +39,138 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace tokenloom {
 namespace {
 
+using cache_rows::RowFormat;
 using tokenloom_vec::exp_ps;
 using tokenloom_vec::hsum;
 using tokenloom_vec::load8;
 
 constexpr int64_t kLanes = 8;  // floats per AVX2 register
 
-// n is a multiple of kLanes (checked on entry to the op).
-template <typename T>
-float dot(const float* a, const T* b, int64_t n) {
-  // Two independent accumulators so consecutive FMAs do not wait on each other.
-  __m256 acc0 = _mm256_setzero_ps();
-  __m256 acc1 = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + kLanes), load8(b + i + kLanes), acc1);
-  }
-  if (i < n) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc0);
-  }
-  return hsum(_mm256_add_ps(acc0, acc1));
+// The query heads of a GQA group are computed together, up to kHeadsPerPass at
+// a time: each K/V row chunk is loaded (and widened) once for all of them and
+// feeds one FMA per head, instead of being loaded again for every head. That
+// matters most for int8 rows, whose widening costs two instructions per chunk.
+
+constexpr int kHeadsPerPass = 3;  // 3 heads x 4 rows (or columns) of accumulators + operands fill 16 registers
+constexpr int kRowsPerPass = 4;   // key rows per score pass
+constexpr int kColsPerPass = 4;   // head_dim registers per accumulate pass
+
+// {sum of v0's lanes, ..., sum of v3's lanes}: two rounds of pairwise
+// horizontal adds leave each sum split over the two 128-bit halves.
+inline __m128 sum_each4(__m256 v0, __m256 v1, __m256 v2, __m256 v3) {
+  const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(v0, v1), _mm256_hadd_ps(v2, v3));
+  return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
 }
 
-// {sum of v[0]'s lanes, ..., sum of v[7]'s lanes}. Two rounds of pairwise
-// horizontal adds leave, in each 128-bit half, partial sums of four inputs;
-// adding the halves finishes all eight sums at once instead of one by one.
-__m256 sum_each(const __m256 v[kLanes]) {
-  const __m256 s01 = _mm256_hadd_ps(v[0], v[1]);
-  const __m256 s23 = _mm256_hadd_ps(v[2], v[3]);
-  const __m256 s45 = _mm256_hadd_ps(v[4], v[5]);
-  const __m256 s67 = _mm256_hadd_ps(v[6], v[7]);
-  const __m256 s0123 = _mm256_hadd_ps(s01, s23);  // [v0..v3 low halves | v0..v3 high halves]
-  const __m256 s4567 = _mm256_hadd_ps(s45, s67);
-  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
-                       _mm256_permute2f128_ps(s0123, s4567, 0x31));
-}
-
-// The dot products of q with kLanes rows lying `stride` elements apart.
+// The scale of a row (int8 rows only; the float types have none: 1, never multiplied in).
 template <typename T>
-__m256 dot_rows(const float* q, const T* rows, int64_t stride, int64_t d) {
-  __m256 acc[kLanes];
-  for (auto& a : acc) a = _mm256_setzero_ps();
-  for (int64_t c = 0; c < d; c += kLanes) {
-    const __m256 qc = _mm256_loadu_ps(q + c);
-    for (int64_t r = 0; r < kLanes; ++r) {
-      acc[r] = _mm256_fmadd_ps(qc, load8(rows + r * stride + c), acc[r]);
-    }
+inline float row_scale([[maybe_unused]] const T* row, [[maybe_unused]] int64_t d) {
+  if constexpr (RowFormat<T>::kScaled) {
+    return RowFormat<T>::scale(row, d);
+  } else {
+    return 1.0f;
   }
-  return sum_each(acc);
 }
 
-// scores[t] = scale * <q, row t> for the `count` rows of a tile.
-template <typename T>
-void tile_scores(const float* q, const T* rows, int64_t stride, int64_t count, int64_t d,
-                 float scale, float* scores) {
-  int64_t t = 0;
-  for (; t + kLanes <= count; t += kLanes) {
-    const __m256 dots = dot_rows(q, rows + t * stride, stride, d);
-    _mm256_storeu_ps(scores + t, _mm256_mul_ps(dots, _mm256_set1_ps(scale)));
-  }
-  for (; t < count; ++t) scores[t] = dot(q, rows + t * stride, d) * scale;
-}
-
-// out += sum over t of weights[t] * row t, for the `count` rows of a tile.
-// The accumulators stay in registers across all the rows, kAccRegs vectors of
-// head_dim at a time, instead of a load and store of out per row.
-template <typename T>
-void tile_accumulate(const float* weights, const T* rows, int64_t stride, int64_t count,
-                     int64_t d, float* out) {
-  constexpr int64_t kAccRegs = 8;  // 8 accumulators + a weight + a row chunk fit in 16 registers
+// dots[g] = {<q_g, row r>} for the kRowsPerPass rows `stride` elements apart, G
+// query heads (q rows d apart). d is a multiple of kLanes (checked on entry).
+template <int G, typename T>
+inline void group_dots(const float* q, const T* rows, int64_t stride, int64_t d, __m128 dots[G]) {
+  __m256 acc[G][kRowsPerPass];
+  for (auto& head : acc)
+    for (auto& a : head) a = _mm256_setzero_ps();
   int64_t c = 0;
-  for (; c + kAccRegs * kLanes <= d; c += kAccRegs * kLanes) {
-    __m256 acc[kAccRegs];
-    for (int64_t j = 0; j < kAccRegs; ++j) acc[j] = _mm256_loadu_ps(out + c + j * kLanes);
-    for (int64_t t = 0; t < count; ++t) {
-      const __m256 w = _mm256_set1_ps(weights[t]);
-      const T* row = rows + t * stride + c;
-      for (int64_t j = 0; j < kAccRegs; ++j) {
-        acc[j] = _mm256_fmadd_ps(w, load8(row + j * kLanes), acc[j]);
-      }
+  do {  // a do-while keeps acc in registers (see prefill_attention.cpp); d >= 8
+    for (int r = 0; r < kRowsPerPass; ++r) {
+      const __m256 k = load8(rows + r * stride + c);
+      for (int g = 0; g < G; ++g) acc[g][r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * d + c), k, acc[g][r]);
     }
-    for (int64_t j = 0; j < kAccRegs; ++j) _mm256_storeu_ps(out + c + j * kLanes, acc[j]);
+    c += kLanes;
+  } while (c < d);
+  for (int g = 0; g < G; ++g) dots[g] = sum_each4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
+}
+
+// scores[g * score_stride + t] = scale * <q_g, row t> for the `count` rows of a
+// tile and G query heads.
+template <int G, typename T>
+void group_tile_scores(const float* q, const T* rows, int64_t stride, int64_t count, int64_t d, float scale,
+                       float* scores, int64_t score_stride) {
+  int64_t t = 0;
+  for (; t + kRowsPerPass <= count; t += kRowsPerPass) {
+    __m128 dots[G];
+    group_dots<G>(q, rows + t * stride, stride, d, dots);
+    __m128 factor = _mm_set1_ps(scale);
+    if constexpr (RowFormat<T>::kScaled) {
+      alignas(16) float scales[kRowsPerPass];
+      for (int r = 0; r < kRowsPerPass; ++r) scales[r] = row_scale(rows + (t + r) * stride, d);
+      for (int g = 0; g < G; ++g) dots[g] = _mm_mul_ps(dots[g], _mm_load_ps(scales));
+    }
+    for (int g = 0; g < G; ++g) _mm_storeu_ps(scores + g * score_stride + t, _mm_mul_ps(dots[g], factor));
   }
-  for (; c < d; c += kLanes) {
-    __m256 acc = _mm256_loadu_ps(out + c);
-    for (int64_t t = 0; t < count; ++t) {
-      const __m256 w = _mm256_set1_ps(weights[t]);
-      acc = _mm256_fmadd_ps(w, load8(rows + t * stride + c), acc);
+  for (; t < count; ++t) {  // the last rows of a sequence's last tile
+    const T* row = rows + t * stride;
+    for (int g = 0; g < G; ++g) {
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t c = 0; c < d; c += kLanes) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * d + c), load8(row + c), acc);
+      float dot = hsum(acc);
+      if constexpr (RowFormat<T>::kScaled) dot *= row_scale(row, d);
+      scores[g * score_stride + t] = dot * scale;
     }
-    _mm256_storeu_ps(out + c, acc);
+  }
+}
+
+// out_g[c .. c + C*8) += sum over t of weights_g[t] * row t, for G heads (out
+// rows d apart, weight rows weight_stride apart). The accumulators stay in
+// registers across all the rows instead of a load and store of out per row.
+template <int G, int C, typename T>
+inline void accumulate_columns(const float* weights, int64_t weight_stride, const T* rows, int64_t stride,
+                               int64_t count, int64_t d, int64_t c, float* out) {
+  __m256 acc[G][C];
+  for (int g = 0; g < G; ++g)
+    for (int j = 0; j < C; ++j) acc[g][j] = _mm256_loadu_ps(out + g * d + c + j * kLanes);
+  int64_t t = 0;
+  do {  // count >= 1
+    const T* row = rows + t * stride;
+    const float scale = row_scale(row, d);
+    __m256 w[G];
+    for (int g = 0; g < G; ++g) {
+      const float weight = weights[g * weight_stride + t];
+      w[g] = _mm256_set1_ps(RowFormat<T>::kScaled ? weight * scale : weight);
+    }
+    for (int j = 0; j < C; ++j) {
+      const __m256 x = load8(row + c + j * kLanes);
+      for (int g = 0; g < G; ++g) acc[g][j] = _mm256_fmadd_ps(w[g], x, acc[g][j]);
+    }
+  } while (++t < count);
+  for (int g = 0; g < G; ++g)
+    for (int j = 0; j < C; ++j) _mm256_storeu_ps(out + g * d + c + j * kLanes, acc[g][j]);
+}
+
+template <int G, typename T>
+void group_tile_accumulate(const float* weights, int64_t weight_stride, const T* rows, int64_t stride,
+                           int64_t count, int64_t d, float* out) {
+  int64_t c = 0;
+  for (; c + kColsPerPass * kLanes <= d; c += kColsPerPass * kLanes)
+    accumulate_columns<G, kColsPerPass>(weights, weight_stride, rows, stride, count, d, c, out);
+  for (; c < d; c += kLanes) accumulate_columns<G, 1>(weights, weight_stride, rows, stride, count, d, c, out);
+}
+
+// Calls fn(std::integral_constant<int, heads>) for each pass of at most
+// kHeadsPerPass heads over a group of `group` heads, with the pass's first head.
+template <typename Fn>
+void for_each_head_pass(int64_t group, Fn&& fn) {
+  for (int64_t g0 = 0; g0 < group; g0 += kHeadsPerPass) {
+    switch (std::min<int64_t>(kHeadsPerPass, group - g0)) {
+      case 1: fn(g0, std::integral_constant<int, 1>{}); break;
+      case 2: fn(g0, std::integral_constant<int, 2>{}); break;
+      default: fn(g0, std::integral_constant<int, 3>{}); break;
+    }
   }
 }
 
@@ -169,34 +213,70 @@ float exp_shifted(float* x, int64_t n) {
   return sum;
 }
 
-// One layer's K or V cache, seen as rows of head_dim elements of type T
-// (float or at::Half).
+// One layer's K or V cache, seen as rows of head_dim values of type T
+// (float, at::Half or int8_t; an int8 row carries its scale after them).
 template <typename T>
 struct CacheView {
   const T* data;
   int64_t block_size;
-  int64_t row_stride;  // num_kv_heads * head_dim: from one token slot to the next
+  int64_t row_stride;  // num_kv_heads * head_width: from one token slot to the next
   int64_t head_dim;
+  int64_t head_width;  // elements of one head's row: RowFormat<T>::width(head_dim)
 };
 
 // Tokens per tile: one kv head's K or V rows of a tile (16 * head_dim elements)
 // stay in L1 while every query head of the group passes over them.
 constexpr int64_t kTileTokens = 16;
 
+// One tile: tokens start .. start + count - 1 of a sequence, within one block,
+// whose rows for one kv head lie at rows + i * row_stride.
+template <typename T>
+struct Tile {
+  int64_t start, count;
+  const T* rows;
+};
+
+template <typename T>
+Tile<T> tile_at(const CacheView<T>& cache, const int64_t* block_table, int64_t seq_len, int64_t kv_head,
+                int64_t start) {
+  const int64_t block = block_table[start / cache.block_size];
+  const int64_t offset = start % cache.block_size;
+  const int64_t count = std::min({kTileTokens, cache.block_size - offset, seq_len - start});
+  const T* rows = cache.data + (block * cache.block_size + offset) * cache.row_stride + kv_head * cache.head_width;
+  return {start, count, rows};
+}
+
+// Asks for a tile's rows ahead of use. The rows of one kv head lie apart (the
+// other heads' rows sit between them), and a tile's 16 rows in flight at once
+// keep more of memory's latency hidden than the kernels' own loads of 4 rows
+// at a time do.
+template <typename T>
+void prefetch_tile(const CacheView<T>& cache, const Tile<T>& tile) {
+  constexpr int64_t kLineBytes = 64;
+  const int64_t row_bytes = cache.head_width * static_cast<int64_t>(sizeof(T));
+  for (int64_t i = 0; i < tile.count; ++i) {
+    const char* row = reinterpret_cast<const char*>(tile.rows + i * cache.row_stride);
+    for (int64_t b = 0; b < row_bytes; b += kLineBytes) _mm_prefetch(row + b, _MM_HINT_T0);
+    _mm_prefetch(row + row_bytes - 1, _MM_HINT_T0);  // a row that is not line-aligned ends one line further
+  }
+}
+
 // Calls fn(start, rows, count) for consecutive tiles of one sequence's tokens
-// for kv_head: tokens start..start+count-1, within one block, whose rows lie at
-// rows + i * row_stride.
+// for kv_head, fetching the next tile while fn works on the current one.
 template <typename T, typename Fn>
 void for_each_tile(const CacheView<T>& cache, const int64_t* block_table, int64_t seq_len,
                    int64_t kv_head, Fn&& fn) {
-  for (int64_t start = 0; start < seq_len;) {
-    const int64_t block = block_table[start / cache.block_size];
-    const int64_t offset = start % cache.block_size;
-    const int64_t count = std::min({kTileTokens, cache.block_size - offset, seq_len - start});
-    const T* rows = cache.data + (block * cache.block_size + offset) * cache.row_stride +
-                    kv_head * cache.head_dim;
-    fn(start, rows, count);
-    start += count;
+  Tile<T> tile = tile_at(cache, block_table, seq_len, kv_head, 0);
+  while (true) {
+    const int64_t next = tile.start + tile.count;
+    Tile<T> following{};
+    if (next < seq_len) {
+      following = tile_at(cache, block_table, seq_len, kv_head, next);
+      prefetch_tile(cache, following);
+    }
+    fn(tile.start, tile.rows, tile.count);
+    if (next >= seq_len) break;
+    tile = following;
   }
 }
 
@@ -211,9 +291,10 @@ void attend_group(const float* q, const CacheView<T>& keys, const CacheView<T>& 
   float* s = scores.data();  // [group, seq_len]
 
   const auto score_tile = [&](int64_t start, const T* rows, int64_t count) {
-    for (int64_t g = 0; g < group; ++g) {
-      tile_scores(q + g * d, rows, stride, count, d, scale, s + g * seq_len + start);
-    }
+    for_each_head_pass(group, [&](int64_t g0, auto heads) {
+      group_tile_scores<decltype(heads)::value>(q + g0 * d, rows, stride, count, d, scale,
+                                                s + g0 * seq_len + start, seq_len);
+    });
   };
   for_each_tile(keys, block_table, seq_len, kv_head, score_tile);
 
@@ -222,9 +303,10 @@ void attend_group(const float* q, const CacheView<T>& keys, const CacheView<T>& 
 
   std::fill(out, out + group * d, 0.0f);
   const auto accumulate_tile = [&](int64_t start, const T* rows, int64_t count) {
-    for (int64_t g = 0; g < group; ++g) {
-      tile_accumulate(s + g * seq_len + start, rows, stride, count, d, out + g * d);
-    }
+    for_each_head_pass(group, [&](int64_t g0, auto heads) {
+      group_tile_accumulate<decltype(heads)::value>(s + g0 * seq_len + start, seq_len, rows, stride, count, d,
+                                                    out + g0 * d);
+    });
   };
   for_each_tile(values, block_table, seq_len, kv_head, accumulate_tile);
   // Normalising once at the end costs head_dim multiplies instead of seq_len.
@@ -273,20 +355,22 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   const int64_t block_size = k_cache.size(1);
 
   const int64_t num_seqs = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
-  const int64_t num_kv_heads = k_cache.size(2);
-  const int64_t row_stride = num_kv_heads * head_dim;
+  const int64_t num_kv_heads = k_cache.size(2), head_width = k_cache.size(3);
+  const int64_t row_stride = num_kv_heads * head_width;
   at::Tensor out = at::empty({num_seqs, num_heads, head_dim}, q.options());
 
   const auto run = [&](auto element) {
     using T = decltype(element);
-    const CacheView<T> keys{k_cache.data_ptr<T>(), block_size, row_stride, head_dim};
-    const CacheView<T> values{v_cache.data_ptr<T>(), block_size, row_stride, head_dim};
+    const CacheView<T> keys{k_cache.data_ptr<T>(), block_size, row_stride, head_dim, head_width};
+    const CacheView<T> values{v_cache.data_ptr<T>(), block_size, row_stride, head_dim, head_width};
     attend_all(q.data_ptr<float>(), keys, values, block_tables.data_ptr<int64_t>(),
                block_tables.size(1), seq_lens.data_ptr<int64_t>(), num_seqs, num_heads,
                num_kv_heads, static_cast<float>(scale), out.data_ptr<float>());
   };
   if (k_cache.scalar_type() == at::kHalf) {
     run(at::Half{});
+  } else if (k_cache.scalar_type() == at::kChar) {
+    run(int8_t{});
   } else {
     run(float{});
   }

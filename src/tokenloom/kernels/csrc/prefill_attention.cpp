@@ -7,9 +7,10 @@
 // Layout (see model/layers/attention.py):
 //   q, out:            [num_tokens, num_heads, head_dim], sequences back to back;
 //                      sequence s owns rows query_start_loc[s]:query_start_loc[s+1]
-//   k_cache, v_cache:  [num_blocks, block_size, num_kv_heads, head_dim]; token t
-//                      of a sequence lives in block block_table[t / block_size]
-//                      at offset t % block_size
+//   k_cache, v_cache:  [num_blocks, block_size, num_kv_heads, width], float32 or
+//                      float16 (width = head_dim) or int8 (width = head_dim + 4,
+//                      cache_rows.h); token t of a sequence lives in block
+//                      block_table[t / block_size] at offset t % block_size
 //   seq_lens[s]:       context length after this step (the new tokens' K/V are
 //                      already cached); query j of s sits at position
 //                      seq_lens[s] - q_len + j and sees keys 0..that position.
@@ -18,7 +19,7 @@
 // query tokens). Its query rows are those tokens' heads of that GQA group,
 // token-major, so one K/V tile serves all of them. Keys are streamed in tiles of
 // kKeyTile, up to the task's last position only. Each tile is widened to float32
-// once per task (K transposed to [head_dim][kKeyTile] for the score kernel, V as
+// (int8 rows times their scales) once per task (K transposed to [head_dim][kKeyTile] for the score kernel, V as
 // rows), then for every block of kRowBlock query rows:
 //   scores   = q . K^T          (register-blocked FMA, q pre-multiplied by scale)
 //   online softmax per row: keep the running max and sum, turn scores into
@@ -37,6 +38,7 @@
 #include <immintrin.h>
 
 #include "attention_checks.h"
+#include "cache_rows.h"
 #include "ops.h"
 #include "vec_math.h"
 #include <torch/library.h>
@@ -52,6 +54,7 @@
 namespace tokenloom {
 namespace {
 
+using cache_rows::RowFormat;
 using tokenloom_vec::exp_ps;
 using tokenloom_vec::hmax;
 using tokenloom_vec::hsum;
@@ -215,6 +218,22 @@ inline __attribute__((always_inline)) void transpose8(__m256 r[8]) {
   }
 }
 
+// Elements c .. c + 7 of a cache row as float32 values (int8: times the row's
+// scale, `scale`; the float types have none).
+template <typename T>
+inline __m256 widen8(const T* row, int64_t c, [[maybe_unused]] __m256 scale) {
+  if constexpr (RowFormat<T>::kScaled) {
+    return _mm256_mul_ps(load8(row + c), scale);
+  } else {
+    return load8(row + c);
+  }
+}
+
+template <typename T>
+inline __m256 scale_of(const T* row, int64_t d) {
+  return _mm256_set1_ps(RowFormat<T>::scale(row, d));
+}
+
 // kt[c][k] = key row k's element c, widened, for the tile's count key rows
 // (at element offsets offsets[k] of keys). Keys count .. round up to 8 repeat
 // the last row; their scores are never shown.
@@ -222,10 +241,14 @@ template <typename T>
 void transpose_keys(const T* keys, const int64_t* offsets, int64_t count, int64_t d, float* kt) {
   for (int64_t k0 = 0; k0 < count; k0 += kLanes) {
     const T* rows[kLanes];
-    for (int64_t i = 0; i < kLanes; ++i) rows[i] = keys + offsets[std::min(k0 + i, count - 1)];
+    __m256 scales[kLanes];
+    for (int64_t i = 0; i < kLanes; ++i) {
+      rows[i] = keys + offsets[std::min(k0 + i, count - 1)];
+      scales[i] = scale_of(rows[i], d);
+    }
     for (int64_t c = 0; c < d; c += kLanes) {
       __m256 r[kLanes];
-      for (int64_t i = 0; i < kLanes; ++i) r[i] = load8(rows[i] + c);
+      for (int64_t i = 0; i < kLanes; ++i) r[i] = widen8(rows[i], c, scales[i]);
       transpose8(r);
       for (int64_t i = 0; i < kLanes; ++i) _mm256_storeu_ps(kt + (c + i) * kKeyTile + k0, r[i]);
     }
@@ -233,8 +256,10 @@ void transpose_keys(const T* keys, const int64_t* offsets, int64_t count, int64_
 }
 
 void widen_row(const float* row, int64_t d, float* dst) { std::copy(row, row + d, dst); }
-void widen_row(const at::Half* row, int64_t d, float* dst) {
-  for (int64_t c = 0; c < d; c += kLanes) _mm256_storeu_ps(dst + c, load8(row + c));
+template <typename T>
+void widen_row(const T* row, int64_t d, float* dst) {
+  const __m256 scale = scale_of(row, d);
+  for (int64_t c = 0; c < d; c += kLanes) _mm256_storeu_ps(dst + c, widen8(row, c, scale));
 }
 
 // Everything a task reads and writes. The caches hold elements of type T.
@@ -247,6 +272,7 @@ struct Problem {
   const int64_t* block_tables;
   int64_t max_num_blocks, block_size, num_heads, num_kv_heads, head_dim;
   float scale;
+  int64_t head_width() const { return RowFormat<T>::width(head_dim); }  // elements of one head's cache row
 };
 
 // Query tokens first .. first + count - 1 (rows of q) of sequence seq, for the
@@ -272,10 +298,10 @@ struct Scratch {
 template <typename T>
 void load_tile(const Problem<T>& p, const int64_t* table, int64_t kv_head, int64_t start,
                int64_t count, Scratch& scratch) {
-  const int64_t d = p.head_dim, row_stride = p.num_kv_heads * d;
+  const int64_t d = p.head_dim, width = p.head_width(), row_stride = p.num_kv_heads * width;
   for (int64_t k = 0; k < count;) {  // a block at a time: one division per block, not per key
     const int64_t t = start + k, offset_in_block = t % p.block_size;
-    int64_t offset = (table[t / p.block_size] * p.block_size + offset_in_block) * row_stride + kv_head * d;
+    int64_t offset = (table[t / p.block_size] * p.block_size + offset_in_block) * row_stride + kv_head * width;
     for (int64_t i = std::min(p.block_size - offset_in_block, count - k); i > 0; --i, offset += row_stride) {
       scratch.offsets[k++] = offset;
     }
@@ -436,6 +462,8 @@ at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& k_cach
   };
   if (k_cache.scalar_type() == at::kHalf) {
     run(at::Half{});
+  } else if (k_cache.scalar_type() == at::kChar) {
+    run(int8_t{});
   } else {
     run(float{});
   }

@@ -1,15 +1,21 @@
 // AVX2 helpers shared by the kernels: horizontal sum and max, a vector exp, and
-// 8 cache elements (float32, or float16 widened with F16C) as float32 lanes.
+// 8 cache elements (float32, float16 widened with F16C, or int8 converted) as
+// float32 lanes.
 #pragma once
 
 #include <c10/util/Half.h>
 #include <immintrin.h>
+
+#include <cstdint>
 
 namespace tokenloom_vec {
 
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const c10::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 
 // The largest of the 8 lanes.

@@ -2,9 +2,16 @@
 
 Cache layout, one pair per layer::
 
-    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, width]
 
     slot = block_id * block_size + offset      (flat index into the first two dims)
+
+``width`` is head_dim for a float cache (float32, float16, bfloat16). An int8
+cache quantizes every (token, kv head) row by itself, symmetric, as llama.cpp's
+``q8_0`` KV cache does per block: ``s = max|x| / 127``, ``q = round(x / s)``,
+and the row holds the head_dim int8 values then ``s`` as float32 (4 bytes), so
+``width`` = head_dim + 4 and a row needs nothing outside itself (the C++
+kernels read the same layout: kernels/csrc/cache_rows.h).
 
     block_table of a sequence:  [b7, b2, b9]   -> tokens 0..15 in b7, 16..31 in b2, ...
 
@@ -46,22 +53,53 @@ class AttentionMetadata:
         return self.query_start_loc[-1] == self.num_seqs
 
 
-_NATIVE_CACHE_DTYPES = (torch.float32, torch.float16)
+_NATIVE_CACHE_DTYPES = (torch.float32, torch.float16, torch.int8)
+_INT8_SCALE_BYTES = 4  # a float32 after each int8 row
+
+
+def kv_row_width(head_dim: int, dtype: torch.dtype) -> int:
+    """Elements of one (token, kv head) cache row: the last dim of a cache of ``dtype``."""
+    return head_dim + _INT8_SCALE_BYTES if dtype == torch.int8 else head_dim
+
+
+def quantize_kv(x: torch.Tensor) -> torch.Tensor:
+    """[..., head_dim] float -> [..., head_dim + 4] int8 cache rows (values, then the
+    float32 scale). The same float32 arithmetic as the C++ ``write_kv``, so both
+    write the same bytes."""
+    x = x.float()
+    scale = x.abs().amax(dim=-1, keepdim=True) / 127
+    inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    q = (x * inv).round().clamp(-127, 127).to(torch.int8)
+    return torch.cat([q, scale.view(torch.int8)], dim=-1)
+
+
+def cache_rows_as(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cache rows [..., width] as values [..., head_dim] of ``dtype`` (int8 rows dequantized)."""
+    if rows.dtype != torch.int8:
+        return rows.to(dtype)
+    values, scale = rows[..., :-_INT8_SCALE_BYTES], rows[..., -_INT8_SCALE_BYTES:].contiguous()
+    return (values.float() * scale.view(torch.float32)).to(dtype)
+
+
+def to_cache_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Values [..., head_dim] as rows of a cache of ``dtype`` (int8: quantized)."""
+    return quantize_kv(x) if dtype == torch.int8 else x.to(dtype)
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor, native: bool = False) -> None:
     """Scatter this step's keys/values ([num_tokens, num_kv_heads, head_dim]) into their slots.
 
-    ``native``: one C++ call for both caches (float32 rows into a float32 or
-    float16 CPU cache), the same bits as the cast and ``index_copy_`` below.
+    ``native``: one C++ call for both caches (float32 rows into a float32,
+    float16 or int8 CPU cache), the same bits as the cast (or ``quantize_kv``)
+    and ``index_copy_`` below.
     """
     if native and k.dtype == torch.float32 and k_cache.dtype in _NATIVE_CACHE_DTYPES:
         kernels.ops().write_kv(k_cache, v_cache, k, v, slot_mapping)
         return
-    num_kv_heads, head_dim = k.shape[1], k.shape[2]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    num_kv_heads, width = k_cache.shape[2], k_cache.shape[3]
+    k_cache.view(-1, num_kv_heads, width).index_copy_(0, slot_mapping, to_cache_rows(k, k_cache.dtype))
+    v_cache.view(-1, num_kv_heads, width).index_copy_(0, slot_mapping, to_cache_rows(v, v_cache.dtype))
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -70,7 +108,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
     The new tokens' K/V must already be written to the cache (``write_kv``).
     ``native``: the C++ kernels, which read K/V through the block tables in
-    place (float32 or float16 CPU caches, head_dim a multiple of 8): one for
+    place (float32, float16 or int8 CPU caches, head_dim a multiple of 8): one for
     decode-only steps, one for steps with prompt chunks (any mix of sequences).
     """
     native = native and q.shape[-1] % 8 == 0 and k_cache.dtype in _NATIVE_CACHE_DTYPES
@@ -103,11 +141,12 @@ def _gather_context(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: t
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
             causal_offset: int) -> torch.Tensor:
-    """q: [q_len, H, D]; k, v: [kv_len, KVH, D]; query j sits at position causal_offset + j."""
+    """q: [q_len, H, D]; k, v: [kv_len, KVH, width] cache rows; query j sits at position
+    causal_offset + j."""
     q_len, kv_len = q.shape[0], k.shape[0]
     qh = q.transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
-    kh = k.transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, KVH, kv_len, D]
-    vh = v.transpose(0, 1).unsqueeze(0).to(q.dtype)
+    kh = cache_rows_as(k, q.dtype).transpose(0, 1).unsqueeze(0)  # [1, KVH, kv_len, D]
+    vh = cache_rows_as(v, q.dtype).transpose(0, 1).unsqueeze(0)
     mask = None
     # A whole prompt at once is plain causal attention, which SDPA does without a
     # mask and, on the CPU, skips the blocks above the diagonal (half the work).
@@ -138,8 +177,8 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     padding = ~mask[:, :, None, None]
     k, v = k.masked_fill(padding, 0), v.masked_fill(padding, 0)
     qh = q.unsqueeze(2)  # [S, H, 1, D]
-    kh = k.transpose(1, 2).to(q.dtype)  # [S, KVH, max_len, D]
-    vh = v.transpose(1, 2).to(q.dtype)
+    kh = cache_rows_as(k, q.dtype).transpose(1, 2)  # [S, KVH, max_len, D]
+    vh = cache_rows_as(v, q.dtype).transpose(1, 2)
     out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask[:, None, None, :], scale=scale,
                                          enable_gqa=kh.shape[1] != qh.shape[1])
     return out.squeeze(2)  # [S, H, D]
