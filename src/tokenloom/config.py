@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 # Weight formats of the linear layers; see tokenloom/model/loader/quantize.py.
 QUANTIZATION_MODES = ("auto", "none", "int8", "int4")
-# auto: int8 where the model runs quantized weights on the native kernels (a
+# auto: int8 where the model runs quantized weights on the native kernels (about a
 # quarter of float32's bytes per decode step's attention reads and per cached
 # token; rows quantized one by one, see model/layers/attention.py), else the
 # model dtype.

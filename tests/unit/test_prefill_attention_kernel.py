@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers.kv_cache import poison
+from tests.helpers.kv_cache import poison, q_and_cache_cases
 from tokenloom import kernels
 from tokenloom.model.layers.attention import cache_rows_as, to_cache_rows
 
@@ -226,19 +226,7 @@ def _invalid_cases() -> list[object]:
         return torch.tensor(values, dtype=torch.int64)
 
     return [
-        case("q dtype", "q must be float32", q=q.double()),
-        case("q dims", "q must be", q=q[0]),
-        case("q layout", "q must be contiguous", q=q.transpose(0, 1).contiguous().transpose(0, 1)),
-        case("k dtype", "k_cache must be float32, float16 or int8", k_cache=k.double()),
-        case("v dtype", "v_cache must be float32, float16 or int8", v_cache=v.bfloat16()),
-        case("int8 rows without scales", "do not hold q's head_dim", k_cache=to_cache_rows(k, torch.int8)[..., :-4].contiguous(),
-             v_cache=to_cache_rows(v, torch.int8)[..., :-4].contiguous()),
-        case("int8 rows", "do not hold q's head_dim", q=q[:, :, :8].contiguous(),
-             k_cache=to_cache_rows(k, torch.int8), v_cache=to_cache_rows(v, torch.int8)),
-        case("k half, v float", "v_cache dtype Float must match k_cache dtype Half", k_cache=k.half()),
-        case("k layout", "k_cache must be contiguous", k_cache=k.transpose(0, 1)),
-        case("v shape", "v_cache shape", v_cache=v[:-1]),
-        case("head_dim mismatch", "do not hold q's head_dim", q=q[:, :, :8].contiguous()),
+        *(case(name, message, **changes) for name, message, changes in q_and_cache_cases(q, k, v)),
         pytest.param(make_case([(5, 5)], 4, 2, 12), "head_dim", id="head_dim not a multiple of 8"),
         pytest.param(make_case([(5, 5)], 3, 2, 16), "num_heads", id="heads not a multiple"),
         case("tables dtype", "block_tables must be int64", block_tables=tables.int()),

@@ -68,16 +68,6 @@ inline __m128 sum_each4(__m256 v0, __m256 v1, __m256 v2, __m256 v3) {
   return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
 }
 
-// The scale of a row (int8 rows only; the float types have none: 1, never multiplied in).
-template <typename T>
-inline float row_scale([[maybe_unused]] const T* row, [[maybe_unused]] int64_t d) {
-  if constexpr (RowFormat<T>::kScaled) {
-    return RowFormat<T>::scale(row, d);
-  } else {
-    return 1.0f;
-  }
-}
-
 // dots[g] = {<q_g, row r>} for the kRowsPerPass rows `stride` elements apart, G
 // query heads (q rows d apart). d is a multiple of kLanes (checked on entry).
 template <int G, typename T>
@@ -108,7 +98,7 @@ void group_tile_scores(const float* q, const T* rows, int64_t stride, int64_t co
     __m128 factor = _mm_set1_ps(scale);
     if constexpr (RowFormat<T>::kScaled) {
       alignas(16) float scales[kRowsPerPass];
-      for (int r = 0; r < kRowsPerPass; ++r) scales[r] = row_scale(rows + (t + r) * stride, d);
+      for (int r = 0; r < kRowsPerPass; ++r) scales[r] = RowFormat<T>::scale(rows + (t + r) * stride, d);
       for (int g = 0; g < G; ++g) dots[g] = _mm_mul_ps(dots[g], _mm_load_ps(scales));
     }
     for (int g = 0; g < G; ++g) _mm_storeu_ps(scores + g * score_stride + t, _mm_mul_ps(dots[g], factor));
@@ -119,7 +109,7 @@ void group_tile_scores(const float* q, const T* rows, int64_t stride, int64_t co
       __m256 acc = _mm256_setzero_ps();
       for (int64_t c = 0; c < d; c += kLanes) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * d + c), load8(row + c), acc);
       float dot = hsum(acc);
-      if constexpr (RowFormat<T>::kScaled) dot *= row_scale(row, d);
+      if constexpr (RowFormat<T>::kScaled) dot *= RowFormat<T>::scale(row, d);
       scores[g * score_stride + t] = dot * scale;
     }
   }
@@ -137,7 +127,7 @@ inline void accumulate_columns(const float* weights, int64_t weight_stride, cons
   int64_t t = 0;
   do {  // count >= 1
     const T* row = rows + t * stride;
-    const float scale = row_scale(row, d);
+    const float scale = RowFormat<T>::scale(row, d);
     __m256 w[G];
     for (int g = 0; g < G; ++g) {
       const float weight = weights[g * weight_stride + t];

@@ -6,14 +6,14 @@ Cache layout, one pair per layer::
 
     slot = block_id * block_size + offset      (flat index into the first two dims)
 
+    block_table of a sequence:  [b7, b2, b9]   -> tokens 0..15 in b7, 16..31 in b2, ...
+
 ``width`` is head_dim for a float cache (float32, float16, bfloat16). An int8
 cache quantizes every (token, kv head) row by itself, symmetric, as llama.cpp's
 ``q8_0`` KV cache does per block: ``s = max|x| / 127``, ``q = round(x / s)``,
 and the row holds the head_dim int8 values then ``s`` as float32 (4 bytes), so
 ``width`` = head_dim + 4 and a row needs nothing outside itself (the C++
 kernels read the same layout: kernels/csrc/cache_rows.h).
-
-    block_table of a sequence:  [b7, b2, b9]   -> tokens 0..15 in b7, 16..31 in b2, ...
 
 A step's batch is flat: the new tokens of every sequence back to back. Sequence
 i owns rows ``query_start_loc[i]:query_start_loc[i+1]`` and, after this step,
