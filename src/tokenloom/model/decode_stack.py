@@ -20,14 +20,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from tokenloom import kernels
+from tokenloom.model.layers.attention import NATIVE_CACHE_DTYPES
 
 if TYPE_CHECKING:
     from tokenloom.model.layers.attention import AttentionMetadata
     from tokenloom.model.layers.rotary import RopeInputs
     from tokenloom.model.llama import KVCache, LlamaModel
-
-_CACHE_DTYPES = (torch.float32, torch.float16, torch.int8)
-
 
 @dataclass(frozen=True, slots=True)
 class DecodeStack:
@@ -64,7 +62,7 @@ class DecodeStack:
                    first.num_heads, first.num_kv_heads, first.head_dim, model.norm.eps, first.scale)
 
     def applies(self, kv_caches: list[KVCache], meta: AttentionMetadata) -> bool:
-        return meta.is_decode_only and kv_caches[0][0].dtype in _CACHE_DTYPES
+        return meta.is_decode_only and kv_caches[0][0].dtype in NATIVE_CACHE_DTYPES
 
     def __call__(self, hidden: torch.Tensor, rope: RopeInputs, kv_caches: list[KVCache],
                  meta: AttentionMetadata) -> torch.Tensor:

@@ -209,9 +209,9 @@ template <typename T>
 struct CacheView {
   const T* data;
   int64_t block_size;
-  int64_t row_stride;  // num_kv_heads * head_width: from one token slot to the next
+  int64_t row_stride;  // num_kv_heads * head_width(): from one token slot to the next
   int64_t head_dim;
-  int64_t head_width;  // elements of one head's row: RowFormat<T>::width(head_dim)
+  int64_t head_width() const { return RowFormat<T>::width(head_dim); }  // elements of one head's row
 };
 
 // Tokens per tile: one kv head's K or V rows of a tile (16 * head_dim elements)
@@ -232,7 +232,7 @@ Tile<T> tile_at(const CacheView<T>& cache, const int64_t* block_table, int64_t s
   const int64_t block = block_table[start / cache.block_size];
   const int64_t offset = start % cache.block_size;
   const int64_t count = std::min({kTileTokens, cache.block_size - offset, seq_len - start});
-  const T* rows = cache.data + (block * cache.block_size + offset) * cache.row_stride + kv_head * cache.head_width;
+  const T* rows = cache.data + (block * cache.block_size + offset) * cache.row_stride + kv_head * cache.head_width();
   return {start, count, rows};
 }
 
@@ -243,7 +243,7 @@ Tile<T> tile_at(const CacheView<T>& cache, const int64_t* block_table, int64_t s
 template <typename T>
 void prefetch_tile(const CacheView<T>& cache, const Tile<T>& tile) {
   constexpr int64_t kLineBytes = 64;
-  const int64_t row_bytes = cache.head_width * static_cast<int64_t>(sizeof(T));
+  const int64_t row_bytes = cache.head_width() * static_cast<int64_t>(sizeof(T));
   for (int64_t i = 0; i < tile.count; ++i) {
     const char* row = reinterpret_cast<const char*>(tile.rows + i * cache.row_stride);
     for (int64_t b = 0; b < row_bytes; b += kLineBytes) _mm_prefetch(row + b, _MM_HINT_T0);
@@ -345,14 +345,14 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   const int64_t block_size = k_cache.size(1);
 
   const int64_t num_seqs = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
-  const int64_t num_kv_heads = k_cache.size(2), head_width = k_cache.size(3);
-  const int64_t row_stride = num_kv_heads * head_width;
+  const int64_t num_kv_heads = k_cache.size(2);
+  const int64_t row_stride = num_kv_heads * k_cache.size(3);  // size(3): a head's row width, checked
   at::Tensor out = at::empty({num_seqs, num_heads, head_dim}, q.options());
 
   const auto run = [&](auto element) {
     using T = decltype(element);
-    const CacheView<T> keys{k_cache.data_ptr<T>(), block_size, row_stride, head_dim, head_width};
-    const CacheView<T> values{v_cache.data_ptr<T>(), block_size, row_stride, head_dim, head_width};
+    const CacheView<T> keys{k_cache.data_ptr<T>(), block_size, row_stride, head_dim};
+    const CacheView<T> values{v_cache.data_ptr<T>(), block_size, row_stride, head_dim};
     attend_all(q.data_ptr<float>(), keys, values, block_tables.data_ptr<int64_t>(),
                block_tables.size(1), seq_lens.data_ptr<int64_t>(), num_seqs, num_heads,
                num_kv_heads, static_cast<float>(scale), out.data_ptr<float>());

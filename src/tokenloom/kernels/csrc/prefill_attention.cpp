@@ -19,8 +19,9 @@
 // query tokens). Its query rows are those tokens' heads of that GQA group,
 // token-major, so one K/V tile serves all of them. Keys are streamed in tiles of
 // kKeyTile, up to the task's last position only. Each tile is widened to float32
-// (int8 rows times their scales) once per task (K transposed to [head_dim][kKeyTile] for the score kernel, V as
-// rows), then for every block of kRowBlock query rows:
+// (int8 rows times their scales) once per task (K transposed to
+// [head_dim][kKeyTile] for the score kernel, V as rows), then for every block
+// of kRowBlock query rows:
 //   scores   = q . K^T          (register-blocked FMA, q pre-multiplied by scale)
 //   online softmax per row: keep the running max and sum, turn scores into
 //            exp(score - max), 0 past the row's causal limit, and rescale the
@@ -255,7 +256,6 @@ void transpose_keys(const T* keys, const int64_t* offsets, int64_t count, int64_
   }
 }
 
-void widen_row(const float* row, int64_t d, float* dst) { std::copy(row, row + d, dst); }
 template <typename T>
 void widen_row(const T* row, int64_t d, float* dst) {
   const __m256 scale = scale_of(row, d);

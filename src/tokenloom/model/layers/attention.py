@@ -53,7 +53,7 @@ class AttentionMetadata:
         return self.query_start_loc[-1] == self.num_seqs
 
 
-_NATIVE_CACHE_DTYPES = (torch.float32, torch.float16, torch.int8)
+NATIVE_CACHE_DTYPES = (torch.float32, torch.float16, torch.int8)  # what the C++ kernels read
 _INT8_SCALE_BYTES = 4  # a float32 after each int8 row
 
 
@@ -94,7 +94,7 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     float16 or int8 CPU cache), the same bits as the cast (or ``quantize_kv``)
     and ``index_copy_`` below.
     """
-    if native and k.dtype == torch.float32 and k_cache.dtype in _NATIVE_CACHE_DTYPES:
+    if native and k.dtype == torch.float32 and k_cache.dtype in NATIVE_CACHE_DTYPES:
         kernels.ops().write_kv(k_cache, v_cache, k, v, slot_mapping)
         return
     num_kv_heads, width = k_cache.shape[2], k_cache.shape[3]
@@ -111,7 +111,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     place (float32, float16 or int8 CPU caches, head_dim a multiple of 8): one for
     decode-only steps, one for steps with prompt chunks (any mix of sequences).
     """
-    native = native and q.shape[-1] % 8 == 0 and k_cache.dtype in _NATIVE_CACHE_DTYPES
+    native = native and q.shape[-1] % 8 == 0 and k_cache.dtype in NATIVE_CACHE_DTYPES
     if meta.is_decode_only:
         if native:
             return kernels.ops().paged_decode_attention(q.contiguous(), k_cache, v_cache, meta.block_tables,
