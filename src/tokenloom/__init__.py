@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from tokenloom.request import CompletionOutput, RequestOutput
-from tokenloom.sampling_params import SamplingParams
+from tokenloom.sampling_params import SamplingParams, StructuredOutputsParams
 
 if TYPE_CHECKING:
     from tokenloom.entrypoints.llm import LLM
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput"]
 __version__ = "0.1.0"
 
 

@@ -12,6 +12,7 @@ import enum
 import random
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 from tokenloom.sampling_params import SamplingParams
 
@@ -34,6 +35,19 @@ class RequestStatus(enum.Enum):
         return self.value if self.finished else None
 
 
+class OutputGrammar(Protocol):
+    """What the scheduler asks of a sequence's structured-output grammar
+    (``tokenloom.structured.SequenceGrammar`` is one)."""
+
+    @property
+    def is_ready(self) -> bool: ...  # compiled, or failed
+    @property
+    def error(self) -> str | None: ...
+    @property
+    def is_terminated(self) -> bool: ...
+    def accept(self, token_id: int) -> bool: ...
+
+
 class Request:
     """One sequence being generated.
 
@@ -51,6 +65,7 @@ class Request:
         sample_index: int = 0,
         parent_id: str | None = None,
         seed: int | None = None,
+        grammar: OutputGrammar | None = None,
     ) -> None:
         if not prompt_token_ids:
             raise ValueError("prompt must contain at least one token")
@@ -81,6 +96,8 @@ class Request:
         # Filled by the scheduler when sampling_params asks for (prompt) logprobs.
         self.output_logprobs: list[PositionLogprobs] = []
         self.prompt_logprobs: list[PositionLogprobs | None] = []
+        # Structured output: the grammar its tokens follow (None: unconstrained).
+        self.grammar = grammar
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -144,6 +161,7 @@ class RequestOutput:
     finished: bool
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    error: str | None = None  # the request failed before it ran (its grammar did not compile)
 
 
 def merge_delta(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
@@ -166,4 +184,5 @@ def merge_delta(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutpu
     acc.num_cached_tokens = max(acc.num_cached_tokens, delta.num_cached_tokens)
     if delta.prompt_logprobs is not None:
         acc.prompt_logprobs = delta.prompt_logprobs
+    acc.error = delta.error or acc.error
     return acc

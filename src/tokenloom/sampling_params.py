@@ -7,9 +7,77 @@ turns that into a 400.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 _GREEDY_EPS = 1e-5
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredOutputsParams:
+    """Constrain a request's output to a language; exactly one kind is given.
+
+    - ``json``: a JSON schema (dict or its JSON text): the output is one JSON value valid against it;
+    - ``json_object``: any JSON object;
+    - ``regex``: the whole output matches this regular expression (Rust ``regex`` syntax);
+    - ``choice``: the output is exactly one of these strings;
+    - ``grammar``: a context-free grammar, GBNF (llama.cpp's ``root ::= ...``) or Lark
+      (llguidance's dialect, ``start: ...``, which may embed ``%json{...}`` schemas).
+
+    The grammar itself is checked when it is compiled (``tokenloom.structured``); here
+    only the shape of the request is.
+    """
+
+    json: dict[str, Any] | str | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.choice, list):
+            object.__setattr__(self, "choice", tuple(self.choice))
+
+    @property
+    def kind(self) -> str:
+        """The one kind given (``validate`` guarantees there is exactly one)."""
+        return next(k for k in _STRUCTURED_KINDS if getattr(self, k) not in (None, False))
+
+    def spec_text(self) -> str:
+        """The kind's specification as text: the compiled-grammar cache key (with ``kind``)."""
+        value = getattr(self, self.kind)
+        if self.kind == "json":  # one key for the same schema, given as an object or as text
+            return json.dumps(json.loads(value) if isinstance(value, str) else value, sort_keys=True)
+        if self.kind == "choice":
+            return json.dumps(list(value))
+        return "" if self.kind == "json_object" else value
+
+    def validate(self, field_name: str = "structured_outputs") -> None:
+        given = [k for k in _STRUCTURED_KINDS if getattr(self, k) not in (None, False)]
+        _check(len(given) == 1, field_name,
+               f"must give exactly one of {', '.join(_STRUCTURED_KINDS)}; got "
+               f"{', '.join(given) if given else 'none'}")
+        kind = given[0]
+        if kind == "json":
+            _check(isinstance(self.json, (dict, str)), field_name, "json must be a JSON schema object")
+            if isinstance(self.json, str):
+                try:
+                    _check(isinstance(json.loads(self.json), dict), field_name,
+                           "json must be a JSON schema object")
+                except json.JSONDecodeError as exc:
+                    raise InvalidParameter(field_name, f"json is not valid JSON: {exc}") from None
+        elif kind == "choice":
+            _check(bool(self.choice) and all(isinstance(c, str) and c for c in self.choice), field_name,
+                   "choice must be a non-empty list of non-empty strings")
+        elif kind == "json_object":
+            _check(self.json_object is True, field_name, "json_object must be true")
+        else:
+            value = getattr(self, kind)
+            _check(isinstance(value, str) and value.strip() != "", field_name, f"{kind} must be a non-empty string")
+
+
+_STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
 
 
 @dataclass(slots=True)
@@ -33,6 +101,7 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs per sampled token (0: sampled only)
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -73,6 +142,8 @@ class SamplingParams:
         if self.logit_bias:
             for tok, bias in self.logit_bias.items():
                 _check(-100 <= bias <= 100, "logit_bias", f"bias for token {tok} must be in [-100, 100]")
+        if self.structured_outputs is not None:
+            self.structured_outputs.validate()
         if vocab_size is not None:
             self._validate_token_ids(vocab_size)
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import pytest
 
 from tokenloom.bench.cli import main
 from tokenloom.bench.results import ServeResult
 from tokenloom.bench.serve import LoadLevel, ServeTarget
 from tokenloom.bench.sweep import BenchError, run_sweep
-from tokenloom.bench.workloads import WorkloadSpec
+from tokenloom.bench.workloads import WorkloadSpec, build_workload
 from tokenloom.engine.tokenizer import Tokenizer
 
 INPUT_LEN, OUTPUT_LEN, NUM_PROMPTS = 24, 6, 3
@@ -88,3 +89,26 @@ def test_report_puts_two_runs_side_by_side(tiny_server, tiny_checkpoint, tmp_pat
     assert len(rows[0].split("|")) == 2 + 2 + 5 * 3  # level, peer, then 5 metrics x (ours, peer, ratio)
     assert "tokenloom / peer" in table
     assert html.read_text().count("<svg") == 9
+
+
+def test_json_schema_response_format_constrains_every_request(tiny_server, tiny_checkpoint, tmp_path):
+    from tokenloom.bench.serve import BENCH_JSON_SCHEMA
+
+    out = tmp_path / "json.json"
+    assert main(_serve_args(tiny_server, tiny_checkpoint, out, "--concurrency", "2",
+                            "--response-format", "json-schema")) == 0
+    summary = json.loads(out.read_text())["levels"][0]["summary"]
+    # The schema asks for 64+ records, so every constrained answer still runs to --output-len.
+    assert (summary["num_completed"], summary["num_errors"]) == (NUM_PROMPTS, 0)
+    assert summary["total_output_tokens"] == NUM_PROMPTS * OUTPUT_LEN
+    target = ServeTarget(base_url=f"{tiny_server.url}/v1", model=tiny_server.model_name,
+                         response_format="json-schema")
+    [request] = build_workload(WorkloadSpec("random", 1, 8, 40), Tokenizer.from_path(tiny_checkpoint.hf_dir))
+    body = target.payload(request)
+    assert body["response_format"]["json_schema"]["schema"] == BENCH_JSON_SCHEMA
+    body = {**body, "stream": False}
+    del body["stream_options"]
+    resp = httpx.post(target.url, json=body, timeout=60)
+    text = resp.json()["choices"][0]["text"]
+    assert "".join(text.split()).startswith('{"records":[{"id"'), text
+    tiny_server.wait_idle()

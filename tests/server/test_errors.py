@@ -24,11 +24,8 @@ def assert_error(resp: httpx.Response, status: int, param: str | None, *words: s
 
 
 @pytest.mark.parametrize("field, value", [
-    ("tools", [{"type": "function", "function": {"name": "f"}}]),
-    ("tool_choice", "auto"),
-    ("response_format", {"type": "json_object"}),
     ("functions", [{"name": "f"}]),
-    ("parallel_tool_calls", True),
+    ("function_call", "auto"),
     ("audio", {"voice": "alloy"}),
     ("modalities", ["text"]),
     ("prediction", {"type": "content", "content": "x"}),
@@ -44,7 +41,7 @@ def test_unsupported_chat_fields_are_400_naming_them(tiny_server, field, value):
 
 
 def test_unsupported_field_sent_as_null_means_absent(tiny_server):
-    resp = post(tiny_server, "/v1/chat/completions", json={"messages": CHAT, "tools": None, "max_tokens": 2})
+    resp = post(tiny_server, "/v1/chat/completions", json={"messages": CHAT, "functions": None, "max_tokens": 2})
     assert resp.status_code == 200
 
 
@@ -75,7 +72,18 @@ def test_invalid_completion_values_are_400_naming_the_field(tiny_server, body, p
 
 @pytest.mark.parametrize("body, param", [
     ({"messages": []}, "messages"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.tool_call_id"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+    ({"messages": [{"role": "user", "content": None}]}, "messages.0.content"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "messages.0.tool_calls"),
+    ({"messages": CHAT, "tool_choice": "required"}, "tool_choice"),
+    ({"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
+    ({"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}] * 2}, "tools"),
+    ({"messages": CHAT, "tools": [{"type": "function", "function": {"name": "bad name"}}]},
+     "tools.0.function.name"),
+    ({"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required",
+      "response_format": {"type": "json_object"}}, "tool_choice"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages.0.content"),
     ({"messages": [{"role": "user", "content": "x", "tool_call_id": "1"}]}, "messages.0.tool_call_id"),

@@ -327,3 +327,49 @@ def test_prompt_logprobs_helper() -> None:
     assert torch.equal(ranks, (raw >= raw.gather(-1, targets[:, None])).sum(dim=-1))
     only_chosen = compute_prompt_logprobs(logits, targets, 0)
     assert only_chosen[0].shape == (5, 1) and torch.equal(only_chosen[2], ranks)
+
+
+# --- structured output: the grammar's allowed tokens --------------------------------------------
+
+def bitmask_of(allowed: list[set[int]], vocab: int = VOCAB) -> torch.Tensor:
+    """[rows, ceil(vocab / 32)] int32 with bit t of each row set for the allowed tokens."""
+    words = np.zeros((len(allowed), (vocab + 31) // 32), dtype=np.uint32)
+    for row, tokens in enumerate(allowed):
+        for t in tokens:
+            words[row, t // 32] |= np.uint32(1 << (t % 32))
+    return torch.from_numpy(words.view(np.int32).copy())
+
+
+def test_allowed_tokens_mask_only_their_rows_and_come_first() -> None:
+    from tokenloom.sample.metadata import AllowedTokens
+
+    seqs = mixed_batch()
+    seqs = [dataclasses.replace(s, sampling_params=dataclasses.replace(s.sampling_params, logprobs=0))
+            for s in seqs]
+    logits = random_logits(len(seqs), seed=21, scale=3.0)
+    # Row 1: token 7 has a +3 bias, eos 2 is forbidden by min_tokens.
+    allowed = [{2, 7, 40}, {1, 40, 63}, {0, 31, 32, VOCAB - 1}]
+    rows = torch.tensor([1, 2, 6])
+    masked = AllowedTokens(rows, bitmask_of(allowed))
+    free = sampler(logits, build_sampling_metadata(seqs, VOCAB, "cpu"))
+    out = sampler(logits, build_sampling_metadata(seqs, VOCAB, "cpu", masked))
+    for row, tokens in zip(rows.tolist(), allowed):
+        assert out.token_ids[row].item() in tokens
+    unmasked = [r for r in range(len(seqs)) if r not in rows.tolist()]
+    assert torch.equal(out.token_ids[unmasked], free.token_ids[unmasked])  # no leak into other rows
+    # Greedy row 1 (bias +3 on token 7, repetition penalty) takes the best allowed token after its transforms.
+    processed = ref_history(logits[1].numpy(), seqs[1])
+    assert out.token_ids[1].item() == max(allowed[0], key=lambda t: processed[t])
+    # Logprobs stay the model's: the raw log-softmax of the sampled (constrained) token.
+    raw = torch.log_softmax(logits.double(), dim=-1)
+    assert torch.allclose(out.logprobs[:, 0].double(), raw.gather(-1, out.token_ids[:, None])[:, 0], atol=1e-5)
+
+
+def test_allowed_tokens_for_every_row_and_a_random_row_draws_only_allowed() -> None:
+    from tokenloom.sample.metadata import AllowedTokens
+
+    logits = random_logits(1, seed=22, scale=3.0).expand(300, VOCAB)
+    seqs = [make_seq(SamplingParams(temperature=1.5), seed=i) for i in range(300)]
+    allowed = {3, 4, 50, 51, 63}
+    out = sampler(logits, build_sampling_metadata(seqs, VOCAB, "cpu", AllowedTokens(None, bitmask_of([allowed] * 300))))
+    assert set(out.token_ids.tolist()) == allowed  # every allowed token drawn, and nothing else

@@ -603,3 +603,68 @@ def test_random_workloads_keep_integrity_and_finish(ops: list[tuple], block_size
             assert req.num_tokens <= 24 or req.num_output_tokens == 1
             if req.sampling_params.prompt_logprobs is not None:
                 assert req.prompt_logprobs == expected_prompt_logprobs(req)
+
+
+# ---- structured output -------------------------------------------------------------
+
+
+class FakeGrammar:
+    """A grammar that accepts ``allowed`` tokens and is complete after ``length`` of them."""
+
+    def __init__(self, ready: bool = True, allowed: tuple[int, ...] = (5, 6), length: int = 3,
+                 error: str | None = None) -> None:
+        self.is_ready, self.error = ready, error
+        self.allowed, self.length = allowed, length
+        self.consumed: list[int] = []
+
+    def accept(self, token_id: int) -> bool:
+        if token_id not in self.allowed:
+            return False
+        self.consumed.append(token_id)
+        return True
+
+    @property
+    def is_terminated(self) -> bool:
+        return len(self.consumed) >= self.length
+
+
+def test_request_waits_for_its_grammar_without_blocking_the_queue() -> None:
+    sched = make_scheduler(budget=16)
+    grammar = FakeGrammar(ready=False)
+    slow = make_request("slow", 3)
+    slow.grammar = grammar
+    sched.add_request(slow)
+    sched.add_request(make_request("free", 3))
+    runner = FakeRunner(sched)
+    out, _ = runner.step()
+    assert chunks(out) == [("free", 3)]
+    assert [r.request_id for r in sched.waiting] == ["slow"] and not slow.block_ids
+    grammar.is_ready = True
+    out, _ = runner.step()
+    assert chunks(out) == [("free", 1), ("slow", 3)]
+
+
+def test_grammar_follows_tokens_and_its_completion_stops_the_request() -> None:
+    req = make_request("a", 3, eos=(2,), max_tokens=10)
+    req.grammar = FakeGrammar(length=3)
+    run_one(req, [5, 6, 5, 6, 6])
+    assert req.output_token_ids == [5, 6, 5] and req.grammar.consumed == [5, 6, 5]
+    assert (req.status, req.stop_reason) == (RequestStatus.FINISHED_STOPPED, None)
+
+
+def test_token_the_grammar_refuses_stops_the_request() -> None:
+    req = make_request("a", 3, max_tokens=10)
+    req.grammar = FakeGrammar(length=5)
+    run_one(req, [5, 9, 6])
+    assert req.output_token_ids == [5, 9] and req.status is RequestStatus.FINISHED_STOPPED
+
+
+def test_failed_grammar_is_never_scheduled() -> None:
+    sched = make_scheduler()
+    req = make_request("bad", 3)
+    req.grammar = FakeGrammar(error="does not compile")
+    sched.add_request(req)
+    assert sched.schedule().is_empty and list(sched.waiting) == [req]
+    sched.finish_requests("bad", RequestStatus.FINISHED_ABORTED)
+    sched.check_integrity()
+    assert sched.kv.num_free_blocks == 16

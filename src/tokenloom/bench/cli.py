@@ -65,7 +65,7 @@ def _add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_serve_args(p: argparse.ArgumentParser) -> None:
-    from tokenloom.bench.serve import FORCE_OUTPUT_MODES
+    from tokenloom.bench.serve import FORCE_OUTPUT_MODES, RESPONSE_FORMATS
     from tokenloom.bench.workloads import ENDPOINTS, WORKLOADS
 
     p.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="the server's /v1 URL (default: %(default)s)")
@@ -88,6 +88,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force-output", default="ignore_eos", choices=FORCE_OUTPUT_MODES,
                    help="request field(s) that force --output-len tokens (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.0, help="(default: %(default)s)")
+    p.add_argument("--response-format", default="none", choices=tuple(RESPONSE_FORMATS),
+                   help="constrain every answer: json-object, or json-schema (a schema of 64+ records, so "
+                   "answers run to --output-len) (default: %(default)s)")
     p.add_argument("--no-stream-usage", action="store_true",
                    help="do not send stream_options.include_usage (count output tokens by re-encoding)")
     p.add_argument("--extra-body", default=None, help="JSON object merged into every request body")
@@ -136,7 +139,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     target = ServeTarget(base_url=args.base_url, model=args.model, endpoint=args.endpoint,
                          api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                          force_output=args.force_output, temperature=args.temperature,
-                         stream_usage=not args.no_stream_usage, extra_body=extra_body)
+                         stream_usage=not args.no_stream_usage, response_format=args.response_format,
+                         extra_body=extra_body)
     tokenizer = Tokenizer.from_path(resolve_model(args.tokenizer or args.model))
     label = args.label or args.model
     try:

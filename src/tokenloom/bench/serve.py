@@ -27,6 +27,23 @@ from tokenloom.bench.metrics import RequestRecord
 from tokenloom.bench.workloads import BenchRequest
 
 FORCE_OUTPUT_MODES = ("ignore_eos", "min_tokens", "both", "none")
+# A schema whose answers run past any --output-len (at least 64 records), so that a
+# constrained run is cut by max_tokens like a free one, and per-token costs compare.
+BENCH_JSON_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"records": {"type": "array", "minItems": 64, "items": {
+        "type": "object",
+        "properties": {"id": {"type": "integer", "minimum": 0}, "name": {"type": "string", "maxLength": 24},
+                       "score": {"type": "number"},
+                       "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 3}},
+        "required": ["id", "name", "score", "tags"], "additionalProperties": False}}},
+    "required": ["records"], "additionalProperties": False,
+}
+RESPONSE_FORMATS: dict[str, dict[str, Any] | None] = {
+    "none": None,
+    "json-object": {"type": "json_object"},
+    "json-schema": {"type": "json_schema", "json_schema": {"name": "records", "schema": BENCH_JSON_SCHEMA}},
+}
 _ERROR_BODY_CHARS = 300
 
 
@@ -43,6 +60,7 @@ class ServeTarget:
     force_output: str = "ignore_eos"
     temperature: float = 0.0
     stream_usage: bool = True  # ask for stream_options.include_usage
+    response_format: str = "none"  # a RESPONSE_FORMATS key: constrain every answer
     extra_body: dict[str, Any] = field(default_factory=dict)
     timeout_s: float = 600.0
 
@@ -67,6 +85,8 @@ class ServeTarget:
             body["ignore_eos"] = True
         if self.force_output in ("min_tokens", "both"):
             body["min_tokens"] = request.output_len
+        if RESPONSE_FORMATS[self.response_format] is not None:
+            body["response_format"] = RESPONSE_FORMATS[self.response_format]
         body.update(self.extra_body)
         return body
 

@@ -115,6 +115,9 @@ class AsyncLLMEngine:
         if not self.is_alive:
             raise EngineDeadError("the engine loop is not running") from self.error
         prepared = self.engine.prepare_request(request_id, prompt, params)
+        if params.structured_outputs is not None:
+            # Compiled on the grammar pool (usually a cache hit: the server compiles first).
+            await self.engine.wait_for_grammar(params.structured_outputs)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
             if request_id in self._streams:
@@ -198,7 +201,7 @@ class AsyncLLMEngine:
             with self._lock:
                 stream = self._streams.get(output.request_id)
             if stream is not None:
-                self._deliver(stream, output)
+                self._deliver(stream, output if output.error is None else ValueError(output.error))
 
     def _fail_all(self, exc: BaseException) -> None:
         with self._lock:

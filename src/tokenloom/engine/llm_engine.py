@@ -14,11 +14,14 @@ Requests enter in two halves so that a server can validate on its own thread:
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import dataclasses
 import logging
 import os
 import time
 from dataclasses import dataclass
+from collections.abc import Awaitable
 from pathlib import Path
 
 import torch
@@ -36,9 +39,10 @@ from tokenloom.model.loader.gguf import load_gguf_model
 from tokenloom.model_files import resolve_model
 from tokenloom.request import Request, RequestOutput, RequestStatus
 from tokenloom.runner.model_runner import ModelRunner
-from tokenloom.sampling_params import InvalidParameter, SamplingParams
+from tokenloom.sampling_params import InvalidParameter, SamplingParams, StructuredOutputsParams
 from tokenloom.sched.output import SchedulerOutput
 from tokenloom.sched.scheduler import Scheduler
+from tokenloom.structured import GrammarBitmask, GrammarCompileError, StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +82,9 @@ class LLMEngine:
         self.outputs = OutputProcessor(self.tokenizer)
         self.stats = StatsCollector()
         self.eos_token_ids = tuple(dict.fromkeys(self.tokenizer.eos_token_ids + arch.eos_token_ids))
+        self.structured = StructuredOutputManager(self.tokenizer, arch.vocab_size, self.eos_token_ids)
+        # User requests admitted while their grammar still compiles (request id -> sequences).
+        self._compiling: dict[str, tuple[Request, ...]] = {}
         self.debug = os.environ.get("TOKENLOOM_DEBUG") == "1"
         logger.info("engine ready in %.1fs: %s, %s (quantization %s) on %s, %d KV blocks x %d tokens "
                     "in %s, max_model_len %d, prefix caching %s", time.perf_counter() - started, path.name,
@@ -110,6 +117,18 @@ class LLMEngine:
         return PreparedRequest(request_id, prompt_text, token_ids, params,
                                self._make_sequences(request_id, token_ids, params))
 
+    def wait_for_grammar(self, spec: StructuredOutputsParams) -> Awaitable[None]:
+        """Awaitable: the compile of ``spec``; raises InvalidParameter("structured_outputs")
+        when it does not compile."""
+        return _named_compile(self.structured.compile(spec))
+
+    def compile_grammar_now(self, spec: StructuredOutputsParams) -> None:
+        """Block until ``spec`` is compiled (offline use); InvalidParameter when it does not compile."""
+        try:
+            self.structured.compile(spec).result()
+        except GrammarCompileError as exc:
+            raise InvalidParameter("structured_outputs", f"does not compile: {exc}") from None
+
     def admit(self, prepared: PreparedRequest) -> None:
         if prepared.request_id in self.outputs:
             raise ValueError(f"request id {prepared.request_id!r} is already running")
@@ -117,6 +136,8 @@ class LLMEngine:
                          prepared.params, [s.request_id for s in prepared.sequences])
         for seq in prepared.sequences:
             self.scheduler.add_request(seq)
+        if any(seq.grammar is not None and not seq.grammar.is_ready for seq in prepared.sequences):
+            self._compiling[prepared.request_id] = prepared.sequences
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
         self.admit(self.prepare_request(request_id, prompt, params))
@@ -125,6 +146,7 @@ class LLMEngine:
         """Stop a user request now: its KV blocks are freed before this returns."""
         self.scheduler.finish_requests(self._sequence_ids(request_id), RequestStatus.FINISHED_ABORTED)
         self.outputs.remove(request_id)
+        self._compiling.pop(request_id, None)
         self._record_stats(_NOTHING_SCHEDULED, 0)
         self._check_idle()
 
@@ -134,13 +156,15 @@ class LLMEngine:
     # -- the loop ------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        failed = self._finish_failed_grammars()
         out = self.scheduler.schedule()
         self._record_prefix_cache()
         if out.is_empty:
             self._record_stats(out, 0)
             self._check_idle()
-            return []
-        model_out = self.runner.execute(out)
+            self._wait_for_grammars()
+            return failed
+        model_out = self.runner.execute(out, self._grammar_bitmask(out))
         updated = self.scheduler.update(out, model_out)
         self._record_stats(out, len(model_out.sampled))
         for req in self.outputs.stop_string_hits(updated):
@@ -148,10 +172,44 @@ class LLMEngine:
             req.stop_reason = self.outputs.stop_string_of(req)
         outputs = self.outputs.make_outputs(updated)
         self._check_idle()
-        return outputs
+        return failed + outputs
 
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()
+
+    # -- structured output ---------------------------------------------------
+
+    def _grammar_bitmask(self, out: SchedulerOutput) -> GrammarBitmask | None:
+        """The allowed next tokens of every constrained sequence that samples this step."""
+        rows = [(sr.request_id, req.grammar) for sr in out.scheduled if sr.sample
+                and (req := self.scheduler.get_request(sr.request_id)) is not None and req.grammar is not None]
+        if not rows:
+            return None
+        return GrammarBitmask(tuple(r for r, _ in rows), self.structured.fill_bitmask([g for _, g in rows]))
+
+    def _finish_failed_grammars(self) -> list[RequestOutput]:
+        """Requests whose grammar failed to compile end with the error (they never ran,
+        so they hold no blocks); compiled ones stop being watched."""
+        failed = []
+        for request_id, sequences in list(self._compiling.items()):
+            grammar = sequences[0].grammar
+            if not grammar.is_ready:
+                continue
+            del self._compiling[request_id]
+            if grammar.error is None:
+                continue
+            self.scheduler.finish_requests([s.request_id for s in sequences], RequestStatus.FINISHED_ABORTED)
+            self.outputs.remove(request_id)
+            failed.append(RequestOutput(request_id, None, sequences[0].prompt_token_ids, [], finished=True,
+                                        error=f"structured_outputs: {grammar.error}"))
+            logger.info("request %s failed: its grammar does not compile: %s", request_id, grammar.error)
+        return failed
+
+    def _wait_for_grammars(self, timeout_s: float = 0.01) -> None:
+        """Nothing could run: rather than spin, wait briefly for a compile to finish."""
+        if self._compiling:
+            futures = [seqs[0].grammar.compiled for seqs in self._compiling.values()]
+            concurrent.futures.wait(futures, timeout=timeout_s, return_when=concurrent.futures.FIRST_COMPLETED)
 
     # -- helpers -------------------------------------------------------------
 
@@ -169,13 +227,16 @@ class LLMEngine:
 
     def _make_sequences(self, request_id: str, token_ids: list[int],
                         params: SamplingParams) -> tuple[Request, ...]:
+        spec = params.structured_outputs
+        def grammar():  # noqa: E306 - one matcher per sequence, all from one compile
+            return None if spec is None else self.structured.sequence_grammar(spec)
         if params.n == 1:
-            return (Request(request_id, token_ids, params, self.eos_token_ids),)
+            return (Request(request_id, token_ids, params, self.eos_token_ids, grammar=grammar()),)
         # Only sample 0 computes prompt logprobs: the others share its prompt blocks.
         sibling_params = dataclasses.replace(params, prompt_logprobs=None)
         return tuple(
             Request(f"{request_id}#{i}", token_ids, params if i == 0 else sibling_params,
-                    self.eos_token_ids, sample_index=i, parent_id=request_id)
+                    self.eos_token_ids, sample_index=i, parent_id=request_id, grammar=grammar())
             for i in range(params.n))
 
     def _sequence_ids(self, request_id: str) -> list[str]:
@@ -199,6 +260,13 @@ class LLMEngine:
         """In debug mode (TOKENLOOM_DEBUG=1), check every invariant whenever the engine goes idle."""
         if self.debug and not self.scheduler.has_unfinished_requests():
             self.check_integrity()
+
+
+async def _named_compile(future: concurrent.futures.Future) -> None:
+    try:
+        await asyncio.wrap_future(future)
+    except GrammarCompileError as exc:
+        raise InvalidParameter("structured_outputs", f"does not compile: {exc}") from None
 
 
 def _kv_cache_dtype(choice: str, model: torch.nn.Module, dtype: torch.dtype) -> torch.dtype:

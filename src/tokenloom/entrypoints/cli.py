@@ -22,6 +22,7 @@ from tokenloom.entrypoints.openai.server_config import (
     DEFAULT_MAX_REQUEST_BYTES,
     ServerConfig,
 )
+from tokenloom.entrypoints.openai.tool_parsers import TOOL_PARSERS
 from tokenloom.model_files import ModelNotFoundError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -118,6 +119,9 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-prompts", action="store_true", help="include prompt text in request log lines")
     p.add_argument("--log-stats-interval", type=float, default=10.0,
                    help="seconds between stats log lines while busy; 0: never (default: %(default)s)")
+    p.add_argument("--tool-call-parser", default="auto", choices=("auto", *TOOL_PARSERS),
+                   help="the format the model writes tool calls in; auto: detected from the chat template "
+                   "(default: %(default)s)")
 
 
 def _add_chat_args(p: argparse.ArgumentParser) -> None:
@@ -154,7 +158,7 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         max_queued_requests=args.max_queued_requests, allowed_origins=origins,
         max_request_bytes=args.max_request_bytes, log_level=args.log_level, log_prompts=args.log_prompts,
-        log_stats_interval_s=args.log_stats_interval)
+        log_stats_interval_s=args.log_stats_interval, tool_call_parser=args.tool_call_parser)
 
 
 def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -15,6 +15,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from tokenloom.engine.llm_engine import LLMEngine
+from tokenloom.engine.tool_prompt import render_conversation
 from tokenloom.request import RequestOutput, merge_delta
 from tokenloom.sampling_params import SamplingParams
 
@@ -45,17 +46,24 @@ class LLM:
         # Validate every prompt before admitting any, so one bad prompt leaves nothing behind.
         prepared = [self.engine.prepare_request(str(next(self._ids)), _prompt_of(item), p)
                     for item, p in zip(items, params)]
+        for p in {id(p): p for p in params}.values():  # grammars compile in parallel, each once
+            if p.structured_outputs is not None:
+                self.engine.compile_grammar_now(p.structured_outputs)
         for request in prepared:
             self.engine.admit(request)
         return self._run([r.request_id for r in prepared], use_tqdm)
 
     def chat(self, messages: Conversation | Sequence[Conversation],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-             use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
-        """One conversation (a list of {"role", "content"} dicts) or a list of them."""
+             use_tqdm: bool = True, add_generation_prompt: bool = True,
+             tools: Sequence[dict[str, Any]] | None = None) -> list[RequestOutput]:
+        """One conversation (a list of {"role", "content"} dicts, tool calls and tool turns
+        in OpenAI's shape included) or a list of them. ``tools``: OpenAI function tools
+        for the prompt (the template's own tool format, or a generic one); the answer is
+        text, to be read with a tool parser (``tokenloom.entrypoints.openai.tool_parsers``)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [{"prompt_token_ids": self.tokenizer.encode_chat(c, add_generation_prompt=add_generation_prompt)}
-                   for c in conversations]
+        prompts = [{"prompt_token_ids": self.tokenizer.encode(
+            render_conversation(self.tokenizer, list(c), tools, add_generation_prompt))} for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:

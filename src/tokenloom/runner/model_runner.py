@@ -6,6 +6,8 @@ knows which rows to sample but nothing of stop conditions or text.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from tokenloom.config import ModelArchConfig
@@ -14,7 +16,11 @@ from tokenloom.request import Logprob, PositionLogprobs
 from tokenloom.runner.host_allocator import keep_freed_memory
 from tokenloom.runner.inputs import ModelInputs, PromptLogprobsSlice, prepare_inputs
 from tokenloom.sample import Sampler, SamplerOutput, build_sampling_metadata, compute_prompt_logprobs
+from tokenloom.sample.metadata import AllowedTokens
 from tokenloom.sched.output import ModelOutput, SampledToken, SchedulerOutput
+
+if TYPE_CHECKING:
+    from tokenloom.structured import GrammarBitmask
 
 
 class ModelRunner:
@@ -38,11 +44,12 @@ class ModelRunner:
         ]
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> ModelOutput:
+    def execute(self, out: SchedulerOutput, grammar: GrammarBitmask | None = None) -> ModelOutput:
+        """``grammar``: the allowed tokens of the step's constrained sequences (structured output)."""
         inputs = prepare_inputs(out, self.block_size, self.device)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches,
                             inputs.attn_metadata)  # [num_tokens, hidden_size]
-        sampled = self._sample(hidden, inputs)
+        sampled = self._sample(hidden, inputs, grammar)
         prompt_logprobs = {s.request_id: self._prompt_logprobs(hidden, s) for s in inputs.prompt_logprobs}
         return ModelOutput(
             request_ids=tuple(sr.request_id for sr in inputs.sampled),
@@ -50,13 +57,25 @@ class ModelRunner:
             prompt_logprobs=prompt_logprobs,
         )
 
-    def _sample(self, hidden: torch.Tensor, inputs: ModelInputs) -> tuple[SampledToken, ...]:
+    def _sample(self, hidden: torch.Tensor, inputs: ModelInputs,
+                grammar: GrammarBitmask | None) -> tuple[SampledToken, ...]:
         if not inputs.sampled:
             return ()
         logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [num_sampled, vocab]
-        meta = build_sampling_metadata(inputs.sampled, self.arch.vocab_size, self.device)
+        meta = build_sampling_metadata(inputs.sampled, self.arch.vocab_size, self.device,
+                                       self._allowed_tokens(inputs, grammar))
         result = self.sampler(logits, meta)
         return _to_sampled_tokens(result, [sr.sampling_params.logprobs for sr in inputs.sampled])
+
+    def _allowed_tokens(self, inputs: ModelInputs, grammar: GrammarBitmask | None) -> AllowedTokens | None:
+        if grammar is None or not grammar.request_ids:
+            return None
+        row_of = {sr.request_id: i for i, sr in enumerate(inputs.sampled)}
+        rows = [row_of[request_id] for request_id in grammar.request_ids]
+        bitmask = grammar.bitmask.to(self.device, non_blocking=True)
+        if rows == list(range(len(inputs.sampled))):
+            return AllowedTokens(None, bitmask)
+        return AllowedTokens(torch.tensor(rows, dtype=torch.int64, device=self.device), bitmask)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, s: PromptLogprobsSlice) -> list[PositionLogprobs | None]:
         entries: list[PositionLogprobs | None] = [None] if s.include_first_none else []

@@ -40,6 +40,15 @@ class SparseLogitEntries:
 
 
 @dataclass(frozen=True, slots=True)
+class AllowedTokens:
+    """Structured output: the tokens each constrained row may sample, as a bitmask
+    (bit ``t % 32`` of word ``t // 32`` set = token t allowed)."""
+
+    rows: torch.Tensor | None  # [num_masked] int64; None: every row, in order
+    bitmask: torch.Tensor  # [num_masked, ceil(vocab_size / 32)] int32
+
+
+@dataclass(frozen=True, slots=True)
 class PenaltyMetadata:
     """Per-row penalties and the token statistics they apply to.
 
@@ -78,9 +87,9 @@ class RandomRowsMetadata:
 class SamplingMetadata:
     """Everything the sampler needs for one batch of rows (one row per sequence).
 
-    ``random`` is None when every row is greedy; the history transforms
-    (``logit_bias``, ``min_tokens_mask``, ``penalties``) are None when no row uses
-    them; ``max_num_logprobs`` is None when no row asked for logprobs.
+    ``random`` is None when every row is greedy; the logit transforms
+    (``allowed_tokens``, ``logit_bias``, ``min_tokens_mask``, ``penalties``) are None
+    when no row uses them; ``max_num_logprobs`` is None when no row asked for logprobs.
     """
 
     num_seqs: int
@@ -90,6 +99,7 @@ class SamplingMetadata:
     min_tokens_mask: SparseLogitEntries | None
     penalties: PenaltyMetadata | None
     max_num_logprobs: int | None
+    allowed_tokens: AllowedTokens | None = None
 
     @property
     def all_greedy(self) -> bool:
@@ -102,13 +112,16 @@ class SamplingMetadata:
     @property
     def no_logit_transforms(self) -> bool:
         """True when the raw logits reach the greedy argmax / temperature untouched."""
-        return self.logit_bias is None and self.min_tokens_mask is None and self.penalties is None
+        return (self.allowed_tokens is None and self.logit_bias is None and self.min_tokens_mask is None
+                and self.penalties is None)
 
 
 def build_sampling_metadata(
-    seqs: Sequence[SamplingSequence], vocab_size: int, device: torch.device | str
+    seqs: Sequence[SamplingSequence], vocab_size: int, device: torch.device | str,
+    allowed_tokens: AllowedTokens | None = None,
 ) -> SamplingMetadata:
-    """Gather per-row parameters of ``seqs`` into tensors on ``device``."""
+    """Gather per-row parameters of ``seqs`` into tensors on ``device``
+    (``allowed_tokens``, already built by the caller, is passed through)."""
     params = [s.sampling_params for s in seqs]
     logprobs = [p.logprobs for p in params if p.logprobs is not None]
     return SamplingMetadata(
@@ -119,6 +132,7 @@ def build_sampling_metadata(
         min_tokens_mask=_build_min_tokens_mask(seqs, vocab_size, device),
         penalties=_build_penalties(seqs, vocab_size, device),
         max_num_logprobs=max(logprobs) if logprobs else None,
+        allowed_tokens=allowed_tokens,
     )
 
 

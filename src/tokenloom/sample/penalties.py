@@ -1,4 +1,5 @@
-"""Logit transforms that read the request's history: logit_bias, min_tokens, penalties.
+"""Logit transforms that read the request's history: the grammar's allowed tokens,
+logit_bias, min_tokens, penalties.
 
 Each function takes logits [num_seqs, vocab_size] float32 that it may modify
 in place (the sampler hands them its own working copy) and returns the result;
@@ -9,7 +10,21 @@ from __future__ import annotations
 
 import torch
 
-from tokenloom.sample.metadata import PenaltyMetadata, SparseLogitEntries
+from tokenloom.sample.metadata import AllowedTokens, PenaltyMetadata, SparseLogitEntries
+
+_BIT_SHIFTS = torch.arange(32, dtype=torch.int32)
+
+
+def apply_allowed_tokens(logits: torch.Tensor, allowed: AllowedTokens) -> torch.Tensor:
+    """Structured output: tokens the row's grammar refuses -> -inf."""
+    num_rows, vocab_size = allowed.bitmask.shape[0], logits.shape[-1]
+    shifts = _BIT_SHIFTS.to(allowed.bitmask.device)
+    bits = (allowed.bitmask.unsqueeze(-1) >> shifts) & 1  # [num_masked, words, 32]
+    refused = bits.view(num_rows, -1)[:, :vocab_size] == 0  # [num_masked, vocab_size]
+    if allowed.rows is None:
+        return logits.masked_fill_(refused, float("-inf"))
+    masked = logits.index_select(0, allowed.rows).masked_fill_(refused, float("-inf"))
+    return logits.index_copy_(0, allowed.rows, masked)
 
 
 def apply_logit_bias(logits: torch.Tensor, bias: SparseLogitEntries) -> torch.Tensor:

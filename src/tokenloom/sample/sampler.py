@@ -11,7 +11,7 @@ from tokenloom.sample.filters import apply_min_p, apply_top_k, apply_top_k_top_p
 from tokenloom.sample.logprobs import gather_logprobs
 from tokenloom.sample.metadata import RandomRowsMetadata, SamplingMetadata
 from tokenloom.sample.noise import exponential_noise
-from tokenloom.sample.penalties import apply_logit_bias, apply_min_tokens, apply_penalties
+from tokenloom.sample.penalties import apply_allowed_tokens, apply_logit_bias, apply_min_tokens, apply_penalties
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +32,10 @@ class SamplerOutput:
 class Sampler(nn.Module):
     """Turns logits [num_seqs, vocab_size] into one token per row, in this order:
 
+    0. allowed tokens  - structured output: what the request's grammar refuses is
+                         -inf before anything else, so no bias, penalty or filter
+                         can bring it back (and a greedy row takes the best
+                         token the grammar allows);
     1. logit_bias      - the user's explicit edit of the model's scores comes first,
                          so every later step sees the distribution the user asked for;
     2. min_tokens      - eos / stop ids -> -inf before penalties, so no penalty or
@@ -83,7 +87,9 @@ def _sample_token_ids(logits: torch.Tensor, metadata: SamplingMetadata) -> torch
 
 
 def _apply_history_transforms(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
-    """Steps 1-3, in place on the sampler's working copy."""
+    """Steps 0-3, in place on the sampler's working copy."""
+    if metadata.allowed_tokens is not None:
+        logits = apply_allowed_tokens(logits, metadata.allowed_tokens)
     if metadata.logit_bias is not None:
         logits = apply_logit_bias(logits, metadata.logit_bias)
     if metadata.min_tokens_mask is not None:

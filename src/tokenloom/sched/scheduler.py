@@ -14,6 +14,7 @@ accounting: a hit only starts ``num_computed_tokens`` past the reused blocks.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Iterable
 
@@ -21,6 +22,8 @@ from tokenloom.config import SchedulerConfig
 from tokenloom.kv_cache.manager import KVCacheManager
 from tokenloom.request import Request, RequestStatus
 from tokenloom.sched.output import ModelOutput, SampledToken, ScheduledRequest, SchedulerOutput
+
+logger = logging.getLogger(__name__)
 
 
 class Scheduler:
@@ -161,6 +164,11 @@ class Scheduler:
         skipped: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting.popleft()
+            if req.grammar is not None and (not req.grammar.is_ready or req.grammar.error is not None):
+                # Its grammar compiles off the engine thread; nobody waits for it.
+                # (A failed compile is finished by the engine.)
+                skipped.append(req)
+                continue
             sibling = self._running_sibling(req)
             if sibling is not None and sibling.num_computed_tokens < req.num_prompt_tokens - 1:
                 # Its prompt blocks become shareable once the sibling's prefill is done.
@@ -276,6 +284,8 @@ class Scheduler:
             self._release(req, status)
 
     def _check_stop(self, req: Request, token_id: int) -> RequestStatus | None:
+        if req.grammar is not None and self._grammar_done(req, token_id):
+            return RequestStatus.FINISHED_STOPPED
         params = req.sampling_params
         if req.num_output_tokens >= params.min_tokens:
             if not params.ignore_eos and token_id in req.eos_token_ids:
@@ -288,6 +298,16 @@ class Scheduler:
         if req.num_tokens >= self.config.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
+
+    @staticmethod
+    def _grammar_done(req: Request, token_id: int) -> bool:
+        """Advance the grammar; a complete grammar (or, defensively, a token it refuses,
+        which the bitmask makes impossible) ends the output."""
+        if not req.grammar.accept(token_id):
+            logger.error("request %s: sampled token %d that its grammar refuses; stopping it",
+                         req.request_id, token_id)
+            return True
+        return req.grammar.is_terminated
 
     def _collect_prompt_logprobs(self, req: Request, sched: ScheduledRequest,
                                  model_output: ModelOutput) -> None:

@@ -61,7 +61,7 @@ def build_app(engine: AsyncLLMEngine, config: ServerConfig, model_name: str) -> 
     serving = OpenAIServing(engine, model_name, gate, metrics, config.log_prompts)
     app = FastAPI(title="tokenloom", version=__version__, lifespan=_lifespan(engine, config))
     app.state.serving = serving
-    _add_openai_routes(app, serving)
+    _add_openai_routes(app, serving, config)
     _add_service_routes(app, serving, config)
     _add_error_handlers(app)
     # add_middleware wraps: the last one added runs first.
@@ -100,8 +100,8 @@ async def _log_stats(stats_logger: StatsLogger, interval_s: float) -> None:
         stats_logger.log_if_busy()
 
 
-def _add_openai_routes(app: FastAPI, serving: OpenAIServing) -> None:
-    chat = OpenAIServingChat(serving)
+def _add_openai_routes(app: FastAPI, serving: OpenAIServing, config: ServerConfig) -> None:
+    chat = OpenAIServingChat(serving, config.tool_call_parser)
     completion = OpenAIServingCompletion(serving)
     app.state.started_at = time.time()
 
@@ -200,9 +200,9 @@ def _validation_error(exc: RequestValidationError) -> OpenAIError:
     if kind == "json_invalid":
         return bad_request(None, f"Malformed JSON body: {error.get('ctx', {}).get('error', error['msg'])}")
     cause = error.get("ctx", {}).get("error")
-    if isinstance(cause, InvalidParameter):
-        return bad_request(cause.field_name, str(cause))
     path = [str(part) for part in error["loc"] if part != "body"]
+    if isinstance(cause, InvalidParameter):  # raised by a model's validator: the field is inside it
+        return bad_request(".".join([*path, cause.field_name]), str(cause))
     param = ".".join(path) or None
     where = param or "the request body"
     if kind == "extra_forbidden":

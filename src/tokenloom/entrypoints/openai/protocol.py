@@ -20,12 +20,10 @@ from tokenloom.sampling_params import InvalidParameter
 MAX_TOP_LOGPROBS = 20
 MAX_N = 128
 
-_TOOLS = "tool and function calling are not supported"
+_LEGACY_FUNCTIONS = "the deprecated functions API is not supported; send tools and tool_choice"
 _CACHE_ROUTING = "prompt cache routing is not supported (prefix caching is automatic)"
 UNSUPPORTED_FIELDS: dict[str, str] = {
-    "tools": _TOOLS, "tool_choice": _TOOLS, "parallel_tool_calls": _TOOLS,
-    "functions": _TOOLS, "function_call": _TOOLS,
-    "response_format": "structured output (response_format) is not supported",
+    "functions": _LEGACY_FUNCTIONS, "function_call": _LEGACY_FUNCTIONS,
     "audio": "only text output is supported", "modalities": "only text output is supported",
     "prediction": "predicted outputs are not supported",
     "store": "stored completions are not supported", "metadata": "stored completions are not supported",
@@ -53,6 +51,35 @@ class StreamOptions(_Strict):
     include_usage: bool | None = None
 
 
+class JsonSchemaSpec(_Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None  # the schema is always enforced; strict only documents intent
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise InvalidParameter("json_schema", "is required with type 'json_schema' and allowed "
+                                                  "with no other type")
+        return self
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's ``structured_outputs``: exactly one kind (checked by StructuredOutputsParams)."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
 class SamplingFields(_Strict):
     """What chat and completions share: OpenAI's sampling fields plus vLLM's extras."""
 
@@ -78,25 +105,77 @@ class SamplingFields(_Strict):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
+    # structured output: OpenAI's response_format, vLLM's structured_outputs
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> SamplingFields:
         if self.stream_options is not None and not self.stream:
             raise InvalidParameter("stream_options", "is only allowed when stream is true")
+        if self.structured_outputs is not None and self.response_format is not None \
+                and self.response_format.type != "text":
+            raise InvalidParameter("structured_outputs", "and response_format both constrain the output; "
+                                                         "send one of them")
         return self
 
 
-class ChatMessage(_Strict):
-    """A conversation turn. ``developer`` is OpenAI's newer name for ``system``."""
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # arguments are always held to the schema when a call is forced
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Any
+
+class ToolDefinition(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class AssistantToolCall(_Strict):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class ChatMessage(_Strict):
+    """A conversation turn. ``developer`` is OpenAI's newer name for ``system``; an
+    assistant turn may call tools (content null), a ``tool`` turn answers a call."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Any = None
     name: str | None = None
+    tool_calls: list[AssistantToolCall] | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _role_fields(self) -> ChatMessage:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise InvalidParameter("tool_calls", "is only allowed on assistant messages")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise InvalidParameter("tool_call_id", "is required on tool messages and allowed on no others")
+        if self.content is None and not self.tool_calls:
+            raise InvalidParameter("content", "is required (null only on an assistant message with tool_calls)")
+        return self
 
     @field_validator("content")
     @classmethod
-    def _text_content(cls, content: Any) -> str | list[dict[str, str]]:
-        if isinstance(content, str):
+    def _text_content(cls, content: Any) -> str | list[dict[str, str]] | None:
+        if content is None or isinstance(content, str):
             return content
         parts_ok = isinstance(content, list) and all(
             isinstance(p, dict) and p.keys() == {"type", "text"} and p["type"] == "text"
@@ -111,6 +190,10 @@ class ChatMessage(_Strict):
                                    "content": self.content}
         if self.name is not None:
             message["name"] = self.name
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            message["tool_calls"] = [c.model_dump() for c in self.tool_calls]
         return message
 
 
@@ -119,6 +202,9 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
@@ -127,7 +213,33 @@ class ChatCompletionRequest(SamplingFields):
         if self.max_tokens is not None and self.max_completion_tokens is not None \
                 and self.max_tokens != self.max_completion_tokens:
             raise InvalidParameter("max_tokens", "and max_completion_tokens disagree; send one of them")
+        self._check_tools()
         return self
+
+    def _check_tools(self) -> None:
+        if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
+            raise InvalidParameter("tool_choice", "needs tools")
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            raise InvalidParameter("tools", "function names must be unique")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise InvalidParameter("tool_choice", f"names the function {self.tool_choice.function.name!r}, "
+                                                  "which is not in tools")
+        if self.forces_tool_call and (self.structured_outputs is not None or (
+                self.response_format is not None and self.response_format.type != "text")):
+            raise InvalidParameter("tool_choice", "forces a tool call, which cannot be combined with "
+                                                  "response_format or structured_outputs")
+
+    @property
+    def effective_tool_choice(self) -> str | NamedToolChoice:
+        """OpenAI's default: "auto" when tools are given, else "none"."""
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return "auto" if self.tools else "none"
+
+    @property
+    def forces_tool_call(self) -> bool:
+        return self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -21,6 +21,7 @@ class ServerConfig:
     log_prompts: bool = False
     log_stats_interval_s: float = 10.0  # 0 disables the periodic stats line
     health_stall_s: float = 300.0  # /health fails when the engine loop has not turned for this long
+    tool_call_parser: str = "auto"  # how tool calls are written: "auto" (from the chat template) or a parser name
 
     def validate(self) -> None:
         if not 0 <= self.port < 65536:

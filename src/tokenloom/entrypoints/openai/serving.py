@@ -33,7 +33,8 @@ from tokenloom.entrypoints.openai.metrics import ServerMetrics
 from tokenloom.entrypoints.openai.protocol import SamplingFields
 from tokenloom.entrypoints.openai.responses import PromptTokensDetails, UsageInfo
 from tokenloom.request import RequestOutput, merge_delta
-from tokenloom.sampling_params import InvalidParameter, SamplingParams
+from tokenloom.sampling_params import InvalidParameter, SamplingParams, StructuredOutputsParams
+from tokenloom.structured import GrammarCompileError
 
 logger = logging.getLogger("tokenloom.server")
 
@@ -135,8 +136,37 @@ class OpenAIServing:
                                             f"{num_prompt_tokens} of them, leaving {room}.")
         return requested
 
+    def structured_outputs(self, req: SamplingFields) -> tuple[StructuredOutputsParams, str] | None:
+        """The request's output constraint and the field it came from (None: unconstrained)."""
+        if req.structured_outputs is not None:
+            so = req.structured_outputs
+            spec = StructuredOutputsParams(json=so.json_, regex=so.regex, choice=so.choice,
+                                           grammar=so.grammar, json_object=so.json_object)
+            field = "structured_outputs"
+        elif req.response_format is not None and req.response_format.type != "text":
+            field = "response_format"
+            if req.response_format.type == "json_object":
+                spec = StructuredOutputsParams(json_object=True)
+            elif req.response_format.json_schema.schema_ is None:
+                raise bad_request(field, "response_format.json_schema.schema is required")
+            else:
+                spec = StructuredOutputsParams(json=req.response_format.json_schema.schema_)
+        else:
+            return None
+        spec.validate(field)
+        return spec, field
+
+    async def compile_grammar(self, spec: StructuredOutputsParams, field: str) -> None:
+        """Wait for the grammar on the compile pool (the engine then finds it cached);
+        a grammar that does not compile is a 400 naming ``field``."""
+        try:
+            await asyncio.wrap_future(self.engine.engine.structured.compile(spec))
+        except GrammarCompileError as exc:
+            raise bad_request(field, f"{field} cannot be used to constrain the output: {exc}") from None
+
     def sampling_params(self, req: SamplingFields, max_tokens: int, logprobs: int | None,
-                        prompt_logprobs: int | None = None) -> SamplingParams:
+                        prompt_logprobs: int | None = None,
+                        structured: StructuredOutputsParams | None = None) -> SamplingParams:
         params = SamplingParams(
             n=_or(req.n, 1), temperature=_or(req.temperature, 1.0), top_p=_or(req.top_p, 1.0),
             top_k=_or(req.top_k, 0), min_p=_or(req.min_p, 0.0),
@@ -146,7 +176,7 @@ class OpenAIServing:
             min_tokens=_or(req.min_tokens, 0), stop=_as_list(req.stop), stop_token_ids=list(req.stop_token_ids or []),
             include_stop_str_in_output=_or(req.include_stop_str_in_output, False),
             ignore_eos=_or(req.ignore_eos, False), logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-            skip_special_tokens=_or(req.skip_special_tokens, True))
+            skip_special_tokens=_or(req.skip_special_tokens, True), structured_outputs=structured)
         params.validate(self.vocab_size)
         return params
 

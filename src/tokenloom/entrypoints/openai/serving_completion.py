@@ -32,6 +32,7 @@ from tokenloom.entrypoints.openai.serving import (
 )
 from tokenloom.entrypoints.openai.streaming import DONE_EVENT, SSEResponse, sse_event, until_disconnected
 from tokenloom.request import CompletionOutput, PositionLogprobs, RequestOutput
+from tokenloom.sampling_params import StructuredOutputsParams
 
 
 class OpenAIServingCompletion:
@@ -41,7 +42,10 @@ class OpenAIServingCompletion:
     async def create(self, req: CompletionRequest, raw: Request) -> Response:
         s = self.serving
         s.check_model(req.model)
-        prompts = [self._prepare(req, p) for p in req.prompts()]
+        structured = s.structured_outputs(req)
+        if structured is not None:
+            await s.compile_grammar(*structured)
+        prompts = [self._prepare(req, p, structured[0] if structured else None) for p in req.prompts()]
         request_id = f"cmpl-{uuid.uuid4().hex}"
         requests = s.admit(request_id, prompts, req.user)
         echo = [(p.text if p.text is not None else s.tokenizer.decode(p.token_ids, skip_special_tokens=False))
@@ -60,13 +64,15 @@ class OpenAIServingCompletion:
             release_all()
         return JSONResponse(self._response(request_id, req, requests, states, echo).model_dump())
 
-    def _prepare(self, req: CompletionRequest, prompt: str | list[int]) -> PreparedPrompt:
+    def _prepare(self, req: CompletionRequest, prompt: str | list[int],
+                 structured: StructuredOutputsParams | None) -> PreparedPrompt:
         s = self.serving
         ids = s.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         s.check_prompt(ids)
         max_tokens = s.resolve_max_tokens(req.max_tokens, len(ids))
         prompt_logprobs = req.logprobs if req.echo else None
-        params = s.sampling_params(req, max_tokens, logprobs=req.logprobs, prompt_logprobs=prompt_logprobs)
+        params = s.sampling_params(req, max_tokens, logprobs=req.logprobs, prompt_logprobs=prompt_logprobs,
+                                   structured=structured)
         return PreparedPrompt(prompt if isinstance(prompt, str) else None, ids, params)
 
     def _response(self, request_id: str, req: CompletionRequest, requests: list[EngineRequest],
