@@ -4,6 +4,7 @@
 #   benchmarks/compare.sh                      tokenloom + every peer, the headline settings
 #   PEERS="llama-server" benchmarks/compare.sh  a subset
 #   PEERS="tokenloom-no-prefix-caching" ...     tokenloom against itself with the prefix cache off
+#   PEERS="tokenloom-json-schema" ...           against itself with every answer held to a JSON schema
 #
 # Each server is started in turn on 127.0.0.1 (alone, so they never share the
 # CPU), warmed up, driven by `python -m tokenloom.bench serve` with the same
@@ -48,6 +49,7 @@ server_command() {
     case "$1" in
         tokenloom) echo "$PY -m tokenloom.entrypoints.cli serve $MODEL --host 127.0.0.1 --port $PORT --log-stats-interval 0" ;;
         tokenloom-no-prefix-caching) echo "$(server_command tokenloom) --no-prefix-caching" ;;
+        tokenloom-json-schema) server_command tokenloom ;;
         *) echo "$(peer_script "$1") serve $PORT" ;;
     esac
 }
@@ -65,6 +67,7 @@ peer_script() {
 bench_options() {
     case "$1" in
         tokenloom | tokenloom-no-prefix-caching | llama-server) echo "--force-output ignore_eos" ;;
+        tokenloom-json-schema) echo "--force-output ignore_eos --response-format json-schema" ;;
         llama-cpp-python) echo "--force-output min_tokens" ;;  # it has min_tokens, no ignore_eos
         # transformers serve refuses ignore_eos and min_tokens but takes logit_bias: -100 on
         # SmolLM2's end tokens (<|endoftext|> 0, <|im_end|> 2) keeps it generating to max_tokens.

@@ -8,6 +8,7 @@ import re
 
 import jsonschema
 import pytest
+import torch
 
 from tokenloom import LLM, SamplingParams, StructuredOutputsParams
 from tokenloom.engine.llm_engine import LLMEngine
@@ -188,3 +189,50 @@ def test_offline_chat_with_tools_and_a_forced_call(llm):
     assert "<tools>" in prompt and '"name": "pick"' in prompt
     [call] = parser.parse(out.outputs[0].text).tool_calls
     assert call.name == "pick" and json.loads(call.arguments)["x"] in ("a", "b")
+
+
+def test_parallel_and_sequential_bitmask_fills_agree(llm, monkeypatch):
+    """Large batches on many-core machines fill masks on llguidance's thread pool: the same bits."""
+    from tokenloom.structured import manager as manager_module
+
+    manager = llm.engine.structured
+    grammars = [manager.sequence_grammar(SPECS[kind]) for _ in range(2) for kind in ("json", "regex", "choice", "grammar")]
+    for g in grammars:
+        g.compiled.result()
+    for g, token in zip(grammars[4:], (ord("{"), ord("y"), ord("r"), ord("x"))):
+        assert g.accept(next(t for t in range(llm.tokenizer.vocab_size) if llm.tokenizer.decode([t]) == chr(token)))
+    sequential = manager.fill_bitmask(grammars)
+    monkeypatch.setattr(manager_module, "PARALLEL_FILL_MIN_ROWS", 2)
+    monkeypatch.setattr(manager_module, "PARALLEL_FILL_MIN_CPUS", 1)
+    parallel = manager.fill_bitmask(grammars)
+    assert torch.equal(parallel, sequential)
+    assert not torch.equal(sequential[0], sequential[4])  # the advanced matchers allow other tokens
+
+
+def test_sentencepiece_gguf_vocabulary_follows_grammars(tmp_path):
+    """A Llama-style GGUF vocabulary (▁ for spaces, <0xNN> byte tokens): the tokens our
+    tokenizer makes for a text are the ones the grammar allows, accented bytes included."""
+    from tests.helpers.tiny_tokenizer import (
+        make_tiny_sentencepiece,
+        write_gguf_sentencepiece_metadata,
+        write_tokenizer_gguf,
+    )
+    from tokenloom.engine.tokenizer import Tokenizer
+    from tokenloom.structured import StructuredOutputManager
+
+    spm = make_tiny_sentencepiece()
+    tokenizer = Tokenizer.from_gguf(write_tokenizer_gguf(tmp_path / "spm.gguf", write_gguf_sentencepiece_metadata,
+                                                         spm, None))
+    manager = StructuredOutputManager(tokenizer, tokenizer.vocab_size, tokenizer.eos_token_ids)
+    # The grammar sees token bytes: SentencePiece's dummy prefix makes "the" the token "▁the", " the".
+    choices = [" the river wound", " naïve café 42"]
+    for text in choices:
+        grammar = manager.sequence_grammar(StructuredOutputsParams(choice=choices))
+        ids = tokenizer.encode(text[1:], add_special_tokens=False)
+        assert any(tokenizer.id_to_token(t).startswith("<0x") for t in ids) == ("ï" in text)
+        for token in ids:
+            assert grammar.accept(token), (text, tokenizer.id_to_token(token))
+        assert grammar.is_terminated or grammar.accept(tokenizer.eos_token_ids[0])
+    wrong = manager.sequence_grammar(StructuredOutputsParams(choice=choices))
+    assert not all(wrong.accept(t) for t in tokenizer.encode("the lake", add_special_tokens=False))
+    assert tokenizer.decode(tokenizer.encode(choices[1][1:], add_special_tokens=False)) == choices[1][1:]

@@ -23,7 +23,7 @@ SECRET_PROMPT = "zebras jumped over lazy yellow foxes"
 SERVE_FLAGS = ("--host", "--port", "--served-model-name", "--api-key", "--dtype", "--device", "--seed",
                "--max-model-len", "--max-num-seqs", "--max-num-batched-tokens", "--kv-cache-memory",
                "--block-size", "--no-prefix-caching", "--max-queued-requests", "--allowed-origins",
-               "--log-level", "--max-request-bytes", "--log-prompts", "--log-stats-interval")
+               "--log-level", "--max-request-bytes", "--log-prompts", "--log-stats-interval", "--tool-call-parser")
 
 
 def test_console_script_points_at_main():
@@ -49,6 +49,11 @@ def test_flags_map_to_configs(monkeypatch):
     assert engine.cache.enable_prefix_caching is False
     assert (engine.model.model, engine.cache.block_size, engine.scheduler.max_num_seqs) == ("m.gguf", 8, 3)
     assert server_config_from_args(parser.parse_args(["serve", "--api-key", "flag"])).api_key == "flag"
+    assert server.tool_call_parser == "auto"
+    parsed = parser.parse_args(["serve", "--tool-call-parser", "llama3_json"])
+    assert server_config_from_args(parsed).tool_call_parser == "llama3_json"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--tool-call-parser", "no-such-format"])
 
 
 def free_port() -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -30,16 +31,24 @@ MAX_TOKENS = 200
 
 
 @pytest.fixture(scope="module")
-def tiny_server(tmp_path_factory) -> Iterator[LiveServer]:
+def long_context_checkpoint(tmp_path_factory) -> Path:
     """The tiny model with a 2048-token context: the tools prompt alone is ~600 of its tiny tokens."""
     from tests.helpers.tiny_models import make_tiny_model, save_hf_model
     from tests.helpers.tiny_tokenizer import CHATML_TEMPLATE, make_tiny_tokenizer
 
     hf = make_tiny_model("llama3", seed=1)
     hf.config.max_position_embeddings = 2048
-    path = save_hf_model(hf, tmp_path_factory.mktemp("tools") / "hf", tokenizer=make_tiny_tokenizer(512),
+    return save_hf_model(hf, tmp_path_factory.mktemp("tools") / "hf", tokenizer=make_tiny_tokenizer(512),
                          chat_template=CHATML_TEMPLATE)
-    live = start_server(LLMEngine.from_options(str(path), num_kv_blocks=1024, block_size=4))
+
+
+def serve(checkpoint: Path, **server_options) -> LiveServer:
+    return start_server(LLMEngine.from_options(str(checkpoint), num_kv_blocks=1024, block_size=4), **server_options)
+
+
+@pytest.fixture(scope="module")
+def tiny_server(long_context_checkpoint) -> Iterator[LiveServer]:
+    live = serve(long_context_checkpoint)
     yield live
     live.stop()
 
@@ -179,3 +188,19 @@ def test_parallel_calls_each_valid(tiny_server, stream):
     for name, arguments in complete:
         jsonschema.validate(json.loads(arguments), {**SCHEMAS[name], "additionalProperties": False})
     tiny_server.wait_idle()
+
+
+def test_llama3_json_parser_forces_and_reads_its_own_format(long_context_checkpoint):
+    """--tool-call-parser llama3_json: a forced call is written as Llama 3's JSON object
+    (with "parameters") and read back as a call."""
+    live = serve(long_context_checkpoint, tool_call_parser="llama3_json")
+    try:
+        resp = live.client().chat.completions.create(
+            model="tiny", messages=ASK, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_time"}},
+            temperature=0, max_tokens=MAX_TOKENS)
+        live.wait_idle()
+    finally:
+        live.stop()
+    [call] = resp.choices[0].message.tool_calls
+    assert call.function.name == "get_time" and resp.choices[0].finish_reason == "tool_calls"
+    check_call(call)

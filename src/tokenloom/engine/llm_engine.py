@@ -20,8 +20,8 @@ import dataclasses
 import logging
 import os
 import time
-from dataclasses import dataclass
 from collections.abc import Awaitable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,7 +42,7 @@ from tokenloom.runner.model_runner import ModelRunner
 from tokenloom.sampling_params import InvalidParameter, SamplingParams, StructuredOutputsParams
 from tokenloom.sched.output import SchedulerOutput
 from tokenloom.sched.scheduler import Scheduler
-from tokenloom.structured import GrammarBitmask, GrammarCompileError, StructuredOutputManager
+from tokenloom.structured import GrammarBitmask, GrammarCompileError, SequenceGrammar, StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
@@ -227,17 +227,19 @@ class LLMEngine:
 
     def _make_sequences(self, request_id: str, token_ids: list[int],
                         params: SamplingParams) -> tuple[Request, ...]:
-        spec = params.structured_outputs
-        def grammar():  # noqa: E306 - one matcher per sequence, all from one compile
-            return None if spec is None else self.structured.sequence_grammar(spec)
         if params.n == 1:
-            return (Request(request_id, token_ids, params, self.eos_token_ids, grammar=grammar()),)
+            return (Request(request_id, token_ids, params, self.eos_token_ids, grammar=self._grammar(params)),)
         # Only sample 0 computes prompt logprobs: the others share its prompt blocks.
         sibling_params = dataclasses.replace(params, prompt_logprobs=None)
         return tuple(
             Request(f"{request_id}#{i}", token_ids, params if i == 0 else sibling_params,
-                    self.eos_token_ids, sample_index=i, parent_id=request_id, grammar=grammar())
+                    self.eos_token_ids, sample_index=i, parent_id=request_id, grammar=self._grammar(params))
             for i in range(params.n))
+
+    def _grammar(self, params: SamplingParams) -> SequenceGrammar | None:
+        """A sequence's own matcher (samples of one request share the compile, not the state)."""
+        spec = params.structured_outputs
+        return None if spec is None else self.structured.sequence_grammar(spec)
 
     def _sequence_ids(self, request_id: str) -> list[str]:
         return self.outputs.sequence_ids(request_id)

@@ -58,7 +58,7 @@ class OpenAIServingChat:
         s.check_model(req.model)
         tools = tool_context(req, self.tool_parser_name)
         try:
-            prompt = render_prompt(req, s.tokenizer, tools)
+            prompt = render_prompt(req, s.tokenizer)
         except ChatTemplateError as exc:
             raise bad_request("messages", str(exc)) from exc
         token_ids = s.tokenizer.encode(prompt)

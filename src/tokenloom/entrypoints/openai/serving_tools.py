@@ -13,6 +13,7 @@ import uuid
 from dataclasses import dataclass
 
 from tokenloom.engine.tokenizer import Tokenizer
+from tokenloom.engine.tool_prompt import FunctionSpec, function_spec, render_conversation
 from tokenloom.entrypoints.openai.protocol import ChatCompletionRequest, NamedToolChoice
 from tokenloom.entrypoints.openai.responses import (
     AssistantMessage,
@@ -21,9 +22,9 @@ from tokenloom.entrypoints.openai.responses import (
     FunctionCallOut,
     ToolCallOut,
 )
-from tokenloom.engine.tool_prompt import FunctionSpec, function_spec, render_conversation
 from tokenloom.entrypoints.openai.tool_parsers import StreamDelta, ToolParser, detect_tool_parser, get_tool_parser
 from tokenloom.sampling_params import StructuredOutputsParams
+
 
 @dataclass(frozen=True, slots=True)
 class ToolContext:
@@ -63,7 +64,7 @@ def tool_context(req: ChatCompletionRequest, parser_name: str) -> ToolContext | 
                        req.parallel_tool_calls is not False)
 
 
-def render_prompt(req: ChatCompletionRequest, tokenizer: Tokenizer, ctx: ToolContext | None) -> str:
+def render_prompt(req: ChatCompletionRequest, tokenizer: Tokenizer) -> str:
     """The conversation as prompt text, with the request's tools (``render_conversation``)."""
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
     return render_conversation(tokenizer, [m.template_dict() for m in req.messages], tools)
