@@ -103,7 +103,7 @@ def test_json_schema_response_format_constrains_every_request(tiny_server, tiny_
     assert summary["total_output_tokens"] == NUM_PROMPTS * OUTPUT_LEN
     target = ServeTarget(base_url=f"{tiny_server.url}/v1", model=tiny_server.model_name,
                          response_format="json-schema")
-    [request] = build_workload(WorkloadSpec("random", 1, 8, 40), Tokenizer.from_path(tiny_checkpoint.hf_dir))
+    [request] = build_workload(WorkloadSpec("random", 1, 8, 150), Tokenizer.from_path(tiny_checkpoint.hf_dir))
     body = target.payload(request)
     assert body["response_format"]["json_schema"]["schema"] == BENCH_JSON_SCHEMA
     body = {**body, "stream": False}

@@ -19,7 +19,7 @@ from tokenloom.sampling_params import StructuredOutputsParams
 # JSON output may carry whitespace between tokens, as models are used to writing
 # it (`{"a": 1}`), but only a short run: with unbounded whitespace a small model
 # can fill the whole budget with newlines inside an object it never closes.
-JSON_COMPILE_OPTIONS = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,8}"}
+JSON_COMPILE_OPTIONS = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,20}"}
 
 
 class GrammarCompileError(ValueError):
