@@ -113,3 +113,27 @@ def test_chat_streams_replies_and_resets(tiny_checkpoint, tiny_llm):
     reply2 = tiny_llm.chat(follow_up, params, use_tqdm=False)[0].outputs[0].text
     assert out.stdout == (f"{HELP}\n{PROMPT}{reply}\n{PROMPT}[conversation cleared]\n{PROMPT}{reply}\n"
                           f"{PROMPT}{reply2}\n{PROMPT}")
+
+
+def _startup_failure(*args: str) -> str:
+    out = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr
+    errors = [line for line in out.stderr.splitlines() if " INFO " not in line]
+    assert len(errors) == 1 and errors[0].startswith("tokenloom: "), out.stderr  # one line, no traceback
+    return errors[0]
+
+
+def test_startup_errors_are_one_clear_line(tmp_path, tiny_checkpoint):
+    text = tmp_path / "passwd"
+    text.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    assert "neither a .gguf file nor a Hugging Face model directory" in _startup_failure("serve", str(text))
+    truncated = tmp_path / "cut.gguf"
+    truncated.write_bytes(tiny_checkpoint.gguf_path.read_bytes()[:3000])
+    assert "truncated" in _startup_failure("serve", str(truncated))
+    assert "no tokenizer.json" in _startup_failure("chat", str(tmp_path))
+    assert "not an existing path" in _startup_failure("serve", "no-such-model")
+
+
+def test_a_kv_cache_larger_than_the_memory_is_refused_with_both_numbers(tiny_checkpoint):
+    line = _startup_failure("serve", str(tiny_checkpoint.hf_dir), "--kv-cache-memory", "100000")
+    assert "100000.0 GiB" in line and "GiB of memory is available" in line and "--kv-cache-memory" in line

@@ -33,3 +33,22 @@ def test_a_system_ninja_is_used_when_the_interpreter_has_none(tmp_path, monkeypa
     monkeypatch.setenv("PATH", str(system))
     kernels._put_ninja_on_path()
     assert os.environ["PATH"] == str(system)
+
+
+def test_a_lock_left_by_a_killed_build_is_removed_and_builds_take_turns(tmp_path):
+    """torch's builder waits forever on a ``lock`` file; one left by a killed process must not
+    hang the next start. The flock that replaces it is released when its holder exits."""
+    import fcntl
+    import subprocess
+
+    (tmp_path / "lock").write_text("")
+    with kernels._exclusive(tmp_path):
+        assert not (tmp_path / "lock").exists()
+        # Another process cannot take the directory while we hold it...
+        probe = ("import fcntl, sys; f = open(sys.argv[1], 'w')\n"
+                 "try:\n    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept BlockingIOError:\n    sys.exit(3)")
+        held = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "tokenloom.flock")])
+        assert held.returncode == 3
+    # ...and can once we let go.
+    with open(tmp_path / "tokenloom.flock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -27,7 +27,13 @@ from pathlib import Path
 import torch
 
 from tokenloom.config import CacheConfig, EngineConfig, ModelArchConfig, ModelConfig, SchedulerConfig
-from tokenloom.engine.memory import default_kv_cache_memory, num_kv_blocks, resolve_max_model_len
+from tokenloom.engine.memory import (
+    check_kv_cache_fits,
+    default_kv_cache_memory,
+    kv_bytes_per_token,
+    num_kv_blocks,
+    resolve_max_model_len,
+)
 from tokenloom.engine.output_processor import OutputProcessor
 from tokenloom.engine.stats import StatsCollector
 from tokenloom.engine.tokenizer import Tokenizer
@@ -74,7 +80,7 @@ class LLMEngine:
                                                                   config.model.quantization)
         self.arch = arch
         kv_dtype = _kv_cache_dtype(config.cache.kv_cache_dtype, model, dtype)
-        self.config = _resolve_config(config, arch, kv_dtype)
+        self.config = _resolve_config(config, arch, kv_dtype, _weights_bytes(model))
         cache = self.config.cache
         self.kv_manager = KVCacheManager(cache.num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(self.config.scheduler, self.kv_manager)
@@ -271,6 +277,13 @@ async def _named_compile(future: concurrent.futures.Future) -> None:
         raise InvalidParameter("structured_outputs", f"does not compile: {exc}") from None
 
 
+def _weights_bytes(model: torch.nn.Module) -> int:
+    """What the model's tensors occupy (tied or shared tensors counted once)."""
+    tensors = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+               for t in [*model.parameters(), *model.buffers()] if t.device.type != "meta"}
+    return sum(tensors.values())
+
+
 def _kv_cache_dtype(choice: str, model: torch.nn.Module, dtype: torch.dtype) -> torch.dtype:
     if choice != "auto":
         return _KV_CACHE_DTYPES[choice]
@@ -303,14 +316,19 @@ def build_engine_config(model: str = "smollm2-135m", *, dtype: str = "float32", 
     )
 
 
-def _resolve_config(config: EngineConfig, arch: ModelArchConfig, dtype: torch.dtype) -> EngineConfig:
-    """Fill in what depends on the model: the number of KV blocks and max_model_len."""
+def _resolve_config(config: EngineConfig, arch: ModelArchConfig, dtype: torch.dtype,
+                    weights_bytes: int) -> EngineConfig:
+    """Fill in what depends on the model: the number of KV blocks and max_model_len.
+    A cache size the user asked for must fit in the memory the weights left."""
     cache = config.cache
     num_blocks = cache.num_blocks
+    row_bytes = kv_row_width(arch.head_dim, dtype) * dtype.itemsize
     if num_blocks is None:
         budget = cache.kv_cache_memory or default_kv_cache_memory()
-        row_bytes = kv_row_width(arch.head_dim, dtype) * dtype.itemsize
         num_blocks = num_kv_blocks(arch, row_bytes, cache.block_size, budget)
+    if cache.num_blocks is not None or cache.kv_cache_memory is not None:
+        kv_bytes = num_blocks * cache.block_size * kv_bytes_per_token(arch, row_bytes)
+        check_kv_cache_fits(kv_bytes, weights_bytes, torch.device(config.model.device).type)
     max_len = resolve_max_model_len(config.model.max_model_len, arch.max_position_embeddings,
                                     num_blocks * cache.block_size)
     return dataclasses.replace(

@@ -27,7 +27,33 @@ def available_memory_bytes() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return total_memory_bytes()
+
+
+def total_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_kv_cache_fits(kv_bytes: int, weights_bytes: int, device_type: str) -> None:
+    """A KV cache larger than the memory left once the weights are in is refused at
+    startup, with the numbers, rather than failing at the first long load.
+
+    Host tensors are allocated lazily (the OS hands out pages as they are touched),
+    so without this check a cache of any size "fits" until requests fill it.
+    """
+    if device_type == "cuda":
+        import torch
+
+        free, total = torch.cuda.mem_get_info()
+        where = "GPU memory"
+    else:
+        free, total = available_memory_bytes(), total_memory_bytes()
+        where = "memory"
+    if kv_bytes > free:
+        raise ValueError(
+            f"the KV cache would take {kv_bytes / GiB:.1f} GiB, but only {free / GiB:.1f} GiB of {where} is "
+            f"available ({total / GiB:.1f} GiB in all, {weights_bytes / GiB:.2f} GiB of it taken by the model's "
+            f"weights); ask for less (--kv-cache-memory; kv_cache_memory or num_kv_blocks in Python)")
 
 
 def default_kv_cache_memory() -> float:

@@ -23,7 +23,6 @@ from tokenloom.entrypoints.openai.server_config import (
     ServerConfig,
 )
 from tokenloom.entrypoints.openai.tool_parsers import TOOL_PARSERS
-from tokenloom.model_files import ModelNotFoundError
 
 DEFAULT_MODEL = "smollm2-135m"
 API_KEY_ENV = "TOKENLOOM_API_KEY"
@@ -47,7 +46,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tokenloom.entrypoints.chat_cli import run_chat
 
         return run_chat(engine_config_from_args(args, parser), args)
-    except ModelNotFoundError as exc:
+    except (ValueError, OSError) as exc:
+        # Startup failures a user can fix: no such model, not a model file, an unreadable or
+        # truncated file, an unknown architecture, a KV cache larger than the memory, a port in
+        # use. One line, no traceback (--log-level debug shows it).
+        logging.getLogger("tokenloom").debug("%s failed", args.command, exc_info=exc)
         print(f"tokenloom: {exc}", file=sys.stderr)
         return 1
 

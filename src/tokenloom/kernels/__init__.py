@@ -14,12 +14,15 @@ when the user explicitly asked for a kernel-only feature.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
 import shutil
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -82,15 +85,38 @@ def _build_and_load() -> None:
     name = f"tokenloom_kernels_{_digest(sources + sorted(_CSRC.glob('*.h')))}"
     build_dir = _kernels_home() / name
     build_dir.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(
-        name=name,
-        sources=[str(s) for s in sources],
-        build_directory=str(build_dir),
-        extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-std=c++17"],
-        extra_ldflags=["-fopenmp"],
-        is_python_module=False,
-        verbose=os.environ.get("TOKENLOOM_KERNELS_VERBOSE") == "1",
-    )
+    with _exclusive(build_dir):
+        cpp_extension.load(
+            name=name,
+            sources=[str(s) for s in sources],
+            build_directory=str(build_dir),
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-std=c++17"],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=os.environ.get("TOKENLOOM_KERNELS_VERBOSE") == "1",
+        )
+
+
+@contextlib.contextmanager
+def _exclusive(build_dir: Path) -> Iterator[None]:
+    """One process at a time in ``build_dir``, under an OS lock that dies with its holder.
+
+    torch's builder guards the directory with a plain ``lock`` file and waits
+    forever while one exists; a process killed while holding it (Ctrl-C on a
+    starting server) left every later start hanging. Under our flock no other
+    tokenloom process is building, so a ``lock`` file found there is such a
+    leftover and goes.
+    """
+    with open(build_dir / "tokenloom.flock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            stale = build_dir / "lock"
+            if stale.exists():
+                logger.warning("removing %s, left by a kernel build that was killed", stale)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _put_ninja_on_path() -> None:
