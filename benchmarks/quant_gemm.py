@@ -11,7 +11,8 @@ ratios. Freed memory stays in the process (``keep_freed_memory``), as in the
 engine: without it, large outputs are page-faulted in again on every call.
 
 A second table does the same for the LM head (Q8_0, [576 -> 49152]) on
-``q8_gemm`` (int8 x int8 tiles). The per-row kernels these tables once also
+``q8_gemm`` (int8 x int8 tiles); a third times both kernels on each instruction
+set the CPU has (AVX2 and, where present, AVX-512 VNNI). The per-row kernels these tables once also
 timed are gone (docs/performance.md keeps their figures).
 """
 
@@ -60,6 +61,39 @@ def main() -> None:
             gflops = 2 * m * n * k / (t["gemm"] * 1e-3) / 1e9
             print(f"| {label} | {m} | {t['gemm']:.3f} | {t['mkl']:.3f} | {gflops:.0f} | {t['mkl'] / t['gemm']:.2f} |")
     lm_head(ops)
+    instruction_sets(ops)
+
+
+def instruction_sets(ops) -> None:
+    """The same kernels on each instruction set the CPU has (AVX2, AVX-512 VNNI), alternately;
+    includes a 2048 x 2048 weight, the roofline shape of docs/performance.md."""
+    isas = ["avx2"] + (["avx512_vnni"] if kernels.gemm_isa("auto") == "avx512_vnni" else [])
+    if len(isas) == 1:
+        print("\nthis CPU has no AVX-512 VNNI: only the AVX2 path runs")
+        return
+    print()
+    print("| kernel, shape | rows | AVX2 ms | VNNI ms | AVX2 GFLOP/s | VNNI GFLOP/s | VNNI speed-up |")
+    print("|---|---|---|---|---|---|---|")
+    shapes = {**SHAPES, "2048 -> 2048": (2048, 2048)}
+    for kind, op in (("int4", "q4"), ("int8", "q8")):
+        for label, (n, k) in shapes.items():
+            weights = [quantize(torch.randn(n, k) * 0.05, kind).with_gemm_tiles() for _ in range(WEIGHTS)]
+            for m in (1, 32, 256):
+                x = torch.randn(m, k)
+                fns = {isa: _on_isa(isa, lambda: [w.matmul(x) for w in weights]) for isa in isas}
+                t = best_ms(fns, repeats=20 if m <= 32 else 5)
+                flops = 2 * m * n * k / 1e9
+                print(f"| {op}_gemm {label} | {m} | {t['avx2']:.3f} | {t['avx512_vnni']:.3f} | "
+                      f"{flops / (t['avx2'] * 1e-3):.0f} | {flops / (t['avx512_vnni'] * 1e-3):.0f} | "
+                      f"{t['avx2'] / t['avx512_vnni']:.2f} |")
+    kernels.gemm_isa("auto")
+
+
+def _on_isa(isa: str, fn):
+    def run():
+        kernels.gemm_isa(isa)
+        return fn()
+    return run
 
 
 def lm_head(ops) -> None:

@@ -179,3 +179,49 @@ def test_only_a_weight_with_gemm_tiles_frees_its_dense_copy():
     assert layer.weight.shape == (16, 0)
     x = torch.randn(37, 64)
     torch.testing.assert_close(layer(x), int8_blocks(x) @ layer.quantized.dequantize().T, rtol=0, atol=2e-6)
+
+
+def _every_gemm_isa() -> list[str]:
+    """The instruction sets this machine can run the GEMMs on (AVX2 always, where the kernels build)."""
+    if not kernels.available():
+        return []
+    current = kernels.gemm_isa()
+    isas = ["avx2"] + (["avx512_vnni"] if kernels.gemm_isa("auto") == "avx512_vnni" else [])
+    kernels.gemm_isa(current)
+    return isas
+
+
+@pytest.fixture
+def restore_gemm_isa():
+    current = kernels.gemm_isa()
+    yield
+    kernels.gemm_isa(current)
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", _every_gemm_isa() or ["avx2"])
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_every_instruction_set_gives_the_same_bits(isa, kind, restore_gemm_isa):
+    """VNNI's vpdpbusd and AVX2's maddubs sum the same integers exactly, so each path gives the
+    AVX2 path's bits, at every batch size and with full-scale weights and activations."""
+    kernels.gemm_isa(isa)
+    assert kernels.gemm_isa() == isa
+    for rows, columns in ((1, 80), (4, 13), (7, 64), (70, 24)):
+        q = quantize(_weight(columns, 160, seed=rows), kind).with_gemm_tiles()
+        x = torch.randn(rows, 160, generator=torch.Generator().manual_seed(rows)) * 3
+        x[0, :32] = 127.0  # the accumulators' edge: every product at full scale
+        ours = q.matmul(x)
+        torch.testing.assert_close(ours, int8_blocks(x) @ q.dequantize().T, rtol=1e-5, atol=1e-5)
+        kernels.gemm_isa("avx2")
+        assert torch.equal(ours, q.matmul(x))
+        kernels.gemm_isa(isa)
+
+
+@needs_kernels
+def test_gemm_isa_refuses_unknown_names_and_missing_instructions(restore_gemm_isa):
+    with pytest.raises(RuntimeError, match="choose auto, avx2 or avx512_vnni"):
+        kernels.gemm_isa("sse2")
+    if "avx512_vnni" not in _every_gemm_isa():
+        with pytest.raises(RuntimeError, match="no AVX-512 VNNI"):
+            kernels.gemm_isa("avx512_vnni")
+    assert kernels.gemm_isa("auto") in ("avx2", "avx512_vnni")

@@ -6,7 +6,9 @@ register their ops under ``torch.ops.tokenloom``. A later start only loads
 the built library (well under a second). ``make install`` builds them ahead
 of time so neither the first ``serve`` nor the tests pay for the compile.
 
-``available()`` is False where they cannot run (no compiler, a CPU without
+The quantized GEMMs pick their instruction set at run time (AVX-512 VNNI
+where the CPU has it, else AVX2; ``gemm_isa``), so one build runs on any
+x86-64 machine with AVX2. ``available()`` is False where they cannot run (no compiler, a CPU without
 AVX2/FMA, a non-x86 machine) or where ``TOKENLOOM_KERNELS=0`` turns them off;
 callers then use plain PyTorch paths, or fail with ``KernelsUnavailable``
 when the user explicitly asked for a kernel-only feature.
@@ -58,7 +60,17 @@ def ops():
                 _state["error"] = f"native kernels unavailable: {exc}"
                 raise KernelsUnavailable(_state["error"]) from exc
             _state["ops"] = torch.ops.tokenloom
+            isa = os.environ.get("TOKENLOOM_GEMM_ISA")
+            if isa:
+                torch.ops.tokenloom.gemm_isa(isa)
         return _state["ops"]
+
+
+def gemm_isa(choice: str = "") -> str:
+    """The instruction set the quantized GEMMs run on ("avx512_vnni" or "avx2"), chosen
+    at run time from the CPU; ``choice`` ("auto", "avx2", "avx512_vnni") changes it for
+    the process (TOKENLOOM_GEMM_ISA sets it at load)."""
+    return ops().gemm_isa(choice)
 
 
 def available() -> bool:

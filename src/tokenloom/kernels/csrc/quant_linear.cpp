@@ -24,8 +24,10 @@
 #include "vec_math.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 namespace tokenloom {
@@ -152,141 +154,58 @@ inline void store_tile(const __m256 (&out)[MR][NR], int64_t r, int64_t t, float*
   }
 }
 
-// y[0:MR, 8 NR columns from tile t] for MR rows of quantized x starting at row r.
-template <int MR, int NR>
-void q4_gemm_tile(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w, int64_t t, float* y, int64_t N) {
-  const int64_t nb = w.nb;
-  const __m256i mask = _mm256_set1_epi8(0x0F);
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256 out[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) out[i][j] = _mm256_setzero_ps();
-  const int8_t* xq = xr.q.data() + r * K;
-  for (int64_t b = 0; b < nb; ++b) {
-    __m256i acc[MR][NR];
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_si256();
-    for (int p = 0; p < 4; ++p) {
-      __m256i raw[NR];
-      for (int j = 0; j < NR; ++j)
-        raw[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.q + ((t + j) * nb + b) * kTileBytes + 32 * p));
-      for (int half = 0; half < 2; ++half) {  // low nibbles: weights 8p..8p+3, high: 8p+4..8p+7
-        __m256i wq[NR];
-        for (int j = 0; j < NR; ++j) wq[j] = _mm256_and_si256(half ? _mm256_srli_epi16(raw[j], 4) : raw[j], mask);
-        for (int i = 0; i < MR; ++i) {
-          const __m256i xb = broadcast4(xq + i * K + b * kBlock + 8 * p + 4 * half);
-          for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_adds_epi16(acc[i][j], _mm256_maddubs_epi16(wq[j], xb));
-        }
-      }
-    }
-    for (int j = 0; j < NR; ++j) {
-      const int64_t s = ((t + j) * nb + b) * kTileCols;
-      const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.scales + s)));
-      const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.mins + s)));
-      for (int i = 0; i < MR; ++i) {
-        const int64_t xi = (r + i) * nb + b;
-        const __m256 dots = _mm256_cvtepi32_ps(_mm256_madd_epi16(acc[i][j], ones));
-        out[i][j] = _mm256_fmadd_ps(_mm256_mul_ps(dots, _mm256_set1_ps(xr.d[xi])), dw, out[i][j]);
-        out[i][j] = _mm256_fmadd_ps(mw, _mm256_set1_ps(xr.sum[xi]), out[i][j]);
-      }
-    }
+// The integer dot-product steps of each instruction set (see gemm_tiles.h).
+struct Avx2Dot {
+  // maddubs: pairs of u8 x s8 products summed into int16 lanes; a block's 8 steps of
+  // nibbles (at most 2 x 15 x 127 each: 30480 in all) stay within int16.
+  static inline __m256i nibbles(__m256i acc, __m256i w, __m256i x) {
+    return _mm256_adds_epi16(acc, _mm256_maddubs_epi16(w, x));
   }
-  store_tile(out, r, t, y, N);
-}
-
-// The same for int8 weights (Q8_0), one column tile at a time: tiles
-// [N/8, K/32, 256] int8, per 8 columns and block 8 groups of 32 bytes, byte
-// 4c + r of group p holding column c's weight 4p + r; no mins. maddubs wants
-// one unsigned operand, so it multiplies |w| by x carrying w's sign (llama.cpp's
-// trick for signed x signed). A pair of products (up to 2 x 127 x 127) fills an
-// int16, so each maddubs is widened to int32 at once (madd by ones) rather than
-// summed over the block in int16. Two tiles at once (as q4 does) measured
-// slower: their int32 accumulators and outputs no longer fit in 16 registers.
-template <int MR>
-void q8_gemm_tile(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w, int64_t t, float* y, int64_t N) {
-  const int64_t nb = w.nb;
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256 out[MR][1];
-  for (int i = 0; i < MR; ++i) out[i][0] = _mm256_setzero_ps();
-  const int8_t* xq = xr.q.data() + r * K;
-  for (int64_t b = 0; b < nb; ++b) {
-    __m256i acc[MR];
-    for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_si256();
-    const uint8_t* block = w.q + (t * nb + b) * kQ8TileBytes;
-    for (int p = 0; p < 8; ++p) {
-      const __m256i wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * p));
-      const __m256i wabs = _mm256_sign_epi8(wq, wq);
-      for (int i = 0; i < MR; ++i) {
-        const __m256i xb = broadcast4(xq + i * K + b * kBlock + 4 * p);
-        const __m256i prod = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(xb, wq));
-        acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(prod, ones));
-      }
-    }
-    const __m256 dw =
-        _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.scales + (t * nb + b) * kTileCols)));
-    for (int i = 0; i < MR; ++i) {
-      const __m256 dots = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[i]), _mm256_set1_ps(xr.d[(r + i) * nb + b]));
-      out[i][0] = _mm256_fmadd_ps(dots, dw, out[i][0]);
-    }
-  }
-  store_tile(out, r, t, y, N);
-}
-
-// Rows r0..r1 of y for tiles t.. t + NR - 1, kGemmRows rows at a time.
-template <int NR, template <int, int> class Tile>
-struct GemmRows {
-  static void run(const QuantizedRows& xr, int64_t r0, int64_t r1, int64_t K, const Tiles& w, int64_t t, float* y,
-                  int64_t N) {
-    int64_t r = r0;
-    for (; r + kGemmRows <= r1; r += kGemmRows) Tile<kGemmRows, NR>::run(xr, r, K, w, t, y, N);
-    switch (r1 - r) {
-      case 3: Tile<3, NR>::run(xr, r, K, w, t, y, N); break;
-      case 2: Tile<2, NR>::run(xr, r, K, w, t, y, N); break;
-      case 1: Tile<1, NR>::run(xr, r, K, w, t, y, N); break;
-      default: break;
-    }
+  static inline __m256i nibble_sums(__m256i acc) { return _mm256_madd_epi16(acc, _mm256_set1_epi16(1)); }
+  static inline __m256i bytes(__m256i acc, __m256i w, __m256i x) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
   }
 };
 
-template <int MR, int NR>
-struct Q4Tile {
-  static void run(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w, int64_t t, float* y, int64_t N) {
-    q4_gemm_tile<MR, NR>(xr, r, K, w, t, y, N);
-  }
+namespace avx2 {
+using Dot = Avx2Dot;
+#include "gemm_tiles.h"
+}  // namespace avx2
+
+// AVX-512 VNNI (with VL, on 256-bit registers): vpdpbusd sums four u8 x s8 products
+// into each int32 lane in one instruction, where AVX2 takes maddubs + add (+ madd).
+// 256-bit registers keep the tile layout and avoid the clock drop of 512-bit ones.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
+struct VnniDot {
+  static inline __m256i nibbles(__m256i acc, __m256i w, __m256i x) { return _mm256_dpbusd_epi32(acc, w, x); }
+  static inline __m256i nibble_sums(__m256i acc) { return acc; }
+  static inline __m256i bytes(__m256i acc, __m256i w, __m256i x) { return _mm256_dpbusd_epi32(acc, w, x); }
 };
 
-template <int MR, int NR>
-struct Q8Tile {
-  static void run(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w, int64_t t, float* y, int64_t N) {
-    for (int j = 0; j < NR; ++j) q8_gemm_tile<MR>(xr, r, K, w, t + j, y, N);
-  }
-};
+namespace vnni {
+using Dot = VnniDot;
+#include "gemm_tiles.h"
+}  // namespace vnni
+#pragma GCC pop_options
 
-// y = x @ W^T over column tiles in pairs (the parallel loop), rows of x in
-// chunks of kRowChunk so that a chunk's int8 rows stay in cache while every
-// tile passes over them.
-template <template <int, int> class Tile>
-at::Tensor tiled_gemm(const at::Tensor& x, const Tiles& w, int64_t num_tiles, int64_t N) {
-  const int64_t M = x.size(0), K = x.size(1);
-  at::Tensor y = at::empty({M, N}, x.options());
-  const QuantizedRows xr = quantize_rows(x.data_ptr<float>(), M, K);
-  float* yp = y.data_ptr<float>();
-  const int64_t pairs = (num_tiles + 1) / 2;
-  for (int64_t r0 = 0; r0 < M; r0 += kRowChunk) {
-    const int64_t r1 = std::min(M, r0 + kRowChunk);
-    at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t pair = begin; pair < end; ++pair) {
-        const int64_t t = 2 * pair;
-        if (t + 1 < num_tiles) {
-          GemmRows<2, Tile>::run(xr, r0, r1, K, w, t, yp, N);
-        } else {
-          GemmRows<1, Tile>::run(xr, r0, r1, K, w, t, yp, N);
-        }
-      }
-    });
-  }
-  return y;
+// ---- which instruction set runs the GEMMs ----------------------------------------
+//
+// Chosen at run time from what the CPU reports (the library itself is built for
+// AVX2, so one build runs on any x86-64 machine with AVX2); gemm_isa() can force
+// the AVX2 path, which tests use to compare the two on a VNNI machine.
+
+enum class Isa : int { kAvx2 = 0, kAvx512Vnni = 1 };
+
+bool cpu_has_avx512_vnni() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
 }
+
+std::atomic<int> g_isa{cpu_has_avx512_vnni() ? static_cast<int>(Isa::kAvx512Vnni) : static_cast<int>(Isa::kAvx2)};
+
+inline Isa active_isa() { return static_cast<Isa>(g_isa.load(std::memory_order_relaxed)); }
 
 void check_gemm_input(const char* op, const at::Tensor& x, const at::Tensor& tiles, at::ScalarType tile_type,
                       int64_t tile_bytes, int64_t N) {
@@ -313,7 +232,8 @@ at::Tensor q4_gemm(const at::Tensor& x, const at::Tensor& tiles, const at::Tenso
   check_tile_halves("q4_gemm", tile_scales, tiles);
   check_tile_halves("q4_gemm", tile_mins, tiles);
   const Tiles w{tiles.data_ptr<uint8_t>(), half_data(tile_scales), half_data(tile_mins), tiles.size(1)};
-  return tiled_gemm<Q4Tile>(x, w, tiles.size(0), N);
+  return active_isa() == Isa::kAvx512Vnni ? vnni::tiled_gemm<vnni::Q4Tile>(x, w, tiles.size(0), N)
+                                           : avx2::tiled_gemm<avx2::Q4Tile>(x, w, tiles.size(0), N);
 }
 
 at::Tensor q8_gemm(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& tile_scales, int64_t N) {
@@ -321,7 +241,22 @@ at::Tensor q8_gemm(const at::Tensor& x, const at::Tensor& tiles, const at::Tenso
   check_tile_halves("q8_gemm", tile_scales, tiles);
   const Tiles w{reinterpret_cast<const uint8_t*>(tiles.data_ptr<int8_t>()), half_data(tile_scales), nullptr,
                 tiles.size(1)};
-  return tiled_gemm<Q8Tile>(x, w, tiles.size(0), N);
+  return active_isa() == Isa::kAvx512Vnni ? vnni::tiled_gemm<vnni::Q8Tile>(x, w, tiles.size(0), N)
+                                           : avx2::tiled_gemm<avx2::Q8Tile>(x, w, tiles.size(0), N);
+}
+
+std::string gemm_isa(const std::string& choice) {
+  if (choice == "auto") {
+    g_isa = static_cast<int>(cpu_has_avx512_vnni() ? Isa::kAvx512Vnni : Isa::kAvx2);
+  } else if (choice == "avx2") {
+    g_isa = static_cast<int>(Isa::kAvx2);
+  } else if (choice == "avx512_vnni") {
+    TORCH_CHECK(cpu_has_avx512_vnni(), "gemm_isa: this CPU has no AVX-512 VNNI (with F, BW and VL)");
+    g_isa = static_cast<int>(Isa::kAvx512Vnni);
+  } else {
+    TORCH_CHECK(choice.empty(), "gemm_isa: choose auto, avx2 or avx512_vnni, not '", choice, "'");
+  }
+  return active_isa() == Isa::kAvx512Vnni ? "avx512_vnni" : "avx2";
 }
 
 }  // namespace tokenloom
@@ -329,9 +264,13 @@ at::Tensor q8_gemm(const at::Tensor& x, const at::Tensor& tiles, const at::Tenso
 TORCH_LIBRARY_FRAGMENT(tokenloom, m) {
   m.def("q4_gemm(Tensor x, Tensor tiles, Tensor tile_scales, Tensor tile_mins, int N) -> Tensor");
   m.def("q8_gemm(Tensor x, Tensor tiles, Tensor tile_scales, int N) -> Tensor");
+  m.def("gemm_isa(str choice='') -> str");
 }
 
 TORCH_LIBRARY_IMPL(tokenloom, CPU, m) {
   m.impl("q4_gemm", &tokenloom::q4_gemm);
   m.impl("q8_gemm", &tokenloom::q8_gemm);
 }
+
+// No tensor arguments: registered for every backend.
+TORCH_LIBRARY_IMPL(tokenloom, CompositeExplicitAutograd, m) { m.impl("gemm_isa", &tokenloom::gemm_isa); }

@@ -63,7 +63,8 @@ def apply_quantization(model: LlamaForCausalLM, mode: str, packed: PackedParts) 
     head = _choose(model.logits_weight(), [packed.get((head_name, None))], *_HEAD_POLICY[mode])
     model.logits_quantized = None if head is None else head.with_gemm_tiles()
     kinds[_kind(model.logits_quantized)] += 1
-    logger.info("weights: %s", ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())))
+    logger.info("weights: %s; quantized GEMMs on %s", ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())),
+                kernels.gemm_isa())
     return kinds
 
 

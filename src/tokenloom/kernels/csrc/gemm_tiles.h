@@ -1,0 +1,143 @@
+// The tiled int8-activation GEMMs (q4 and q8), written once and compiled once per
+// instruction set: quant_linear.cpp includes this file inside a namespace per ISA,
+// with ``Dot`` the integer dot-product steps of that ISA (no include guard, on
+// purpose). Each ISA's integer sums are exact, so every path gives the same bits.
+//
+// Dot::nibbles(acc, w, x)   acc += 4-wide dot products of unsigned nibbles w and int8 x,
+//                           per 32-bit lane (AVX2: int16 pairs, summed by nibble_sums)
+// Dot::nibble_sums(acc)     the int32 sums of a block's accumulator
+// Dot::bytes(acc, |w|, x)   acc (int32) += 4-wide dot products of |w| and signed x
+
+// y[0:MR, 8 NR columns from tile t] for MR rows of quantized x starting at row r.
+template <int MR, int NR>
+void q4_gemm_tile(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w, int64_t t, float* y, int64_t N) {
+  const int64_t nb = w.nb;
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  __m256 out[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) out[i][j] = _mm256_setzero_ps();
+  const int8_t* xq = xr.q.data() + r * K;
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i acc[MR][NR];
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_si256();
+    for (int p = 0; p < 4; ++p) {
+      __m256i raw[NR];
+      for (int j = 0; j < NR; ++j)
+        raw[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.q + ((t + j) * nb + b) * kTileBytes + 32 * p));
+      for (int half = 0; half < 2; ++half) {  // low nibbles: weights 8p..8p+3, high: 8p+4..8p+7
+        __m256i wq[NR];
+        for (int j = 0; j < NR; ++j) wq[j] = _mm256_and_si256(half ? _mm256_srli_epi16(raw[j], 4) : raw[j], mask);
+        for (int i = 0; i < MR; ++i) {
+          const __m256i xb = broadcast4(xq + i * K + b * kBlock + 8 * p + 4 * half);
+          for (int j = 0; j < NR; ++j) acc[i][j] = Dot::nibbles(acc[i][j], wq[j], xb);
+        }
+      }
+    }
+    for (int j = 0; j < NR; ++j) {
+      const int64_t s = ((t + j) * nb + b) * kTileCols;
+      const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.scales + s)));
+      const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.mins + s)));
+      for (int i = 0; i < MR; ++i) {
+        const int64_t xi = (r + i) * nb + b;
+        const __m256 dots = _mm256_cvtepi32_ps(Dot::nibble_sums(acc[i][j]));
+        out[i][j] = _mm256_fmadd_ps(_mm256_mul_ps(dots, _mm256_set1_ps(xr.d[xi])), dw, out[i][j]);
+        out[i][j] = _mm256_fmadd_ps(mw, _mm256_set1_ps(xr.sum[xi]), out[i][j]);
+      }
+    }
+  }
+  store_tile(out, r, t, y, N);
+}
+
+// The same for int8 weights (Q8_0), one column tile at a time: tiles
+// [N/8, K/32, 256] int8, per 8 columns and block 8 groups of 32 bytes, byte
+// 4c + r of group p holding column c's weight 4p + r; no mins. maddubs wants
+// one unsigned operand, so it multiplies |w| by x carrying w's sign (llama.cpp's
+// trick for signed x signed). A pair of products (up to 2 x 127 x 127) fills an
+// int16, so each maddubs is widened to int32 at once (madd by ones) rather than
+// summed over the block in int16. Two tiles at once (as q4 does) measured
+// slower: their int32 accumulators and outputs no longer fit in 16 registers.
+template <int MR>
+void q8_gemm_tile(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w, int64_t t, float* y, int64_t N) {
+  const int64_t nb = w.nb;
+  __m256 out[MR][1];
+  for (int i = 0; i < MR; ++i) out[i][0] = _mm256_setzero_ps();
+  const int8_t* xq = xr.q.data() + r * K;
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i acc[MR];
+    for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_si256();
+    const uint8_t* block = w.q + (t * nb + b) * kQ8TileBytes;
+    for (int p = 0; p < 8; ++p) {
+      const __m256i wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * p));
+      const __m256i wabs = _mm256_sign_epi8(wq, wq);
+      for (int i = 0; i < MR; ++i) {
+        const __m256i xb = broadcast4(xq + i * K + b * kBlock + 4 * p);
+        acc[i] = Dot::bytes(acc[i], wabs, _mm256_sign_epi8(xb, wq));
+      }
+    }
+    const __m256 dw =
+        _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.scales + (t * nb + b) * kTileCols)));
+    for (int i = 0; i < MR; ++i) {
+      const __m256 dots = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[i]), _mm256_set1_ps(xr.d[(r + i) * nb + b]));
+      out[i][0] = _mm256_fmadd_ps(dots, dw, out[i][0]);
+    }
+  }
+  store_tile(out, r, t, y, N);
+}
+
+// Rows r0..r1 of y for tiles t.. t + NR - 1, kGemmRows rows at a time.
+template <int NR, template <int, int> class Tile>
+struct GemmRows {
+  static void run(const QuantizedRows& xr, int64_t r0, int64_t r1, int64_t K, const Tiles& w, int64_t t, float* y,
+                  int64_t N) {
+    int64_t r = r0;
+    for (; r + kGemmRows <= r1; r += kGemmRows) Tile<kGemmRows, NR>::run(xr, r, K, w, t, y, N);
+    switch (r1 - r) {
+      case 3: Tile<3, NR>::run(xr, r, K, w, t, y, N); break;
+      case 2: Tile<2, NR>::run(xr, r, K, w, t, y, N); break;
+      case 1: Tile<1, NR>::run(xr, r, K, w, t, y, N); break;
+      default: break;
+    }
+  }
+};
+
+template <int MR, int NR>
+struct Q4Tile {
+  static void run(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w, int64_t t, float* y, int64_t N) {
+    q4_gemm_tile<MR, NR>(xr, r, K, w, t, y, N);
+  }
+};
+
+template <int MR, int NR>
+struct Q8Tile {
+  static void run(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w, int64_t t, float* y, int64_t N) {
+    for (int j = 0; j < NR; ++j) q8_gemm_tile<MR>(xr, r, K, w, t + j, y, N);
+  }
+};
+
+// y = x @ W^T over column tiles in pairs (the parallel loop), rows of x in
+// chunks of kRowChunk so that a chunk's int8 rows stay in cache while every
+// tile passes over them.
+template <template <int, int> class Tile>
+at::Tensor tiled_gemm(const at::Tensor& x, const Tiles& w, int64_t num_tiles, int64_t N) {
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor y = at::empty({M, N}, x.options());
+  const QuantizedRows xr = quantize_rows(x.data_ptr<float>(), M, K);
+  float* yp = y.data_ptr<float>();
+  const int64_t pairs = (num_tiles + 1) / 2;
+  for (int64_t r0 = 0; r0 < M; r0 += kRowChunk) {
+    const int64_t r1 = std::min(M, r0 + kRowChunk);
+    at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t pair = begin; pair < end; ++pair) {
+        const int64_t t = 2 * pair;
+        if (t + 1 < num_tiles) {
+          GemmRows<2, Tile>::run(xr, r0, r1, K, w, t, yp, N);
+        } else {
+          GemmRows<1, Tile>::run(xr, r0, r1, K, w, t, yp, N);
+        }
+      }
+    });
+  }
+  return y;
+}
+
