@@ -6,7 +6,10 @@
 #   llama_server.sh serve PORT   run it in the foreground on 127.0.0.1:PORT
 #   llama_server.sh perplexity FILE [N_CTX]
 #                                llama-perplexity on the default model (builds that
-#                                tool too), the method `tokenloom bench perplexity` copies
+#                                tool too), the method `tokenloom bench perplexity` copies;
+#                                MODEL_FILE=x.gguf runs it on another file
+#   llama_server.sh quantize IN.gguf OUT.gguf TYPE
+#                                llama-quantize (--allow-requantize), e.g. TYPE Q4_K_M
 #
 # Settings (override with env): LLAMA_SLOTS=32 parallel slots (continuous
 # batching across them), LLAMA_CTX=16384 total context, split evenly across
@@ -52,12 +55,21 @@ perplexity() {
     local file="$1" n_ctx="${2:-512}" tool="$SRC_DIR/build/bin/llama-perplexity"
     [[ -x "$BIN" ]] || install >&2
     [[ -x "$tool" ]] || cmake --build "$SRC_DIR/build" --target llama-perplexity -j "$THREADS" >&2
-    "$tool" -m "$(model_path)" -f "$file" -c "$n_ctx" -t "$THREADS" 2>&1 | grep -E "^\[|estimated PPL|Final estimate"
+    "$tool" -m "${MODEL_FILE:-$(model_path)}" -f "$file" -c "$n_ctx" -t "$THREADS" 2>&1 \
+        | grep -E "^\[|estimated PPL|Final estimate"
+}
+
+quantize() {
+    local tool="$SRC_DIR/build/bin/llama-quantize"
+    [[ -x "$BIN" ]] || install >&2
+    [[ -x "$tool" ]] || cmake --build "$SRC_DIR/build" --target llama-quantize -j "$THREADS" >&2
+    "$tool" --allow-requantize "$1" "$2" "$3" "$THREADS"
 }
 
 case "${1:-}" in
     install) install ;;
     perplexity) [[ $# -ge 2 ]] || usage_and_exit; perplexity "$2" "${3:-}" ;;
+    quantize) [[ $# -eq 4 ]] || usage_and_exit; quantize "$2" "$3" "$4" ;;
     serve) [[ $# -eq 2 ]] || usage_and_exit; serve "$2" ;;
     *) usage_and_exit ;;
 esac

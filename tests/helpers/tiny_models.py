@@ -139,7 +139,10 @@ def _write_metadata(writer: gguf.GGUFWriter, config: PretrainedConfig, tensor_ty
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(config.rope_parameters["factor"])
     file_type = "ALL_F32" if tensor_type == QType.F32 else f"MOSTLY_{tensor_type.name}"
-    writer.add_file_type(gguf.LlamaFileType[file_type])
+    writer.add_file_type(gguf.LlamaFileType[_K_FILE_TYPES.get(file_type, file_type)])
+
+
+_K_FILE_TYPES = {"MOSTLY_Q4_K": "MOSTLY_Q4_K_M"}  # the file type names a K-quant mix
 
 
 def _gguf_tensors(model: PreTrainedModel, arch: str) -> Iterator[tuple[str, np.ndarray]]:
@@ -214,3 +217,55 @@ def _add_tensor(writer: gguf.GGUFWriter, name: str, array: np.ndarray, tensor_ty
 
 def _head_dim(config: PretrainedConfig) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+# llama.cpp's Q4_K_M mix, simplified to every layer: 6-bit K-quants for the LM head,
+# attn_v and ffn_down, 4-bit K-quants for the other matrices (token_embd included).
+Q4_K_M_TYPES = {"output": QType.Q6_K, "attn_v": QType.Q6_K, "ffn_down": QType.Q6_K}
+# Where each K-quant keeps its f16 super-block scale(s), and a range that gives weights of ~0.05.
+_KQUANT_SCALES = {QType.Q4_K: ((0, 2), 6e-5), QType.Q5_K: ((0, 2), 3e-5), QType.Q6_K: ((208,), 1.5e-5)}
+
+
+def write_random_kquant_gguf(path: str | Path, seed: int = 0, default: QType = QType.Q4_K,
+                             types: dict[str, QType] | None = None) -> Path:
+    """A Llama (hidden 256: K-quant super-blocks hold 256 weights) whose matrices are random
+    K-quant blocks, ``types`` by tensor kind (default ``Q4_K_M_TYPES``), else ``default``.
+    gguf can read K-quants but not write them, so the blocks are random bytes with sane
+    f16 scales; the model is as random as the other tiny ones, and the dense reference
+    is the file itself, dequantized."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    types = Q4_K_M_TYPES if types is None else types
+    config = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                         num_key_value_heads=2, num_hidden_layers=2, max_position_embeddings=512, rms_norm_eps=1e-6,
+                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    rng = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(Path(path), "llama")
+    _write_metadata(writer, config, default)
+    writer.add_bos_token_id(config.bos_token_id)
+    writer.add_eos_token_id(config.eos_token_id)
+    for name, array in _gguf_tensors(model, "llama"):
+        if array.ndim == 1:
+            writer.add_tensor(name, array.astype(np.float32))
+            continue
+        qtype = types.get(name.split(".")[-2], default)
+        writer.add_tensor(name, _random_kquant(rng, array.shape, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)
+
+
+def _random_kquant(rng: np.random.Generator, shape: tuple[int, int], qtype: QType) -> np.ndarray:
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    n, k = shape
+    raw = rng.integers(0, 256, size=(n, k // block_size, type_size), dtype=np.uint8)
+    offsets, scale = _KQUANT_SCALES[qtype]
+    for offset in offsets:
+        d = rng.uniform(0.5 * scale, scale, size=(n, k // block_size)).astype(np.float16)
+        raw[..., offset:offset + 2] = d[..., None].view(np.uint8).reshape(n, k // block_size, 2)
+    return raw.reshape(n, -1)

@@ -278,10 +278,12 @@ async def _named_compile(future: concurrent.futures.Future) -> None:
 
 
 def _weights_bytes(model: torch.nn.Module) -> int:
-    """What the model's tensors occupy (tied or shared tensors counted once)."""
+    """What the model's weights occupy: its tensors (tied or shared ones counted once)
+    and the quantized blocks the native kernels run on."""
     tensors = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                for t in [*model.parameters(), *model.buffers()] if t.device.type != "meta"}
-    return sum(tensors.values())
+    quantized = [getattr(m, "quantized", None) for m in model.modules()] + [getattr(model, "logits_quantized", None)]
+    return sum(tensors.values()) + sum(q.nbytes for q in quantized if q is not None)
 
 
 def _kv_cache_dtype(choice: str, model: torch.nn.Module, dtype: torch.dtype) -> torch.dtype:

@@ -11,6 +11,11 @@ dequantizer. Block layouts (32 weights per block, little endian)::
 
 Byte j of a 4-bit block holds weight j in its low nibble and weight j + 16 in
 its high nibble.
+
+For ``--quantization auto`` a quantized matrix also gives the blocks the native
+kernels run on (``file_blocks``): Q8_0 / Q4_0 / Q4_1 as they are, Q4_K
+re-laid as int4 blocks of 32 (``_q4_k_blocks``), every other quantized type
+(Q5_0/Q5_1, Q2_K/Q3_K/Q5_K/Q6_K, IQ*) requantized to int8 blocks of 32.
 """
 
 from __future__ import annotations
@@ -22,9 +27,10 @@ import gguf
 import numpy as np
 import torch
 
-from tokenloom.model.layers.quantization import QuantizedWeight
+from tokenloom.model.layers.quantization import QuantizedWeight, quantize
 
 QType = gguf.GGMLQuantizationType
+_FLOAT_TYPES = (QType.F32, QType.F16, QType.BF16)
 
 
 def dequantize_tensor(data: np.ndarray, qtype: QType, shape: tuple[int, ...],
@@ -49,8 +55,13 @@ def dequantize_tensor(data: np.ndarray, qtype: QType, shape: tuple[int, ...],
 
 def quantized_blocks(data: np.ndarray, qtype: QType, shape: tuple[int, ...]) -> QuantizedWeight | None:
     """A Q4_0 / Q4_1 / Q8_0 matrix as a ``QuantizedWeight`` holding exactly the
-    file's weights and f16 scales; None for other types."""
-    if qtype not in _TORCH_KERNELS or len(shape) != 2:
+    file's weights and f16 scales, a Q4_K one as the same int4 blocks of 32 (see
+    ``_q4_k_blocks``); None for other types."""
+    if len(shape) != 2:
+        return None
+    if qtype == QType.Q4_K:
+        return _q4_k_blocks(_from_numpy(data).view(-1, gguf.GGML_QUANT_SIZES[qtype][1]), *shape)
+    if qtype not in _TORCH_KERNELS:
         return None
     n, k = shape
     type_size = gguf.GGML_QUANT_SIZES[qtype][1]
@@ -62,6 +73,49 @@ def quantized_blocks(data: np.ndarray, qtype: QType, shape: tuple[int, ...]) -> 
         return QuantizedWeight("int4", blocks[:, 2:].reshape(n, k // 2).contiguous(), scales, -8 * scales)
     mins = _raw_f16(blocks, 2).view(n, k // 32)
     return QuantizedWeight("int4", blocks[:, 4:].reshape(n, k // 2).contiguous(), scales, mins)
+
+
+def file_blocks(data: np.ndarray, qtype: QType, shape: tuple[int, ...], dense: torch.Tensor) -> QuantizedWeight | None:
+    """The blocks a quantized GGUF matrix runs on: its own (``quantized_blocks``) where
+    the kernels take them, else (Q5_0/Q5_1, Q2_K/Q3_K/Q5_K/Q6_K, IQ*) its values
+    (``dense``, already dequantized) requantized to int8 blocks of 32. At 5 bits or
+    more that adds an error of under half an int8 step (max|w| / 254 per block), a
+    quarter of a 6-bit step; None for float matrices (they stay dense)."""
+    blocks = quantized_blocks(data, qtype, shape)
+    if blocks is not None or qtype in _FLOAT_TYPES or len(shape) != 2 or shape[1] % 32:
+        return blocks
+    return quantize(dense.float(), "int8")
+
+
+def _q4_k_blocks(blocks: torch.Tensor, n: int, k: int) -> QuantizedWeight:
+    """Q4_K super-blocks as int4 blocks of 32. A super-block of 256 weights::
+
+        | d: f16 | dmin: f16 | 12 bytes: 8 x (6-bit scale, 6-bit min) | 128 bytes: 4 bits each |
+        sub-block j (32 weights): w = d * scale_j * nibble - dmin * min_j
+
+    is 8 int4 blocks with scale d * scale_j and min -dmin * min_j. Nibbles are
+    moved to the int4 layout (sub-blocks 2c and 2c + 1 sit in the low and high
+    nibbles of the same 32 bytes in Q4_K); the block scales are those products
+    rounded to f16 (under 0.05% of a scale, a hundredth of a 4-bit step), so the
+    weights are the file's, up to that rounding.
+    """
+    d, dmin = _f16(blocks, 0), _f16(blocks, 2)  # [num_super, 1]
+    scale, min_ = _k4_scales_mins(blocks[:, 4:16].int())  # [num_super, 8]
+    qs = blocks[:, 16:144].reshape(-1, 4, 1, 32)
+    nibbles = torch.cat([qs & 0x0F, qs >> 4], dim=2).reshape(-1, 8, 32)  # [num_super, sub-block, weight]
+    packed = nibbles[..., :16] | (nibbles[..., 16:] << 4)  # byte j: weights j and j + 16
+    return QuantizedWeight("int4", packed.reshape(n, k // 2).contiguous(),
+                           (d * scale).to(torch.float16).reshape(n, k // 32),
+                           (-dmin * min_).to(torch.float16).reshape(n, k // 32))
+
+
+def _k4_scales_mins(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """llama.cpp's 12-byte packing of 8 six-bit (scale, min) pairs: sub-blocks 0-3 in the
+    low 6 bits of bytes 0-3 / 4-7; sub-blocks 4-7 in bytes 8-11 (low / high nibble)
+    with their top 2 bits in the top bits of bytes 0-3 / 4-7."""
+    scale = torch.cat([q[:, 0:4] & 63, (q[:, 8:12] & 0x0F) | ((q[:, 0:4] >> 6) << 4)], dim=1)
+    min_ = torch.cat([q[:, 4:8] & 63, (q[:, 8:12] >> 4) | ((q[:, 4:8] >> 6) << 4)], dim=1)
+    return scale.float(), min_.float()
 
 
 def _from_numpy(array: np.ndarray) -> torch.Tensor:

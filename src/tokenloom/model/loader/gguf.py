@@ -22,7 +22,7 @@ from tokenloom.config import ModelArchConfig, RopeScaling
 from tokenloom.gguf_file import GGUFFile
 from tokenloom.model.llama import LlamaForCausalLM
 from tokenloom.model.layers.quantization import QuantizedWeight
-from tokenloom.model.loader.dequant import dequantize_tensor, quantized_blocks
+from tokenloom.model.loader.dequant import dequantize_tensor, file_blocks
 from tokenloom.model.loader.names import GGUF_ROPE_FREQS, ParamTarget, gguf_param_target
 from tokenloom.model.loader.quantize import PackedParts, apply_quantization
 from tokenloom.model.loader.weights import load_weights
@@ -109,7 +109,7 @@ def _iter_weights(file: GGUFFile, config: ModelArchConfig, dtype: torch.dtype,
             continue
         shape = tensor.shape
         weight = dequantize_tensor(tensor.data, tensor.tensor_type, shape, dtype, device)
-        blocks = quantized_blocks(tensor.data, tensor.tensor_type, shape) if keep_blocks else None
+        blocks = file_blocks(tensor.data, tensor.tensor_type, shape, weight) if keep_blocks else None
         if permuted and target.shard in heads_of_shard:
             weight = unpermute_qk(weight, heads_of_shard[target.shard])
             if blocks is not None:

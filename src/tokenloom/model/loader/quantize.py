@@ -75,6 +75,10 @@ def _choose(dense: torch.Tensor, parts: list[QuantizedWeight | None], accept: tu
     kinds = {p.kind if p is not None else None for p in parts}
     if len(kinds) == 1 and kinds <= set(accept):
         return parts[0] if len(parts) == 1 else concat_rows(parts)
+    if kinds == {"int4", "int8"} and "int8" in accept:
+        # A merged projection whose parts differ (Q4_K_M's q/k in Q4_K, v in Q6_K):
+        # one matmul needs one kind, and int8 holds the int4 parts' values closely.
+        return concat_rows([p if p.kind == "int8" else quantize(p.dequantize(), "int8") for p in parts])
     return None if fallback is None else quantize(dense, fallback)
 
 
