@@ -196,7 +196,8 @@ def test_parallel_and_sequential_bitmask_fills_agree(llm, monkeypatch):
     from tokenloom.structured import manager as manager_module
 
     manager = llm.engine.structured
-    grammars = [manager.sequence_grammar(SPECS[kind]) for _ in range(2) for kind in ("json", "regex", "choice", "grammar")]
+    kinds = ("json", "regex", "choice", "grammar")
+    grammars = [manager.sequence_grammar(SPECS[kind]) for _ in range(2) for kind in kinds]
     for g in grammars:
         g.compiled.result()
     for g, token in zip(grammars[4:], (ord("{"), ord("y"), ord("r"), ord("x"))):

@@ -79,7 +79,8 @@ class OpenAIServingChat:
             request.ticket.release()
         return JSONResponse(self._response(req, request, state, num_top, tools).model_dump())
 
-    async def _constraint(self, req: ChatCompletionRequest, tools: ToolContext | None) -> StructuredOutputsParams | None:
+    async def _constraint(self, req: ChatCompletionRequest,
+                          tools: ToolContext | None) -> StructuredOutputsParams | None:
         """The output's grammar: a forced tool call, response_format or structured_outputs."""
         forced = tools.forced_call() if tools is not None else None
         if forced is not None:

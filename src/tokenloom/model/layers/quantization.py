@@ -10,7 +10,8 @@ dimension, in llama.cpp's Q4_1 / Q8_0 layouts with float16 block scales (see
 A GGUF Q4_0 / Q4_1 / Q8_0 tensor maps onto these exactly (``quantized_blocks``
 in the loader), so running a GGUF's 4-bit weights as int4 computes with the
 file's own weights; a Q4_K one too, up to the f16 rounding of its block scales;
-the other K-quants and Q5 types are requantized to int8 (``file_blocks``). Other weights are quantized here (``quantize``):
+the other K-quants and Q5 types are requantized to int8 (``file_blocks``).
+Other weights are quantized here (``quantize``):
 round-to-nearest per block against the float16-rounded scale (and min), int4
 asymmetric (min/max), int8 symmetric (absmax), as llama.cpp's quantizers do.
 
