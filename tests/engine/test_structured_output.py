@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from concurrent.futures import Future
 
 import jsonschema
 import pytest
@@ -14,6 +15,7 @@ from tokenloom import LLM, SamplingParams, StructuredOutputsParams
 from tokenloom.engine.llm_engine import LLMEngine
 from tokenloom.request import RequestStatus
 from tokenloom.sampling_params import InvalidParameter
+from tokenloom.structured import GrammarCompileError
 
 PERSON = {
     "type": "object",
@@ -151,12 +153,23 @@ def test_malformed_specs_are_refused_by_validate(spec):
     assert info.value.field_name == "structured_outputs"
 
 
-def test_engine_finishes_a_request_whose_grammar_fails_with_the_error(tiny_checkpoint):
+@pytest.mark.parametrize("failed_before_admission", [True, False])
+def test_engine_finishes_a_request_whose_grammar_fails_with_the_error(tiny_checkpoint, failed_before_admission):
     engine = LLMEngine.from_options(str(tiny_checkpoint.hf_dir), num_kv_blocks=64, block_size=4)
-    engine.add_request("bad", "hello", SamplingParams(structured_outputs=StructuredOutputsParams(regex="a(b")))
+    bad = StructuredOutputsParams(regex="a(b")
+    pending: Future = Future()
+    if failed_before_admission:
+        assert engine.structured.compile(bad).exception() is not None
+    else:  # the compile is still running when the request is admitted, and fails afterwards
+        engine.structured.compile = lambda spec: pending
+    engine.add_request("bad", "hello", SamplingParams(structured_outputs=bad))
     engine.add_request("good", "hello", SamplingParams(max_tokens=3, ignore_eos=True))
-    outputs = []
-    while engine.has_unfinished_requests():
+    outputs = engine.step()
+    if not failed_before_admission:
+        pending.set_exception(GrammarCompileError("regex: unclosed group"))
+    for _ in range(20):
+        if not engine.has_unfinished_requests():
+            break
         outputs.extend(engine.step())
     failed = [o for o in outputs if o.request_id == "bad"]
     assert len(failed) == 1 and failed[0].finished and "regex" in failed[0].error

@@ -89,7 +89,7 @@ class LLMEngine:
         self.stats = StatsCollector()
         self.eos_token_ids = tuple(dict.fromkeys(self.tokenizer.eos_token_ids + arch.eos_token_ids))
         self.structured = StructuredOutputManager(self.tokenizer, arch.vocab_size, self.eos_token_ids)
-        # User requests admitted while their grammar still compiles (request id -> sequences).
+        # Constrained user requests whose grammar is not yet known to compile (request id -> sequences).
         self._compiling: dict[str, tuple[Request, ...]] = {}
         self.debug = os.environ.get("TOKENLOOM_DEBUG") == "1"
         logger.info("engine ready in %.1fs: %s, %s (quantization %s) on %s, %d KV blocks x %d tokens "
@@ -142,7 +142,8 @@ class LLMEngine:
                          prepared.params, [s.request_id for s in prepared.sequences])
         for seq in prepared.sequences:
             self.scheduler.add_request(seq)
-        if any(seq.grammar is not None and not seq.grammar.is_ready for seq in prepared.sequences):
+        if prepared.params.structured_outputs is not None:
+            # Watched until its compile is known good; one that already failed is finished at the next step.
             self._compiling[prepared.request_id] = prepared.sequences
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
