@@ -42,7 +42,10 @@ class StructuredOutputsParams:
     @property
     def kind(self) -> str:
         """The one kind given (``validate`` guarantees there is exactly one)."""
-        return next(k for k in _STRUCTURED_KINDS if getattr(self, k) not in (None, False))
+        return self._given()[0]
+
+    def _given(self) -> list[str]:
+        return [k for k in _STRUCTURED_KINDS if getattr(self, k) not in (None, False)]
 
     def spec_text(self) -> str:
         """The kind's specification as text: the compiled-grammar cache key (with ``kind``)."""
@@ -54,7 +57,7 @@ class StructuredOutputsParams:
         return "" if self.kind == "json_object" else value
 
     def validate(self, field_name: str = "structured_outputs") -> None:
-        given = [k for k in _STRUCTURED_KINDS if getattr(self, k) not in (None, False)]
+        given = self._given()
         _check(len(given) == 1, field_name,
                f"must give exactly one of {', '.join(_STRUCTURED_KINDS)}; got "
                f"{', '.join(given) if given else 'none'}")

@@ -116,8 +116,9 @@ class AsyncLLMEngine:
             raise EngineDeadError("the engine loop is not running") from self.error
         prepared = self.engine.prepare_request(request_id, prompt, params)
         if params.structured_outputs is not None:
-            # Compiled on the grammar pool (usually a cache hit: the server compiles first).
-            await self.engine.wait_for_grammar(params.structured_outputs)
+            # Compiled on the grammar pool (usually a cache hit: the server compiles first);
+            # one that does not compile raises GrammarCompileError, an InvalidParameter.
+            await asyncio.wrap_future(self.engine.structured.compile(params.structured_outputs))
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
             if request_id in self._streams:

@@ -14,13 +14,11 @@ Requests enter in two halves so that a server can validate on its own thread:
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import dataclasses
 import logging
 import os
 import time
-from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,10 +43,10 @@ from tokenloom.model.loader.gguf import load_gguf_model
 from tokenloom.model_files import resolve_model
 from tokenloom.request import Request, RequestOutput, RequestStatus
 from tokenloom.runner.model_runner import ModelRunner
-from tokenloom.sampling_params import InvalidParameter, SamplingParams, StructuredOutputsParams
+from tokenloom.sampling_params import InvalidParameter, SamplingParams
 from tokenloom.sched.output import SchedulerOutput
 from tokenloom.sched.scheduler import Scheduler
-from tokenloom.structured import GrammarBitmask, GrammarCompileError, SequenceGrammar, StructuredOutputManager
+from tokenloom.structured import GrammarBitmask, SequenceGrammar, StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
@@ -123,18 +121,6 @@ class LLMEngine:
         return PreparedRequest(request_id, prompt_text, token_ids, params,
                                self._make_sequences(request_id, token_ids, params))
 
-    def wait_for_grammar(self, spec: StructuredOutputsParams) -> Awaitable[None]:
-        """Awaitable: the compile of ``spec``; raises InvalidParameter("structured_outputs")
-        when it does not compile."""
-        return _named_compile(self.structured.compile(spec))
-
-    def compile_grammar_now(self, spec: StructuredOutputsParams) -> None:
-        """Block until ``spec`` is compiled (offline use); InvalidParameter when it does not compile."""
-        try:
-            self.structured.compile(spec).result()
-        except GrammarCompileError as exc:
-            raise InvalidParameter("structured_outputs", f"does not compile: {exc}") from None
-
     def admit(self, prepared: PreparedRequest) -> None:
         if prepared.request_id in self.outputs:
             raise ValueError(f"request id {prepared.request_id!r} is already running")
@@ -188,8 +174,9 @@ class LLMEngine:
 
     def _grammar_bitmask(self, out: SchedulerOutput) -> GrammarBitmask | None:
         """The allowed next tokens of every constrained sequence that samples this step."""
-        rows = [(sr.request_id, req.grammar) for sr in out.scheduled if sr.sample
-                and (req := self.scheduler.get_request(sr.request_id)) is not None and req.grammar is not None]
+        rows = [(sr.request_id, req.grammar) for sr in out.scheduled
+                if sr.sample and sr.sampling_params.structured_outputs is not None
+                and (req := self.scheduler.get_request(sr.request_id)) is not None]
         if not rows:
             return None
         return GrammarBitmask(tuple(r for r, _ in rows), self.structured.fill_bitmask([g for _, g in rows]))
@@ -208,7 +195,7 @@ class LLMEngine:
             self.scheduler.finish_requests([s.request_id for s in sequences], RequestStatus.FINISHED_ABORTED)
             self.outputs.remove(request_id)
             failed.append(RequestOutput(request_id, None, sequences[0].prompt_token_ids, [], finished=True,
-                                        error=f"structured_outputs: {grammar.error}"))
+                                        error=grammar.error))
             logger.info("request %s failed: its grammar does not compile: %s", request_id, grammar.error)
         return failed
 
@@ -269,13 +256,6 @@ class LLMEngine:
         """In debug mode (TOKENLOOM_DEBUG=1), check every invariant whenever the engine goes idle."""
         if self.debug and not self.scheduler.has_unfinished_requests():
             self.check_integrity()
-
-
-async def _named_compile(future: concurrent.futures.Future) -> None:
-    try:
-        await asyncio.wrap_future(future)
-    except GrammarCompileError as exc:
-        raise InvalidParameter("structured_outputs", f"does not compile: {exc}") from None
 
 
 def _weights_bytes(model: torch.nn.Module) -> int:

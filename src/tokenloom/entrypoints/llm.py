@@ -48,7 +48,7 @@ class LLM:
                     for item, p in zip(items, params)]
         for p in {id(p): p for p in params}.values():  # grammars compile in parallel, each once
             if p.structured_outputs is not None:
-                self.engine.compile_grammar_now(p.structured_outputs)
+                self.engine.structured.compile(p.structured_outputs).result()  # GrammarCompileError
         for request in prepared:
             self.engine.admit(request)
         return self._run([r.request_id for r in prepared], use_tqdm)

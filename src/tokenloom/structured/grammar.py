@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import llguidance
 from llguidance.gbnf_to_lark import any_to_lark
 
-from tokenloom.sampling_params import StructuredOutputsParams
+from tokenloom.sampling_params import InvalidParameter, StructuredOutputsParams
 
 # JSON output may carry whitespace between tokens, as models are used to writing
 # it (`{"a": 1}`), but only a short run: with unbounded whitespace a small model
@@ -22,8 +22,13 @@ from tokenloom.sampling_params import StructuredOutputsParams
 JSON_COMPILE_OPTIONS = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,20}"}
 
 
-class GrammarCompileError(ValueError):
-    """The spec is not a grammar llguidance can compile (the message says why)."""
+class GrammarCompileError(InvalidParameter):
+    """The spec is not a grammar llguidance can compile; ``reason`` says why. It names
+    ``structured_outputs`` (the server re-labels it with the field the spec came from)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__("structured_outputs", f"does not compile: {reason}")
+        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +36,6 @@ class CompiledGrammar:
     """A grammar compiled for one tokenizer: ``new_matcher`` gives each sequence its own
     matcher, copied from a pristine one (a copy is far cheaper than a compile)."""
 
-    kind: str
     pristine: llguidance.LLMatcher
 
     def new_matcher(self) -> llguidance.LLMatcher:
@@ -66,7 +70,7 @@ def compile_grammar(spec: StructuredOutputsParams, tokenizer: llguidance.LLToken
     matcher = llguidance.LLMatcher(tokenizer, text, log_level=0)
     if matcher.is_error():
         raise GrammarCompileError(f"{spec.kind}: {_first_line(matcher.get_error())}")
-    return CompiledGrammar(spec.kind, matcher)
+    return CompiledGrammar(matcher)
 
 
 def _first_line(message: str) -> str:

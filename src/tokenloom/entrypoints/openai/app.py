@@ -31,6 +31,7 @@ from tokenloom import __version__
 from tokenloom.engine.async_engine import AsyncLLMEngine
 from tokenloom.engine.chat_template import ChatTemplateError
 from tokenloom.engine.stats_logger import StatsLogger
+from tokenloom.engine.tool_prompt import render_conversation
 from tokenloom.entrypoints.openai.errors import SERVER_ERROR, OpenAIError, bad_request, engine_unavailable, error_body
 from tokenloom.entrypoints.openai.metrics import ServerMetrics
 from tokenloom.entrypoints.openai.middleware import APIKeyMiddleware, BodySizeLimitMiddleware
@@ -149,7 +150,7 @@ def _add_service_routes(app: FastAPI, serving: OpenAIServing, config: ServerConf
             messages = [m.template_dict() for m in body.messages]
             add_generation_prompt = True if body.add_generation_prompt is None else body.add_generation_prompt
             try:
-                tokens = tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt)
+                tokens = tokenizer.encode(render_conversation(tokenizer, messages, None, add_generation_prompt))
             except ChatTemplateError as exc:
                 raise bad_request("messages", str(exc)) from exc
         else:

@@ -162,7 +162,7 @@ class OpenAIServing:
         try:
             await asyncio.wrap_future(self.engine.engine.structured.compile(spec))
         except GrammarCompileError as exc:
-            raise bad_request(field, f"{field} cannot be used to constrain the output: {exc}") from None
+            raise bad_request(field, f"{field} cannot be used to constrain the output: {exc.reason}") from None
 
     def sampling_params(self, req: SamplingFields, max_tokens: int, logprobs: int | None,
                         prompt_logprobs: int | None = None,

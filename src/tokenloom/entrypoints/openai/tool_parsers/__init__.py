@@ -7,12 +7,7 @@ picks the name that fits a model's chat template.
 
 from __future__ import annotations
 
-from tokenloom.engine.tool_prompt import (
-    FunctionSpec,
-    messages_for_generic_tools,
-    template_supports_tools,
-    tools_system_prompt,
-)
+from tokenloom.engine.tool_prompt import FunctionSpec
 from tokenloom.entrypoints.openai.tool_parsers._base import (
     ParsedMessage,
     ParsedToolCall,
@@ -32,8 +27,6 @@ TOOL_PARSERS: dict[str, type[ToolParser]] = {
 __all__ = [
     "TOOL_PARSERS", "FunctionSpec", "ParsedMessage", "ParsedToolCall", "StreamDelta", "ToolCallDelta",
     "ToolCallStreamer", "ToolParser", "detect_tool_parser", "get_tool_parser",
-    # the generic tools prompt (it lives in the engine layer, which renders prompts)
-    "messages_for_generic_tools", "template_supports_tools", "tools_system_prompt",
 ]
 
 
