@@ -16,6 +16,8 @@
 # (per level)  MAX_SECONDS=120 (no new request after this long in a level: keeps
 # the slow levels bounded)  OUT_DIR=benchmarks/results/compare-DATE  PORT=8300
 # WORKLOAD_ARGS="" (more `bench serve` flags, e.g. "--workload shared-prefix ...").
+# MODEL=smollm2-135m: an alias or a GGUF path, e.g. "$(benchmarks/random_gguf.sh)" for
+# a 1B-shape Q4_K_M; TOKENLOOM_ARGS="" more `tokenloom serve` flags.
 # Peers are installed on first use (benchmarks/peers/*.sh install).
 set -euo pipefail
 
@@ -28,6 +30,7 @@ OUTPUT_LEN="${OUTPUT_LEN:-128}"
 NUM_PROMPTS="${NUM_PROMPTS:-32}"
 MAX_SECONDS="${MAX_SECONDS:-120}"
 MODEL="${MODEL:-smollm2-135m}"
+export PEER_MODEL="${PEER_MODEL:-$MODEL}"  # the peers serve the same file
 PORT="${PORT:-8300}"
 OUT_DIR="${OUT_DIR:-$ROOT/benchmarks/results/compare-$(date +%Y%m%d-%H%M%S)}"
 START_TIMEOUT_S="${START_TIMEOUT_S:-600}"
@@ -47,7 +50,7 @@ trap stop_server EXIT
 # The command line that serves the model for one engine.
 server_command() {
     case "$1" in
-        tokenloom) echo "$PY -m tokenloom.entrypoints.cli serve $MODEL --host 127.0.0.1 --port $PORT --log-stats-interval 0" ;;
+        tokenloom) echo "$PY -m tokenloom.entrypoints.cli serve $MODEL --host 127.0.0.1 --port $PORT --log-stats-interval 0 ${TOKENLOOM_ARGS:-}" ;;
         tokenloom-no-prefix-caching) echo "$(server_command tokenloom) --no-prefix-caching" ;;
         tokenloom-json-schema) server_command tokenloom ;;
         *) echo "$(peer_script "$1") serve $PORT" ;;

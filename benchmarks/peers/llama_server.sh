@@ -10,6 +10,10 @@
 #                                MODEL_FILE=x.gguf runs it on another file
 #   llama_server.sh quantize IN.gguf OUT.gguf TYPE
 #                                llama-quantize (--allow-requantize), e.g. TYPE Q4_K_M
+#   llama_server.sh convert HF_DIR OUT.gguf OUTTYPE
+#                                llama.cpp's convert_hf_to_gguf.py (OUTTYPE f16, bf16,
+#                                q8_0, ...), run by tokenloom's python (torch, gguf,
+#                                transformers: all it needs)
 #
 # Settings (override with env): LLAMA_SLOTS=32 parallel slots (continuous
 # batching across them), LLAMA_CTX=16384 total context, split evenly across
@@ -66,10 +70,17 @@ quantize() {
     "$tool" --allow-requantize "$1" "$2" "$3" "$THREADS"
 }
 
+convert() {
+    [[ -x "$BIN" ]] || install >&2
+    (cd "$SRC_DIR" && "$TOKENLOOM_PYTHON" convert_hf_to_gguf.py "$1" --outfile "$2" --outtype "$3" 2>&1 | tr "\r" "\n" \
+        | grep -v "^Writing" | tail -3)
+}
+
 case "${1:-}" in
     install) install ;;
     perplexity) [[ $# -ge 2 ]] || usage_and_exit; perplexity "$2" "${3:-}" ;;
     quantize) [[ $# -eq 4 ]] || usage_and_exit; quantize "$2" "$3" "$4" ;;
+    convert) [[ $# -eq 4 ]] || usage_and_exit; convert "$2" "$3" "$4" ;;
     serve) [[ $# -eq 2 ]] || usage_and_exit; serve "$2" ;;
     *) usage_and_exit ;;
 esac

@@ -252,7 +252,7 @@ def write_random_kquant_gguf(path: str | Path, seed: int = 0, default: QType = Q
             writer.add_tensor(name, array.astype(np.float32))
             continue
         qtype = types.get(name.split(".")[-2], default)
-        writer.add_tensor(name, _random_kquant(rng, array.shape, qtype), raw_dtype=qtype)
+        writer.add_tensor(name, random_kquant(rng, array.shape, qtype), raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -260,7 +260,8 @@ def write_random_kquant_gguf(path: str | Path, seed: int = 0, default: QType = Q
     return Path(path)
 
 
-def _random_kquant(rng: np.random.Generator, shape: tuple[int, int], qtype: QType) -> np.ndarray:
+def random_kquant(rng: np.random.Generator, shape: tuple[int, int], qtype: QType) -> np.ndarray:
+    """Random K-quant blocks of an [n, k] matrix (random bytes, sane f16 scales), as GGUF stores them."""
     block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
     n, k = shape
     raw = rng.integers(0, 256, size=(n, k // block_size, type_size), dtype=np.uint8)

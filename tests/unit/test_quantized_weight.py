@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import gguf
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.helpers.quant import int8_blocks
+from tests.helpers.tiny_models import random_kquant
 from tokenloom import kernels
 from tokenloom.model.layers.linear import Linear, apply_linear
 from tokenloom.model.layers.quantization import concat_rows, quantize
@@ -53,6 +56,78 @@ def test_gguf_blocks_hold_exactly_the_files_weights(qtype):
     assert blocks.kind == ("int8" if qtype == QType.Q8_0 else "int4")
     dense = dequantize_tensor(data, qtype, (8, 64), torch.float32, "cpu")
     assert torch.equal(blocks.dequantize(), dense)
+
+
+def _kquant(qtype: QType, n: int, k: int, seed: int = 0) -> tuple[np.ndarray, torch.Tensor]:
+    """Random K-quant bytes of an [n, k] matrix and the weights gguf reads from them."""
+    data = random_kquant(np.random.default_rng(seed), (n, k), qtype)
+    return data, torch.from_numpy(gguf.quants.dequantize(data, qtype)).view(n, k)
+
+
+@pytest.mark.parametrize(("qtype", "kind"), [(QType.Q4_K, "q4_k"), (QType.Q6_K, "q6_k")])
+def test_k_quant_blocks_hold_exactly_the_files_weights(qtype, kind):
+    data, file_weights = _kquant(qtype, 24, 512)
+    blocks = quantized_blocks(data, qtype, (24, 512))
+    assert blocks.kind == kind and blocks.shape == (24, 512)
+    assert torch.equal(blocks.dequantize(), file_weights)  # value for value, as llama.cpp computes them
+    assert torch.equal(dequantize_tensor(data, qtype, (24, 512), torch.float32, "cpu"), file_weights)
+    # What the GEMMs read per weight: Q6_K's 6.5625 bits; Q4_K's 4.5 and its 6-bit scales
+    # and mins a byte each (4.625).
+    tiles = blocks.with_gemm_tiles().gemm.tensors()
+    bits = sum(t.numel() * t.element_size() for t in tiles if t is not None) * 8 / (24 * 512)
+    assert bits == {"q4_k": 4.625, "q6_k": 6.5625}[kind]
+
+
+@pytest.mark.parametrize("qtype", [QType.Q4_K, QType.Q6_K])
+def test_k_quant_rows_select_and_concatenate_exactly(qtype):
+    a, b = (quantized_blocks(_kquant(qtype, n, 256, seed)[0], qtype, (n, 256)) for n, seed in ((8, 1), (4, 2)))
+    assert torch.equal(concat_rows([a, b]).dequantize(), torch.cat([a.dequantize(), b.dequantize()]))
+    perm = torch.tensor([3, 0, 2, 1])
+    assert torch.equal(b.select_rows(perm).dequantize(), b.dequantize()[perm])
+
+
+def test_q6_k_gemm_tiles_hold_low_nibbles_then_top_bits_per_half_block():
+    data, _ = _kquant(QType.Q6_K, 13, 512)
+    q = quantized_blocks(data, QType.Q6_K, (13, 512))
+    tiles = q.with_gemm_tiles().gemm
+    assert tiles.tiles.shape == (2, 16, 192) and tiles.scales.shape == (2, 16, 16) and tiles.scales.dtype == torch.int8
+    assert tiles.super_scales.shape == (2, 2, 8) and tiles.mins is None and tiles.super_mins is None
+    values = q.qweight.view(13, 16, 32)  # [n, block, weight] in 0..63
+    for n, b, g, pp, h, r in [(0, 0, 0, 0, 0, 0), (5, 3, 1, 1, 1, 3), (12, 15, 0, 1, 0, 2), (9, 7, 1, 0, 1, 1)]:
+        k = 16 * g + 8 * pp + 4 * h + r
+        low = tiles.tiles[n // 8, b, 32 * (2 * g + pp) + 4 * (n % 8) + r].item()
+        assert (low >> 4 * h) & 0x0F == values[n, b, k] & 0x0F
+        high = tiles.tiles[n // 8, b, 128 + 32 * g + 4 * (n % 8) + r].item()
+        assert (high >> 2 * (2 * pp + h)) & 3 == values[n, b, k] >> 4
+        assert tiles.scales[n // 8, b, 8 * g + n % 8] == q.scales[n, 2 * b + g]
+        assert tiles.super_scales[n // 8, b // 8, n % 8] == q.super_scales[n, b // 8]
+    assert (tiles.tiles[1].view(16, 6, 8, 4)[:, :, 5:] == 0).all()  # padded columns
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 32, 70])
+@pytest.mark.parametrize("columns", [80, 13])
+@pytest.mark.parametrize("qtype", [QType.Q4_K, QType.Q6_K])
+def test_k_quant_gemms_compute_the_files_weights_with_int8_activations(rows, columns, qtype):
+    data, file_weights = _kquant(qtype, columns, 512, seed=rows)
+    q = quantized_blocks(data, qtype, (columns, 512)).with_gemm_tiles()
+    x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows))
+    x[-1, 64:96] = 0
+    ours = q.matmul(x)
+    reference = int8_blocks(x) @ file_weights.T
+    torch.testing.assert_close(ours, reference, rtol=0, atol=2e-6 * reference.abs().max().item())
+    assert torch.equal(ours[-1:], q.matmul(torch.cat([x[-1:]] * 5))[:1])  # batch-invariant
+
+
+@needs_kernels
+def test_k_quant_gemms_need_whole_super_blocks():
+    data, _ = _kquant(QType.Q4_K, 8, 256)
+    tiles = quantized_blocks(data, QType.Q4_K, (8, 256)).with_gemm_tiles().gemm
+    cut = [t[:, :4].contiguous() if t is not None and t.shape[1] == 8 else t for t in tiles.tensors()]
+    with pytest.raises(RuntimeError, match="multiple of 256"):
+        kernels.ops().quant_gemm(torch.randn(2, 128), 2, cut, 8)
+    with pytest.raises(RuntimeError, match="unknown format 7"):
+        kernels.ops().quant_gemm(torch.randn(2, 256), 7, tiles.tensors(), 8)
 
 
 def test_other_gguf_types_have_no_blocks():
@@ -198,20 +273,34 @@ def restore_gemm_isa():
     kernels.gemm_isa(current)
 
 
+def _full_scale(kind: str, columns: int, k: int, seed: int):
+    """A weight of ``kind`` whose first block holds the largest integer weights the kind has."""
+    if kind in ("int4", "int8"):
+        w = _weight(columns, k, seed=seed)
+        w[:, :32] = 0.05 if kind == "int8" else torch.linspace(0, 0.05, 32)  # q = 127 / nibbles up to 15
+        return quantize(w, kind)
+    qtype = QType.Q4_K if kind == "q4_k" else QType.Q6_K
+    q = quantized_blocks(_kquant(qtype, columns, k, seed)[0], qtype, (columns, k))
+    top = torch.full_like(q.qweight[:, :16], 0xFF) if kind == "q4_k" else torch.full_like(q.qweight[:, :32], 63)
+    return dataclasses.replace(q, qweight=torch.cat([top, q.qweight[:, top.shape[1]:]], dim=1).contiguous())
+
+
 @needs_kernels
 @pytest.mark.parametrize("isa", _every_gemm_isa() or ["avx2"])
-@pytest.mark.parametrize("kind", ["int4", "int8"])
+@pytest.mark.parametrize("kind", ["int4", "int8", "q4_k", "q6_k"])
 def test_every_instruction_set_gives_the_same_bits(isa, kind, restore_gemm_isa):
     """VNNI's vpdpbusd and AVX2's maddubs sum the same integers exactly, so each path gives the
     AVX2 path's bits, at every batch size and with full-scale weights and activations."""
     kernels.gemm_isa(isa)
     assert kernels.gemm_isa() == isa
-    for rows, columns in ((1, 80), (4, 13), (7, 64), (70, 24)):
-        q = quantize(_weight(columns, 160, seed=rows), kind).with_gemm_tiles()
-        x = torch.randn(rows, 160, generator=torch.Generator().manual_seed(rows)) * 3
+    k = 512 if kind.startswith("q") else 160
+    for rows, columns in ((1, 80), (2, 16), (4, 13), (7, 64), (70, 24)):
+        q = _full_scale(kind, columns, k, seed=rows).with_gemm_tiles()
+        x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)) * 3
         x[0, :32] = 127.0  # the accumulators' edge: every product at full scale
         ours = q.matmul(x)
-        torch.testing.assert_close(ours, int8_blocks(x) @ q.dequantize().T, rtol=1e-5, atol=1e-5)
+        reference = int8_blocks(x) @ q.dequantize().T
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6 * reference.abs().max().item())
         kernels.gemm_isa("avx2")
         assert torch.equal(ours, q.matmul(x))
         kernels.gemm_isa(isa)

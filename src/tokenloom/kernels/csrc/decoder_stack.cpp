@@ -16,9 +16,9 @@
 //
 //   hidden        [M, hidden] float32: the embeddings of the step's tokens
 //   norms         2 L + 1 weights: input norm and post-attention norm per layer, then the final norm
-//   tiles, tile_scales, tile_mins, out_features
-//                 4 L quantized linears, per layer qkv, o, gate_up, down, as GEMM tiles
-//                 (quant_linear.cpp); a missing tile_min means int8 weights (q8_gemm)
+//   formats, weights, out_features
+//                 4 L quantized linears, per layer qkv, o, gate_up, down: each one's
+//                 format and its 5 GEMM tensors in a row (quant_gemm, quant_linear.cpp)
 //   qkv_biases    L optional biases of the fused qkv projection (Qwen2)
 //   k_caches, v_caches, block_tables, seq_lens: as paged_decode_attention
 //   slot_mapping  [M] int64: the cache slot of each new token's K/V
@@ -29,33 +29,43 @@
 #include "ops.h"
 
 #include <cstdint>
+#include <utility>
+#include <vector>
 
 namespace tokenloom {
 namespace {
 
 constexpr int64_t kLinearsPerLayer = 4;  // qkv, o, gate_up, down
+constexpr int64_t kWeightTensors = 5;    // per linear: tiles, scales, mins, super-block scales and mins
 
 using OptionalTensors = c10::List<std::optional<at::Tensor>>;
 
-// The kernel choice of QuantizedWeight.matmul (layers/quantization.py).
-struct QuantLinears {
-  at::TensorList tiles;
-  at::TensorList tile_scales;
-  const OptionalTensors& tile_mins;
-  at::IntArrayRef out_features;
+// The kernel of QuantizedWeight.matmul (layers/quantization.py), per linear.
+class QuantLinears {
+ public:
+  QuantLinears(at::IntArrayRef formats, const OptionalTensors& weights, at::IntArrayRef out_features)
+      : formats_(formats), out_features_(out_features) {
+    for (size_t i = 0; i < formats.size(); ++i) {
+      OptionalTensors one;
+      for (int64_t j = 0; j < kWeightTensors; ++j) one.push_back(weights.get(kWeightTensors * i + j));
+      weights_.push_back(std::move(one));
+    }
+  }
 
   at::Tensor operator()(int64_t i, const at::Tensor& x) const {
-    const std::optional<at::Tensor> tile_min = tile_mins.get(i);
-    return tile_min.has_value() ? q4_gemm(x, tiles[i], tile_scales[i], *tile_min, out_features[i])
-                                : q8_gemm(x, tiles[i], tile_scales[i], out_features[i]);
+    return quant_gemm(x, formats_[i], weights_[i], out_features_[i]);
   }
+
+ private:
+  at::IntArrayRef formats_;
+  std::vector<OptionalTensors> weights_;
+  at::IntArrayRef out_features_;
 };
 
 }  // namespace
 
-at::Tensor decoder_stack(const at::Tensor& hidden, at::TensorList norms, at::TensorList tiles,
-                         at::TensorList tile_scales, const OptionalTensors& tile_mins,
-                         at::IntArrayRef out_features, const OptionalTensors& qkv_biases, at::TensorList k_caches,
+at::Tensor decoder_stack(const at::Tensor& hidden, at::TensorList norms, at::IntArrayRef formats,
+                         const OptionalTensors& weights, at::IntArrayRef out_features, const OptionalTensors& qkv_biases, at::TensorList k_caches,
                          at::TensorList v_caches, const at::Tensor& cos_sin_cache, const at::Tensor& positions,
                          const at::Tensor& slot_mapping, const at::Tensor& block_tables,
                          const at::Tensor& seq_lens, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
@@ -65,16 +75,17 @@ at::Tensor decoder_stack(const at::Tensor& hidden, at::TensorList norms, at::Ten
   TORCH_CHECK(static_cast<int64_t>(norms.size()) == 2 * layers + 1, "decoder_stack: expected ", 2 * layers + 1,
               " norm weights, got ", norms.size());
   const int64_t linears = kLinearsPerLayer * layers;
-  TORCH_CHECK(static_cast<int64_t>(tiles.size()) == linears && static_cast<int64_t>(tile_scales.size()) == linears &&
-                  static_cast<int64_t>(tile_mins.size()) == linears &&
+  TORCH_CHECK(static_cast<int64_t>(formats.size()) == linears &&
+                  static_cast<int64_t>(weights.size()) == kWeightTensors * linears &&
                   static_cast<int64_t>(out_features.size()) == linears,
-              "decoder_stack: expected ", linears, " quantized linears (tiles, tile_scales, tile_mins, out_features)");
+              "decoder_stack: expected ", linears, " quantized linears (formats, ", kWeightTensors,
+              " weight tensors each, out_features)");
   TORCH_CHECK(static_cast<int64_t>(qkv_biases.size()) == layers, "decoder_stack: expected one qkv bias entry per layer");
   TORCH_CHECK(hidden.dim() == 2 && slot_mapping.dim() == 1 && slot_mapping.size(0) == hidden.size(0) &&
                   seq_lens.dim() == 1 && seq_lens.size(0) == hidden.size(0),
               "decoder_stack: a decode step has one token per sequence (hidden, slot_mapping, seq_lens)");
 
-  const QuantLinears linear{tiles, tile_scales, tile_mins, out_features};
+  const QuantLinears linear(formats, weights, out_features);
   const int64_t M = hidden.size(0), q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
   at::Tensor residual = hidden;
   at::Tensor delta;
@@ -103,7 +114,7 @@ at::Tensor decoder_stack(const at::Tensor& hidden, at::TensorList norms, at::Ten
 
 TORCH_LIBRARY_FRAGMENT(tokenloom, m) {
   m.def(
-      "decoder_stack(Tensor hidden, Tensor[] norms, Tensor[] tiles, Tensor[] tile_scales, Tensor?[] tile_mins, "
+      "decoder_stack(Tensor hidden, Tensor[] norms, int[] formats, Tensor?[] weights, "
       "int[] out_features, Tensor?[] qkv_biases, Tensor[] k_caches, Tensor[] v_caches, Tensor cos_sin_cache, "
       "Tensor positions, Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, int num_heads, "
       "int num_kv_heads, int head_dim, "

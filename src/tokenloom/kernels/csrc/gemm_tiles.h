@@ -8,8 +8,23 @@
 // Dot::nibble_sums(acc)     the int32 sums of a block's accumulator
 // Dot::bytes(acc, |w|, x)   acc (int32) += 4-wide dot products of |w| and signed x
 
-// y[0:MR, 8 NR columns from tile t] for MR rows of quantized x starting at row r.
-template <int MR, int NR>
+// Independent integer accumulators per output: at one or two rows of x, a single
+// accumulator would chain a block's every dot-product instruction on the one
+// before (vpdpbusd: ~4 cycles each), and that chain, not the loads, would set the
+// speed of decode steps. Integer sums: any split gives the same bits.
+template <int MR>
+constexpr int chains() { return MR == 1 ? 4 : (MR == 2 ? 2 : 1); }
+
+template <int C>
+inline __m256i sum_chains(const __m256i (&acc)[C]) {
+  __m256i total = acc[0];
+  for (int c = 1; c < C; ++c) total = _mm256_add_epi32(total, acc[c]);
+  return total;
+}
+
+// y[0:MR, 8 NR columns from tile t] for MR rows of quantized x starting at row r;
+// Scales gives each block's f32 scale and min (Q4Scales, Q4KScales).
+template <int MR, int NR, class Scales>
 void q4_gemm_tile(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w, int64_t t, float* y, int64_t N) {
   const int64_t nb = w.nb;
   const __m256i mask = _mm256_set1_epi8(0x0F);
@@ -17,10 +32,13 @@ void q4_gemm_tile(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w,
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) out[i][j] = _mm256_setzero_ps();
   const int8_t* xq = xr.q.data() + r * K;
+  constexpr int C = chains<MR>();
   for (int64_t b = 0; b < nb; ++b) {
-    __m256i acc[MR][NR];
+    __m256i acc[MR][NR][C];
     for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_si256();
+      for (int j = 0; j < NR; ++j)
+        for (int c = 0; c < C; ++c) acc[i][j][c] = _mm256_setzero_si256();
+    for (int j = 0; j < NR; ++j) prefetch_ahead(w.q + ((t + j) * nb + b) * kTileBytes, kTileBytes);
     for (int p = 0; p < 4; ++p) {
       __m256i raw[NR];
       for (int j = 0; j < NR; ++j)
@@ -30,17 +48,19 @@ void q4_gemm_tile(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w,
         for (int j = 0; j < NR; ++j) wq[j] = _mm256_and_si256(half ? _mm256_srli_epi16(raw[j], 4) : raw[j], mask);
         for (int i = 0; i < MR; ++i) {
           const __m256i xb = broadcast4(xq + i * K + b * kBlock + 8 * p + 4 * half);
-          for (int j = 0; j < NR; ++j) acc[i][j] = Dot::nibbles(acc[i][j], wq[j], xb);
+          const int c = (2 * p + half) % C;
+          for (int j = 0; j < NR; ++j) acc[i][j][c] = Dot::nibbles(acc[i][j][c], wq[j], xb);
         }
       }
     }
     for (int j = 0; j < NR; ++j) {
-      const int64_t s = ((t + j) * nb + b) * kTileCols;
-      const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.scales + s)));
-      const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.mins + s)));
+      __m256 dw, mw;
+      Scales::load(w, t + j, b, dw, mw);
       for (int i = 0; i < MR; ++i) {
         const int64_t xi = (r + i) * nb + b;
-        const __m256 dots = _mm256_cvtepi32_ps(Dot::nibble_sums(acc[i][j]));
+        __m256i sums[C];
+        for (int c = 0; c < C; ++c) sums[c] = Dot::nibble_sums(acc[i][j][c]);
+        const __m256 dots = _mm256_cvtepi32_ps(sum_chains(sums));
         out[i][j] = _mm256_fmadd_ps(_mm256_mul_ps(dots, _mm256_set1_ps(xr.d[xi])), dw, out[i][j]);
         out[i][j] = _mm256_fmadd_ps(mw, _mm256_set1_ps(xr.sum[xi]), out[i][j]);
       }
@@ -63,23 +83,80 @@ void q8_gemm_tile(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w,
   __m256 out[MR][1];
   for (int i = 0; i < MR; ++i) out[i][0] = _mm256_setzero_ps();
   const int8_t* xq = xr.q.data() + r * K;
+  constexpr int C = chains<MR>();
   for (int64_t b = 0; b < nb; ++b) {
-    __m256i acc[MR];
-    for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_si256();
+    __m256i acc[MR][C];
+    for (int i = 0; i < MR; ++i)
+      for (int c = 0; c < C; ++c) acc[i][c] = _mm256_setzero_si256();
     const uint8_t* block = w.q + (t * nb + b) * kQ8TileBytes;
+    prefetch_ahead(block, kQ8TileBytes);
     for (int p = 0; p < 8; ++p) {
       const __m256i wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * p));
       const __m256i wabs = _mm256_sign_epi8(wq, wq);
       for (int i = 0; i < MR; ++i) {
         const __m256i xb = broadcast4(xq + i * K + b * kBlock + 4 * p);
-        acc[i] = Dot::bytes(acc[i], wabs, _mm256_sign_epi8(xb, wq));
+        acc[i][p % C] = Dot::bytes(acc[i][p % C], wabs, _mm256_sign_epi8(xb, wq));
       }
     }
     const __m256 dw =
         _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.scales + (t * nb + b) * kTileCols)));
     for (int i = 0; i < MR; ++i) {
-      const __m256 dots = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[i]), _mm256_set1_ps(xr.d[(r + i) * nb + b]));
+      const __m256 dots = _mm256_mul_ps(_mm256_cvtepi32_ps(sum_chains(acc[i])), _mm256_set1_ps(xr.d[(r + i) * nb + b]));
       out[i][0] = _mm256_fmadd_ps(dots, dw, out[i][0]);
+    }
+  }
+  store_tile(out, r, t, y, N);
+}
+
+// The same for q6_k, one column tile at a time: tiles [N/8, K/32, 192] uint8, the
+// low nibbles of the 6-bit weights (0..63) as q4's tiles, then their top 2 bits,
+// 32 bytes per half-block g of 16 weights: byte 4c + r holds column c's weights
+// 16g + r, 16g + 4 + r, 16g + 8 + r and 16g + 12 + r (bits 0-1, 2-3, 4-5, 6-7). Each
+// half-block has its own int8 scale (sub_scales [N/8, K/32, 2 x 8], half-block
+// major), so its integer dot product is scaled apart:
+//
+//   y[m, n] += d[n] * d_x[m, b] * sum_g sc[n, g] * (q_w . q_x - 32 sum(q_x))     (per half g)
+//
+// The weights are unsigned, as vpdpbusd and maddubs want them (a pair of
+// products is at most 2 x 63 x 128, within int16).
+template <int MR>
+void q6_gemm_tile(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w, int64_t t, float* y, int64_t N) {
+  const int64_t nb = w.nb;
+  const __m256i low4 = _mm256_set1_epi8(0x0F), low2 = _mm256_set1_epi8(0x03);
+  __m256 out[MR][1];
+  for (int i = 0; i < MR; ++i) out[i][0] = _mm256_setzero_ps();
+  const int8_t* xq = xr.q.data() + r * K;
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* block = w.q + (t * nb + b) * kQ6TileBytes;
+    prefetch_ahead(block, kQ6TileBytes);
+    const __m256 d = load_halves(w.super_scales + (t * (nb / kSuperBlocks) + b / kSuperBlocks) * kTileCols);
+    const int8_t* scales = reinterpret_cast<const int8_t*>(w.sub_scales) + (t * nb + b) * 2 * kTileCols;
+    for (int g = 0; g < 2; ++g) {
+      constexpr int C = chains<MR>();
+      __m256i acc[MR][C];
+      for (int i = 0; i < MR; ++i)
+        for (int c = 0; c < C; ++c) acc[i][c] = _mm256_setzero_si256();
+      const __m256i high = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 4 * 32 + 32 * g));
+      for (int pp = 0; pp < 2; ++pp) {
+        const int p = 2 * g + pp;
+        const __m256i low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * p));
+        for (int half = 0; half < 2; ++half) {
+          const __m256i nib = _mm256_and_si256(half ? _mm256_srli_epi16(low, 4) : low, low4);
+          const __m256i top = _mm256_and_si256(_mm256_srli_epi16(high, 2 * (2 * pp + half)), low2);
+          const __m256i wq = _mm256_or_si256(nib, _mm256_slli_epi16(top, 4));
+          const int c = (2 * pp + half) % C;
+          for (int i = 0; i < MR; ++i)
+            acc[i][c] = Dot::bytes(acc[i][c], wq, broadcast4(xq + i * K + b * kBlock + 8 * p + 4 * half));
+        }
+      }
+      const __m128i sc8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(scales + g * kTileCols));
+      const __m256 scale = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc8)), d);
+      for (int i = 0; i < MR; ++i) {
+        const int64_t xi = (r + i) * nb + b;
+        const __m256i dots = _mm256_sub_epi32(sum_chains(acc[i]), _mm256_set1_epi32(32 * xr.half_sums[2 * xi + g]));
+        const __m256 xd = _mm256_mul_ps(_mm256_cvtepi32_ps(dots), _mm256_set1_ps(xr.d[xi]));
+        out[i][0] = _mm256_fmadd_ps(xd, scale, out[i][0]);
+      }
     }
   }
   store_tile(out, r, t, y, N);
@@ -104,7 +181,21 @@ struct GemmRows {
 template <int MR, int NR>
 struct Q4Tile {
   static void run(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w, int64_t t, float* y, int64_t N) {
-    q4_gemm_tile<MR, NR>(xr, r, K, w, t, y, N);
+    q4_gemm_tile<MR, NR, Q4Scales>(xr, r, K, w, t, y, N);
+  }
+};
+
+template <int MR, int NR>
+struct Q4KTile {
+  static void run(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w, int64_t t, float* y, int64_t N) {
+    q4_gemm_tile<MR, NR, Q4KScales>(xr, r, K, w, t, y, N);
+  }
+};
+
+template <int MR, int NR>
+struct Q6Tile {
+  static void run(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w, int64_t t, float* y, int64_t N) {
+    for (int j = 0; j < NR; ++j) q6_gemm_tile<MR>(xr, r, K, w, t + j, y, N);
   }
 };
 

@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <tuple>
 
 namespace tokenloom {
@@ -13,6 +14,11 @@ namespace tokenloom {
 at::Tensor q4_gemm(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& tile_scales,
                    const at::Tensor& tile_mins, int64_t N);
 at::Tensor q8_gemm(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& tile_scales, int64_t N);
+// The GEMM of a weight of any format (QuantizedWeight.FORMATS): its tiles, scales,
+// mins, super-block scales and super-block mins, None where the format has none.
+enum class QuantFormat : int64_t { kInt8 = 0, kInt4 = 1, kQ4K = 2, kQ6K = 3 };
+at::Tensor quant_gemm(const at::Tensor& x, int64_t format, const c10::List<std::optional<at::Tensor>>& weight,
+                      int64_t N);
 
 // cache_write.cpp
 void write_kv(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,

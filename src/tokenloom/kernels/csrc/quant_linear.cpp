@@ -1,12 +1,17 @@
-// Quantized linear layers, AVX2 + FMA + F16C: q4_gemm and q8_gemm, the products
+// Quantized linear layers, AVX2 + FMA + F16C (and AVX-512 VNNI where the CPU has
+// it): q4_gemm, q8_gemm, q4k_gemm and q6k_gemm, the products
 // y[M, N] = x[M, K] @ W^T of every quantized weight, at every batch size.
 //
 // W is stored in blocks of 32 weights along K, in the layouts of llama.cpp's
-// Q4_1 / Q8_0 (f16 block scales, as in the file), re-laid out into tiles of 8
-// output columns (QuantizedWeight.with_gemm_tiles, layers/quantization.py):
+// Q4_1 / Q8_0 (f16 block scales, as in the file) or, for K-quant files, its
+// Q4_K / Q6_K super-blocks of 256 (8 blocks of 32 under one f16 scale, with
+// integer sub-scales), re-laid out into tiles of 8 output columns
+// (QuantizedWeight.with_gemm_tiles, layers/quantization.py):
 //
-//   q4: W[n, 32b + j] = scale[n, b] * nibble + min[n, b]
-//   q8: W[n, 32b + j] = scale[n, b] * q
+//   q4:   W[n, 32b + j] = scale[n, b] * nibble + min[n, b]
+//   q8:   W[n, 32b + j] = scale[n, b] * q
+//   q4_k: W[n, 32b + j] = d[n, b/8] * sc[n, b] * nibble - dmin[n, b/8] * m[n, b]    sc, m: 6-bit
+//   q6_k: W[n, 16s + j] = d[n, s/16] * sc[n, s] * (q - 32)                          q: 6-bit, sc: int8
 //
 // The rows of x are quantized to int8 per block of 32 first, as llama.cpp
 // does, so that each block's dot products run on integer instructions.
@@ -52,13 +57,15 @@ inline const Half* half_data(const at::Tensor& t) { return reinterpret_cast<cons
 //   q8: sum_j (d q_j) xd xq_j     = d xd (q . xq)
 
 struct QuantizedRows {
-  std::vector<int8_t> q;   // [M, K]
-  std::vector<float> d;    // [M, K/32] block scales
-  std::vector<float> sum;  // [M, K/32] d * sum(xq): the block's sum as the kernel sees it
+  std::vector<int8_t> q;         // [M, K]
+  std::vector<float> d;          // [M, K/32] block scales
+  std::vector<float> sum;        // [M, K/32] d * sum(xq): the block's sum as the kernel sees it
+  std::vector<int32_t> half_sums;  // [M, K/16] sum(xq) per 16 values (q6_k's offset of 32)
 };
 
-// One block of 32 floats -> 32 int8 (q), its scale (d) and d * sum(q).
-inline void quantize_block(const float* xb, int8_t* q, float* d, float* sum) {
+// One block of 32 floats -> 32 int8 (q), its scale (d), d * sum(q) and the sums of
+// q's two halves.
+inline void quantize_block(const float* xb, int8_t* q, float* d, float* sum, int32_t* half_sums) {
   const __m256 sign = _mm256_set1_ps(-0.f);
   __m256 v[4];
   __m256 amax = _mm256_setzero_ps();
@@ -69,10 +76,10 @@ inline void quantize_block(const float* xb, int8_t* q, float* d, float* sum) {
   const float scale = hmax(amax) / 127.f;
   const __m256 inv = _mm256_set1_ps(scale > 0.f ? 1.f / scale : 0.f);
   __m256i qi[4];
-  __m256 total = _mm256_setzero_ps();
+  __m256 halves[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
   for (int j = 0; j < 4; ++j) {
     const __m256 r = _mm256_round_ps(_mm256_mul_ps(v[j], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    total = _mm256_add_ps(total, r);
+    halves[j / 2] = _mm256_add_ps(halves[j / 2], r);
     qi[j] = _mm256_cvtps_epi32(r);
   }
   // packs works within 128-bit lanes; the permute puts the 32 bytes back in order.
@@ -81,16 +88,20 @@ inline void quantize_block(const float* xb, int8_t* q, float* d, float* sum) {
   const __m256i p8 = _mm256_packs_epi16(p16a, p16b);
   const __m256i ordered = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), ordered);
+  // Small integers: their float sums are exact.
+  half_sums[0] = static_cast<int32_t>(hsum(halves[0]));
+  half_sums[1] = static_cast<int32_t>(hsum(halves[1]));
   *d = scale;
-  *sum = scale * hsum(total);
+  *sum = scale * static_cast<float>(half_sums[0] + half_sums[1]);
 }
 
 QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K) {
   const int64_t nb = K / kBlock;
-  QuantizedRows out{std::vector<int8_t>(M * K), std::vector<float>(M * nb), std::vector<float>(M * nb)};
+  QuantizedRows out{std::vector<int8_t>(M * K), std::vector<float>(M * nb), std::vector<float>(M * nb),
+                    std::vector<int32_t>(2 * M * nb)};
   at::parallel_for(0, M * nb, 512, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i)
-      quantize_block(x + i * kBlock, out.q.data() + i * kBlock, &out.d[i], &out.sum[i]);
+      quantize_block(x + i * kBlock, out.q.data() + i * kBlock, &out.d[i], &out.sum[i], &out.half_sums[2 * i]);
   });
   return out;
 }
@@ -115,10 +126,17 @@ QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K) {
 //          byte 4c + r of group p holds column c's weight 8p + r (low nibble)
 //          and 8p + 4 + r (high nibble)
 //   tile_scales, tile_mins [N/8, K/32, 8] f16
+//
+// q4_k runs on the same tiles with the scales of its super-blocks instead: 6-bit
+// sub-scales and sub-mins [N/8, K/32, 8] uint8 and the super-block's d and -dmin
+// [N/8, K/256, 8] f16, multiplied in f32 per block (exactly the file's weights).
+// q6_k (q6_gemm_tile) adds a plane of the weights' top 2 bits to the nibbles.
 
 constexpr int64_t kTileCols = 8;
 constexpr int64_t kTileBytes = 128;  // one block of 32 x 8 nibbles
 constexpr int64_t kQ8TileBytes = 256;  // one block of 32 x 8 int8 weights
+constexpr int64_t kQ6TileBytes = 192;  // 32 x 8 nibbles, then 32 x 8 x 2 high bits
+constexpr int64_t kSuperBlocks = 8;    // blocks of 32 per K-quant super-block
 constexpr int64_t kGemmRows = 4;     // rows of x per micro-kernel
 constexpr int64_t kRowChunk = 32;    // rows of x kept cache-hot while every column tile passes
 
@@ -130,9 +148,48 @@ inline __m256i broadcast4(const int8_t* p) {
 
 struct Tiles {
   const uint8_t* q;
-  const Half* scales;
-  const Half* mins;  // int4 only
+  const Half* scales;  // q4, q8: [N/8, K/32, 8]
+  const Half* mins;    // q4
+  const uint8_t* sub_scales;  // q4_k: uint8 [N/8, K/32, 8]; q6_k: int8 [N/8, K/32, 2 x 8]
+  const uint8_t* sub_mins;    // q4_k: uint8 [N/8, K/32, 8]
+  const Half* super_scales;   // q4_k, q6_k: d [N/8, K/256, 8]
+  const Half* super_mins;     // q4_k: -dmin [N/8, K/256, 8]
   int64_t nb;
+};
+
+// Asks for the tile bytes kPrefetchBlocks blocks ahead of `block` (a tile's blocks
+// are contiguous): at one or a few rows the kernels read weights faster than the
+// hardware prefetcher alone brings them.
+constexpr int64_t kPrefetchBlocks = 8;
+inline void prefetch_ahead(const uint8_t* block, int64_t block_bytes) {
+  const char* ahead = reinterpret_cast<const char*>(block + kPrefetchBlocks * block_bytes);
+  for (int64_t off = 0; off < block_bytes; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
+}
+
+inline __m256 load_halves(const Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+inline __m256 load_u8_floats(const uint8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+// The f32 scale and min of block b of tile t's 8 columns: q4's f16 pair, or
+// q4_k's d * sc and -dmin * m (products exact in f32: 11-bit d times 6-bit sc).
+struct Q4Scales {
+  static inline void load(const Tiles& w, int64_t t, int64_t b, __m256& dw, __m256& mw) {
+    const int64_t s = (t * w.nb + b) * kTileCols;
+    dw = load_halves(w.scales + s);
+    mw = load_halves(w.mins + s);
+  }
+};
+
+struct Q4KScales {
+  static inline void load(const Tiles& w, int64_t t, int64_t b, __m256& dw, __m256& mw) {
+    const int64_t s = (t * w.nb + b) * kTileCols, ss = (t * (w.nb / kSuperBlocks) + b / kSuperBlocks) * kTileCols;
+    dw = _mm256_mul_ps(load_u8_floats(w.sub_scales + s), load_halves(w.super_scales + ss));
+    mw = _mm256_mul_ps(load_u8_floats(w.sub_mins + s), load_halves(w.super_mins + ss));
+  }
 };
 
 // Stores out[i][j] (8 columns of tile t + j) into rows r.. of y, clipping the
@@ -197,6 +254,8 @@ using Dot = VnniDot;
 
 enum class Isa : int { kAvx2 = 0, kAvx512Vnni = 1 };
 
+bool use_vnni();
+
 bool cpu_has_avx512_vnni() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -206,6 +265,13 @@ bool cpu_has_avx512_vnni() {
 std::atomic<int> g_isa{cpu_has_avx512_vnni() ? static_cast<int>(Isa::kAvx512Vnni) : static_cast<int>(Isa::kAvx2)};
 
 inline Isa active_isa() { return static_cast<Isa>(g_isa.load(std::memory_order_relaxed)); }
+bool use_vnni() { return active_isa() == Isa::kAvx512Vnni; }
+
+// The GEMM of one tile kind on the active instruction set.
+template <template <int, int> class Avx2Tile, template <int, int> class VnniTile>
+at::Tensor run_gemm(const at::Tensor& x, const Tiles& w, int64_t num_tiles, int64_t N) {
+  return use_vnni() ? vnni::tiled_gemm<VnniTile>(x, w, num_tiles, N) : avx2::tiled_gemm<Avx2Tile>(x, w, num_tiles, N);
+}
 
 void check_gemm_input(const char* op, const at::Tensor& x, const at::Tensor& tiles, at::ScalarType tile_type,
                       int64_t tile_bytes, int64_t N) {
@@ -224,6 +290,15 @@ void check_tile_halves(const char* op, const at::Tensor& t, const at::Tensor& ti
               op, ": tile scales and mins must be float16 [ceil(N/8), K/32, 8]");
 }
 
+// A K-quant tensor of the tiles' super-blocks: `type` [ceil(N/8), K/32 / per, width].
+void check_super_tensor(const char* op, const char* what, const at::Tensor& t, const at::Tensor& tiles,
+                        at::ScalarType type, int64_t per, int64_t width) {
+  TORCH_CHECK(tiles.size(1) % kSuperBlocks == 0, op, ": K must be a multiple of 256 (super-blocks)");
+  TORCH_CHECK(t.scalar_type() == type && t.is_contiguous() && t.dim() == 3 && t.size(0) == tiles.size(0) &&
+                  t.size(1) == tiles.size(1) / per && t.size(2) == width,
+              op, ": ", what, " must be ", type, " [ceil(N/8), K/", 32 * per, ", ", width, "]");
+}
+
 }  // namespace
 
 at::Tensor q4_gemm(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& tile_scales,
@@ -231,18 +306,58 @@ at::Tensor q4_gemm(const at::Tensor& x, const at::Tensor& tiles, const at::Tenso
   check_gemm_input("q4_gemm", x, tiles, at::kByte, kTileBytes, N);
   check_tile_halves("q4_gemm", tile_scales, tiles);
   check_tile_halves("q4_gemm", tile_mins, tiles);
-  const Tiles w{tiles.data_ptr<uint8_t>(), half_data(tile_scales), half_data(tile_mins), tiles.size(1)};
-  return active_isa() == Isa::kAvx512Vnni ? vnni::tiled_gemm<vnni::Q4Tile>(x, w, tiles.size(0), N)
-                                           : avx2::tiled_gemm<avx2::Q4Tile>(x, w, tiles.size(0), N);
+  const Tiles w{tiles.data_ptr<uint8_t>(), half_data(tile_scales), half_data(tile_mins), nullptr, nullptr,
+                nullptr, nullptr, tiles.size(1)};
+  return run_gemm<avx2::Q4Tile, vnni::Q4Tile>(x, w, tiles.size(0), N);
 }
 
 at::Tensor q8_gemm(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& tile_scales, int64_t N) {
   check_gemm_input("q8_gemm", x, tiles, at::kChar, kQ8TileBytes, N);
   check_tile_halves("q8_gemm", tile_scales, tiles);
   const Tiles w{reinterpret_cast<const uint8_t*>(tiles.data_ptr<int8_t>()), half_data(tile_scales), nullptr,
-                tiles.size(1)};
-  return active_isa() == Isa::kAvx512Vnni ? vnni::tiled_gemm<vnni::Q8Tile>(x, w, tiles.size(0), N)
-                                           : avx2::tiled_gemm<avx2::Q8Tile>(x, w, tiles.size(0), N);
+                nullptr, nullptr, nullptr, nullptr, tiles.size(1)};
+  return run_gemm<avx2::Q8Tile, vnni::Q8Tile>(x, w, tiles.size(0), N);
+}
+
+at::Tensor q4k_gemm(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& sub_scales,
+                    const at::Tensor& sub_mins, const at::Tensor& super_scales, const at::Tensor& super_mins,
+                    int64_t N) {
+  check_gemm_input("q4k_gemm", x, tiles, at::kByte, kTileBytes, N);
+  check_super_tensor("q4k_gemm", "sub-scales", sub_scales, tiles, at::kByte, 1, kTileCols);
+  check_super_tensor("q4k_gemm", "sub-mins", sub_mins, tiles, at::kByte, 1, kTileCols);
+  check_super_tensor("q4k_gemm", "super-block scales", super_scales, tiles, at::kHalf, kSuperBlocks, kTileCols);
+  check_super_tensor("q4k_gemm", "super-block mins", super_mins, tiles, at::kHalf, kSuperBlocks, kTileCols);
+  const Tiles w{tiles.data_ptr<uint8_t>(), nullptr, nullptr, sub_scales.data_ptr<uint8_t>(),
+                sub_mins.data_ptr<uint8_t>(), half_data(super_scales), half_data(super_mins), tiles.size(1)};
+  return run_gemm<avx2::Q4KTile, vnni::Q4KTile>(x, w, tiles.size(0), N);
+}
+
+at::Tensor q6k_gemm(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& sub_scales,
+                    const at::Tensor& super_scales, int64_t N) {
+  check_gemm_input("q6k_gemm", x, tiles, at::kByte, kQ6TileBytes, N);
+  check_super_tensor("q6k_gemm", "sub-scales", sub_scales, tiles, at::kChar, 1, 2 * kTileCols);
+  check_super_tensor("q6k_gemm", "super-block scales", super_scales, tiles, at::kHalf, kSuperBlocks, kTileCols);
+  const Tiles w{tiles.data_ptr<uint8_t>(), nullptr, nullptr, reinterpret_cast<const uint8_t*>(sub_scales.data_ptr<int8_t>()),
+                nullptr, half_data(super_scales), nullptr, tiles.size(1)};
+  return run_gemm<avx2::Q6Tile, vnni::Q6Tile>(x, w, tiles.size(0), N);
+}
+
+at::Tensor quant_gemm(const at::Tensor& x, int64_t format, const c10::List<std::optional<at::Tensor>>& weight,
+                      int64_t N) {
+  TORCH_CHECK(weight.size() == 5, "quant_gemm: expected 5 weight tensors (tiles, scales, mins, super-block scales "
+              "and mins; None where the format has none)");
+  const auto at = [&](size_t i) -> at::Tensor {
+    const std::optional<at::Tensor> t = weight.get(i);
+    TORCH_CHECK(t.has_value(), "quant_gemm: format ", format, " needs weight tensor ", i);
+    return *t;
+  };
+  switch (static_cast<QuantFormat>(format)) {
+    case QuantFormat::kInt8: return q8_gemm(x, at(0), at(1), N);
+    case QuantFormat::kInt4: return q4_gemm(x, at(0), at(1), at(2), N);
+    case QuantFormat::kQ4K: return q4k_gemm(x, at(0), at(1), at(2), at(3), at(4), N);
+    case QuantFormat::kQ6K: return q6k_gemm(x, at(0), at(1), at(3), N);
+  }
+  TORCH_CHECK(false, "quant_gemm: unknown format ", format);
 }
 
 std::string gemm_isa(const std::string& choice) {
@@ -264,12 +379,19 @@ std::string gemm_isa(const std::string& choice) {
 TORCH_LIBRARY_FRAGMENT(tokenloom, m) {
   m.def("q4_gemm(Tensor x, Tensor tiles, Tensor tile_scales, Tensor tile_mins, int N) -> Tensor");
   m.def("q8_gemm(Tensor x, Tensor tiles, Tensor tile_scales, int N) -> Tensor");
+  m.def("q4k_gemm(Tensor x, Tensor tiles, Tensor sub_scales, Tensor sub_mins, Tensor super_scales, "
+        "Tensor super_mins, int N) -> Tensor");
+  m.def("q6k_gemm(Tensor x, Tensor tiles, Tensor sub_scales, Tensor super_scales, int N) -> Tensor");
+  m.def("quant_gemm(Tensor x, int format, Tensor?[] weight, int N) -> Tensor");
   m.def("gemm_isa(str choice='') -> str");
 }
 
 TORCH_LIBRARY_IMPL(tokenloom, CPU, m) {
   m.impl("q4_gemm", &tokenloom::q4_gemm);
   m.impl("q8_gemm", &tokenloom::q8_gemm);
+  m.impl("q4k_gemm", &tokenloom::q4k_gemm);
+  m.impl("q6k_gemm", &tokenloom::q6k_gemm);
+  m.impl("quant_gemm", &tokenloom::quant_gemm);
 }
 
 // No tensor arguments: registered for every backend.

@@ -1,17 +1,16 @@
 """Quantized copies of linear weights, and which kernel multiplies by them.
 
 A ``QuantizedWeight`` holds a weight in blocks of 32 along the input
-dimension, in llama.cpp's Q4_1 / Q8_0 layouts with float16 block scales (see
-``tokenloom/kernels/csrc/quant_linear.cpp``)::
+dimension, in one of four kinds (see ``QuantizedWeight`` and
+``tokenloom/kernels/csrc/quant_linear.cpp``): int4 and int8, llama.cpp's Q4_1
+/ Q8_0 layouts with float16 block scales, and q4_k and q6_k, its Q4_K and
+Q6_K super-blocks of 256 weights (6-bit or int8 sub-scales under one float16
+scale per super-block).
 
-    int4: qweight [N, K/2] uint8, scales [N, K/32], mins [N, K/32]   w = s * nibble + m
-    int8: qweight [N, K] int8,    scales [N, K/32]                   w = s * q
-
-A GGUF Q4_0 / Q4_1 / Q8_0 tensor maps onto these exactly (``quantized_blocks``
-in the loader), so running a GGUF's 4-bit weights as int4 computes with the
-file's own weights; a Q4_K one too, up to the f16 rounding of its block scales;
-the other K-quants and Q5 types are requantized to int8 (``file_blocks``).
-Other weights are quantized here (``quantize``):
+A GGUF Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K tensor maps onto one of these exactly
+(``quantized_blocks`` in the loader), so the kernels compute with the file's
+own weights; the other quantized types (Q5_0/Q5_1, Q2_K/Q3_K/Q5_K, IQ*) are
+requantized to int8 (``file_blocks``). Other weights are quantized here (``quantize``):
 round-to-nearest per block against the float16-rounded scale (and min), int4
 asymmetric (min/max), int8 symmetric (absmax), as llama.cpp's quantizers do.
 
@@ -20,7 +19,8 @@ loader builds them for every weight it quantizes, decoder projections and LM
 head alike), at any number of rows: the rows are quantized to int8 per block
 of 32, as llama.cpp does, and multiplied by the weights re-laid out in tiles
 of 8 output columns, so that the products run on integer instructions with
-no horizontal sums (``q4_gemm``, ``q8_gemm``). Each row's result is the same
+no horizontal sums (``quant_gemm``: ``q4_gemm``, ``q8_gemm``, ``q4k_gemm``,
+``q6k_gemm``). Each row's result is the same
 whatever else is in the batch (batch-invariant). Per-row kernels (f32 or
 int8 activations) came before the tiles; the tiles measured faster at every
 batch size (1.1-1.6x at one row, ~2.8x at 32), so they went. Int8 activations on
@@ -39,54 +39,83 @@ import torch
 from tokenloom import kernels
 
 BLOCK = 32
-QUANTIZATION_KINDS = ("int4", "int8")
+SUPER_BLOCK = 256  # weights per K-quant super-block (8 blocks of 32)
+QUANTIZATION_KINDS = ("int4", "int8")  # what ``quantize`` makes
+# Every kind a weight can run as -> its format code in the native ``quant_gemm``
+# (``QuantFormat``, kernels/csrc/ops.h).
+FORMATS = {"int8": 0, "int4": 1, "q4_k": 2, "q6_k": 3}
+_FOUR_BIT = ("int4", "q4_k")  # qweight holds two nibbles per byte
 
 
 @dataclass(frozen=True, slots=True)
 class GemmTiles:
-    """An int4 weight laid out for ``q4_gemm``, N padded to a multiple of 8::
+    """A weight laid out for the native GEMMs, N padded to a multiple of 8 (zero columns)::
 
-        tiles  [N/8, K/32, 128] uint8: per 8 columns and block, 4 groups of 32 bytes;
-               byte 4c + r of group p holds column c's weight 8p + r (low nibble)
-               and 8p + 4 + r (high nibble)
-        scales, mins [N/8, K/32, 8] float16
+        tiles  int4, q4_k: [N/8, K/32, 128] uint8: per 8 columns and block, 4 groups
+                 of 32 bytes; byte 4c + r of group p holds column c's weight 8p + r
+                 (low nibble) and 8p + 4 + r (high nibble)
+               int8: [N/8, K/32, 256] int8: byte 4c + r of group p is weight 4p + r
+               q6_k: [N/8, K/32, 192] uint8: the low nibbles as int4, then the top
+                 2 bits: byte 4c + r of half-block g (32 bytes each) holds those of
+                 weights 16g + r, 16g + 4 + r, 16g + 8 + r, 16g + 12 + r
+        scales int4, int8: [N/8, K/32, 8] float16; q4_k: [N/8, K/32, 8] uint8;
+               q6_k: [N/8, K/32, 2 x 8] int8 (half-block major)
+        mins   int4: float16, q4_k: uint8 [N/8, K/32, 8]
+        super_scales, super_mins  q4_k, q6_k: d and (q4_k) -dmin, [N/8, K/256, 8] float16
     """
 
     tiles: torch.Tensor
     scales: torch.Tensor
-    mins: torch.Tensor | None  # int4 only
+    mins: torch.Tensor | None = None
+    super_scales: torch.Tensor | None = None
+    super_mins: torch.Tensor | None = None
+
+    def tensors(self) -> list[torch.Tensor | None]:
+        """The weight tensors of ``quant_gemm``, in its order."""
+        return [self.tiles, self.scales, self.mins, self.super_scales, self.super_mins]
 
 
 @dataclass(frozen=True, slots=True)
 class QuantizedWeight:
-    """One [N, K] weight in blocks of 32 along K; ``mins`` is None for int8."""
+    """One [N, K] weight in blocks of 32 along K (super-blocks of 256 for K-quants)::
 
-    kind: str  # "int4" | "int8"
+        int4  qweight [N, K/2] uint8 (byte j of a block: weights j, j + 16),
+              scales, mins [N, K/32] float16                       w = s * nibble + m
+        int8  qweight [N, K] int8, scales [N, K/32] float16        w = s * q
+        q4_k  qweight as int4, scales, mins [N, K/32] uint8 (6-bit),
+              super_scales d, super_mins dmin [N, K/256] float16   w = d * s * nibble - dmin * m
+        q6_k  qweight [N, K] uint8 (0..63), scales [N, K/16] int8,
+              super_scales d [N, K/256] float16                    w = d * s * (q - 32)
+
+    q4_k and q6_k are llama.cpp's Q4_K and Q6_K, value for value.
+    """
+
+    kind: str  # a key of FORMATS
     qweight: torch.Tensor
-    scales: torch.Tensor  # [N, K // 32] float16
-    mins: torch.Tensor | None  # [N, K // 32] float16
+    scales: torch.Tensor
+    mins: torch.Tensor | None
+    super_scales: torch.Tensor | None = None
+    super_mins: torch.Tensor | None = None
     gemm: GemmTiles | None = None  # what ``matmul`` runs on (with_gemm_tiles)
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.scales.shape[0], self.scales.shape[1] * BLOCK
+        n, width = self.qweight.shape
+        return n, width * 2 if self.kind in _FOUR_BIT else width
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] float32 -> x @ W.T [M, N] on the GEMM tiles (int8 activations)."""
         if self.gemm is None:
             raise ValueError("this QuantizedWeight has no GEMM tiles: build them with with_gemm_tiles()")
-        ops = kernels.ops()
-        x = x.contiguous()
-        if self.kind == "int8":
-            return ops.q8_gemm(x, self.gemm.tiles, self.gemm.scales, self.shape[0])
-        return ops.q4_gemm(x, self.gemm.tiles, self.gemm.scales, self.gemm.mins, self.shape[0])
+        return kernels.ops().quant_gemm(x.contiguous(), FORMATS[self.kind], self.gemm.tensors(), self.shape[0])
+
+    def _tensors(self) -> list[torch.Tensor | None]:
+        return [self.qweight, self.scales, self.mins, self.super_scales, self.super_mins]
 
     @property
     def nbytes(self) -> int:
         """Memory held: the blocks and, when built, the GEMM tiles."""
-        tensors = [self.qweight, self.scales, self.mins]
-        if self.gemm is not None:
-            tensors += [self.gemm.tiles, self.gemm.scales, self.gemm.mins]
+        tensors = self._tensors() + (self.gemm.tensors() if self.gemm is not None else [])
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def with_gemm_tiles(self) -> QuantizedWeight:
@@ -95,15 +124,28 @@ class QuantizedWeight:
         nb, num_tiles = k // BLOCK, -(-n // 8)
         pad = num_tiles * 8 - n  # zero columns: weight 0, scale 0, min 0
         padded = lambda t: torch.cat([t, t.new_zeros(pad, *t.shape[1:])]) if pad else t  # noqa: E731
-        by_tile = lambda t: padded(t).view(num_tiles, 8, nb).transpose(1, 2).contiguous()  # noqa: E731
+        by_tile = lambda t: padded(t).view(num_tiles, 8, t.shape[1]).transpose(1, 2).contiguous()  # noqa: E731
         if self.kind == "int8":
             q = padded(self.qweight).view(num_tiles, 8, nb, 8, 4)  # [tile, column, block, group, r]: k = 4 group + r
             tiles = q.permute(0, 2, 3, 1, 4).contiguous().view(num_tiles, nb, 256)
-            return dataclasses.replace(self, gemm=GemmTiles(tiles, by_tile(self.scales), None))
-        q = padded(self._nibbles()).view(num_tiles, 8, nb, 4, 2, 4)  # [tile, column, block, group, half, r]: k = 8 group + 4 half + r
-        packed = q[..., 0, :] | (q[..., 1, :] << 4)  # [tile, column, block, group, r]
-        tiles = packed.permute(0, 2, 3, 1, 4).contiguous().view(num_tiles, nb, 128)
-        return dataclasses.replace(self, gemm=GemmTiles(tiles, by_tile(self.scales), by_tile(self.mins)))
+            return dataclasses.replace(self, gemm=GemmTiles(tiles, by_tile(self.scales)))
+        if self.kind == "int4":
+            tiles = _nibble_tiles(padded(self._nibbles()), num_tiles)
+            return dataclasses.replace(self, gemm=GemmTiles(tiles, by_tile(self.scales), by_tile(self.mins)))
+        if self.kind == "q4_k":
+            tiles = _nibble_tiles(padded(self._nibbles()), num_tiles)
+            return dataclasses.replace(self, gemm=GemmTiles(tiles, by_tile(self.scales), by_tile(self.mins),
+                                                            by_tile(self.super_scales), by_tile(-self.super_mins)))
+        q = padded(self.qweight).view(-1, nb, BLOCK)
+        # [tile, column, block, half-block g, pair pp, half h, r]: weight 16g + 8pp + 4h + r, top bits at 2(2pp + h)
+        top = (q >> 4).view(num_tiles, 8, nb, 2, 2, 2, 4)
+        shifts = torch.tensor([[0, 2], [4, 6]], dtype=torch.uint8).view(2, 2, 1)
+        high = (top << shifts).sum(dim=(4, 5), dtype=torch.uint8)  # [tile, column, block, g, r]
+        high = high.permute(0, 2, 3, 1, 4).reshape(num_tiles, nb, 64)
+        tiles = torch.cat([_nibble_tiles(q & 0x0F, num_tiles), high], dim=-1).contiguous()
+        scales = padded(self.scales).view(num_tiles, 8, nb, 2).permute(0, 2, 3, 1).reshape(num_tiles, nb, 16)
+        return dataclasses.replace(self, gemm=GemmTiles(tiles, scales.contiguous(), None,
+                                                        by_tile(self.super_scales)))
 
     def _nibbles(self) -> torch.Tensor:
         n, k = self.shape
@@ -113,18 +155,32 @@ class QuantizedWeight:
     def dequantize(self) -> torch.Tensor:
         """The f32 weight these blocks stand for, [N, K]."""
         n, k = self.shape
-        scales = self.scales.float()[..., None]
         if self.kind == "int8":
-            q = self.qweight.float().view(n, k // BLOCK, BLOCK)
-            return (q * scales).view(n, k)
-        q = self._nibbles().float()  # [N, K/32, 32]
-        return (q * scales + self.mins.float()[..., None]).view(n, k)
+            return (self.qweight.float().view(n, k // BLOCK, BLOCK) * self.scales.float()[..., None]).view(n, k)
+        if self.kind == "int4":
+            return (self._nibbles().float() * self.scales.float()[..., None] + self.mins.float()[..., None]).view(n, k)
+        per_block = k // self.scales.shape[1]  # weights per sub-scale: 32 (q4_k) or 16 (q6_k)
+        d = self.super_scales.float().repeat_interleave(SUPER_BLOCK // per_block, dim=1)
+        if self.kind == "q4_k":  # as llama.cpp: (d * sc) * q - (dmin * m)
+            dmin = self.super_mins.float().repeat_interleave(SUPER_BLOCK // per_block, dim=1)
+            return ((d * self.scales.float())[..., None] * self._nibbles().float()
+                    - (dmin * self.mins.float())[..., None]).view(n, k)
+        q = self.qweight.float().view(n, k // per_block, per_block) - 32
+        return ((d * self.scales.float())[..., None] * q).view(n, k)
 
     def select_rows(self, index: torch.Tensor) -> QuantizedWeight:
         """Rows ``index`` of the weight (a permutation or subset), exactly; without
         GEMM tiles (``with_gemm_tiles`` builds them for the result)."""
-        mins = None if self.mins is None else self.mins[index].contiguous()
-        return QuantizedWeight(self.kind, self.qweight[index].contiguous(), self.scales[index].contiguous(), mins)
+        rows = [None if t is None else t[index].contiguous() for t in self._tensors()]
+        return QuantizedWeight(self.kind, *rows)
+
+
+def _nibble_tiles(nibbles: torch.Tensor, num_tiles: int) -> torch.Tensor:
+    """[8 num_tiles, K/32, 32] values below 16 -> the int4 tile bytes [num_tiles, K/32, 128]."""
+    nb = nibbles.shape[1]
+    q = nibbles.view(num_tiles, 8, nb, 4, 2, 4)  # [tile, column, block, group, half, r]: k = 8 group + 4 half + r
+    packed = q[..., 0, :] | (q[..., 1, :] << 4)  # [tile, column, block, group, r]
+    return packed.permute(0, 2, 3, 1, 4).contiguous().view(num_tiles, nb, 128)
 
 
 def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
@@ -133,9 +189,8 @@ def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
     kind = parts[0].kind
     if any(p.kind != kind for p in parts):
         raise ValueError("cannot fuse weights quantized differently")
-    mins = None if kind == "int8" else torch.cat([p.mins for p in parts])
-    return QuantizedWeight(kind, torch.cat([p.qweight for p in parts]),
-                           torch.cat([p.scales for p in parts]), mins)
+    columns = zip(*(p._tensors() for p in parts))
+    return QuantizedWeight(kind, *(None if c[0] is None else torch.cat(c) for c in columns))
 
 
 def quantize(weight: torch.Tensor, kind: str) -> QuantizedWeight:

@@ -13,9 +13,10 @@ Byte j of a 4-bit block holds weight j in its low nibble and weight j + 16 in
 its high nibble.
 
 For ``--quantization auto`` a quantized matrix also gives the blocks the native
-kernels run on (``file_blocks``): Q8_0 / Q4_0 / Q4_1 as they are, Q4_K
-re-laid as int4 blocks of 32 (``_q4_k_blocks``), every other quantized type
-(Q5_0/Q5_1, Q2_K/Q3_K/Q5_K/Q6_K, IQ*) requantized to int8 blocks of 32.
+kernels run on (``file_blocks``): Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K as they are
+(``quantized_blocks``), every other quantized type (Q5_0/Q5_1, Q2_K/Q3_K/Q5_K,
+IQ*) requantized to int8 blocks of 32. Q4_K and Q6_K matrices are also
+expanded from those blocks with torch ops.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ def dequantize_tensor(data: np.ndarray, qtype: QType, shape: tuple[int, ...],
     if qtype == QType.BF16:
         raw = _from_numpy(data.view(np.int16)).to(device)
         return raw.view(torch.bfloat16).to(dtype).reshape(shape)
+    if qtype in _K_QUANTS and len(shape) == 2:
+        return quantized_blocks(data, qtype, shape).dequantize().to(device=device, dtype=dtype)
     kernel = _TORCH_KERNELS.get(qtype)
     if kernel is not None:
         type_size = gguf.GGML_QUANT_SIZES[qtype][1]
@@ -54,13 +57,12 @@ def dequantize_tensor(data: np.ndarray, qtype: QType, shape: tuple[int, ...],
 
 
 def quantized_blocks(data: np.ndarray, qtype: QType, shape: tuple[int, ...]) -> QuantizedWeight | None:
-    """A Q4_0 / Q4_1 / Q8_0 matrix as a ``QuantizedWeight`` holding exactly the
-    file's weights and f16 scales, a Q4_K one as the same int4 blocks of 32 (see
-    ``_q4_k_blocks``); None for other types."""
+    """A Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K matrix as a ``QuantizedWeight`` holding
+    exactly the file's weights and scales; None for other types."""
     if len(shape) != 2:
         return None
-    if qtype == QType.Q4_K:
-        return _q4_k_blocks(_from_numpy(data).view(-1, gguf.GGML_QUANT_SIZES[qtype][1]), *shape)
+    if qtype in _K_QUANTS:
+        return _K_QUANTS[qtype](_from_numpy(data).view(-1, gguf.GGML_QUANT_SIZES[qtype][1]), *shape)
     if qtype not in _TORCH_KERNELS:
         return None
     n, k = shape
@@ -77,7 +79,7 @@ def quantized_blocks(data: np.ndarray, qtype: QType, shape: tuple[int, ...]) -> 
 
 def file_blocks(data: np.ndarray, qtype: QType, shape: tuple[int, ...], dense: torch.Tensor) -> QuantizedWeight | None:
     """The blocks a quantized GGUF matrix runs on: its own (``quantized_blocks``) where
-    the kernels take them, else (Q5_0/Q5_1, Q2_K/Q3_K/Q5_K/Q6_K, IQ*) its values
+    the kernels take them, else (Q5_0/Q5_1, Q2_K/Q3_K/Q5_K, IQ*) its values
     (``dense``, already dequantized) requantized to int8 blocks of 32. At 5 bits or
     more that adds an error of under half an int8 step (max|w| / 254 per block), a
     quarter of a 6-bit step; None for float matrices (they stay dense)."""
@@ -88,34 +90,54 @@ def file_blocks(data: np.ndarray, qtype: QType, shape: tuple[int, ...], dense: t
 
 
 def _q4_k_blocks(blocks: torch.Tensor, n: int, k: int) -> QuantizedWeight:
-    """Q4_K super-blocks as int4 blocks of 32. A super-block of 256 weights::
+    """Q4_K super-blocks as ``q4_k`` weights. A super-block of 256 weights::
 
         | d: f16 | dmin: f16 | 12 bytes: 8 x (6-bit scale, 6-bit min) | 128 bytes: 4 bits each |
-        sub-block j (32 weights): w = d * scale_j * nibble - dmin * min_j
+        block j (32 weights): w = d * scale_j * nibble - dmin * min_j
 
-    is 8 int4 blocks with scale d * scale_j and min -dmin * min_j. Nibbles are
-    moved to the int4 layout (sub-blocks 2c and 2c + 1 sit in the low and high
-    nibbles of the same 32 bytes in Q4_K); the block scales are those products
-    rounded to f16 (under 0.05% of a scale, a hundredth of a 4-bit step), so the
-    weights are the file's, up to that rounding.
+    The nibbles move to the int4 layout (blocks 2c and 2c + 1 sit in the low and
+    high nibbles of the same 32 bytes in Q4_K); every value is kept.
     """
-    d, dmin = _f16(blocks, 0), _f16(blocks, 2)  # [num_super, 1]
-    scale, min_ = _k4_scales_mins(blocks[:, 4:16].int())  # [num_super, 8]
+    scale, min_ = _k4_scales_mins(blocks[:, 4:16])  # [num_super, 8]
     qs = blocks[:, 16:144].reshape(-1, 4, 1, 32)
-    nibbles = torch.cat([qs & 0x0F, qs >> 4], dim=2).reshape(-1, 8, 32)  # [num_super, sub-block, weight]
+    nibbles = torch.cat([qs & 0x0F, qs >> 4], dim=2).reshape(-1, 8, 32)  # [num_super, block, weight]
     packed = nibbles[..., :16] | (nibbles[..., 16:] << 4)  # byte j: weights j and j + 16
-    return QuantizedWeight("int4", packed.reshape(n, k // 2).contiguous(),
-                           (d * scale).to(torch.float16).reshape(n, k // 32),
-                           (-dmin * min_).to(torch.float16).reshape(n, k // 32))
+    return QuantizedWeight("q4_k", packed.reshape(n, k // 2).contiguous(), scale.reshape(n, k // 32),
+                           min_.reshape(n, k // 32), _raw_f16(blocks, 0).reshape(n, k // 256),
+                           _raw_f16(blocks, 2).reshape(n, k // 256))
 
 
 def _k4_scales_mins(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """llama.cpp's 12-byte packing of 8 six-bit (scale, min) pairs: sub-blocks 0-3 in the
-    low 6 bits of bytes 0-3 / 4-7; sub-blocks 4-7 in bytes 8-11 (low / high nibble)
-    with their top 2 bits in the top bits of bytes 0-3 / 4-7."""
+    """llama.cpp's 12-byte packing of 8 six-bit (scale, min) pairs: blocks 0-3 in the
+    low 6 bits of bytes 0-3 / 4-7; blocks 4-7 in bytes 8-11 (low / high nibble)
+    with their top 2 bits in the top bits of bytes 0-3 / 4-7. uint8 [num_super, 8] each."""
     scale = torch.cat([q[:, 0:4] & 63, (q[:, 8:12] & 0x0F) | ((q[:, 0:4] >> 6) << 4)], dim=1)
     min_ = torch.cat([q[:, 4:8] & 63, (q[:, 8:12] >> 4) | ((q[:, 4:8] >> 6) << 4)], dim=1)
-    return scale.float(), min_.float()
+    return scale.contiguous(), min_.contiguous()
+
+
+def _q6_k_blocks(blocks: torch.Tensor, n: int, k: int) -> QuantizedWeight:
+    """Q6_K super-blocks as ``q6_k`` weights. A super-block of 256 weights::
+
+        | ql: 128 bytes, low 4 bits | qh: 64 bytes, top 2 bits | 16 x int8 scale | d: f16 |
+        weights 16s .. 16s + 15: w = d * scale_s * (q - 32), q in 0..63
+
+    Each half (128 weights) packs weight 32i + l (i < 4, l < 32) in the low or high
+    nibble (i >= 2) of ql byte l + 32 (i % 2), and its top bits in bits 2i of qh byte l.
+    """
+    ql = blocks[:, :128].reshape(-1, 2, 2, 32)  # [num_super, half, i % 2, l]
+    qh = blocks[:, 128:192].reshape(-1, 2, 1, 32)  # [num_super, half, 1, l]
+    low = torch.cat([ql & 0x0F, ql >> 4], dim=2)  # [num_super, half, i, l]
+    top = (qh >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(4, 1)) & 3
+    q = (low | (top << 4)).reshape(n, k)
+    scales = blocks[:, 192:208].contiguous().view(torch.int8).reshape(n, k // 16)
+    return QuantizedWeight("q6_k", q.contiguous(), scales, None, _raw_f16(blocks, 208).reshape(n, k // 256))
+
+
+_K_QUANTS: dict[QType, Callable[[torch.Tensor, int, int], QuantizedWeight]] = {
+    QType.Q4_K: _q4_k_blocks,
+    QType.Q6_K: _q6_k_blocks,
+}
 
 
 def _from_numpy(array: np.ndarray) -> torch.Tensor:

@@ -2,13 +2,14 @@
 
 ``--quantization`` modes:
 
-    auto  (default) every weight a GGUF stores as Q4_0 / Q4_1 / Q8_0 runs on
-          the quantized kernels with exactly those weights; everything else,
-          and every weight of a float checkpoint, stays dense f32.
+    auto  (default) every weight a GGUF stores as Q4_0 / Q4_1 / Q8_0 / Q4_K /
+          Q6_K runs on the quantized kernels with exactly those weights; other
+          quantized types (Q5_0, Q5_K, ...) run requantized to int8; float
+          weights, and every weight of a float checkpoint, stay dense f32.
     none  dense f32 everywhere: the exact path, matched against transformers.
     int8  every projection in int8 blocks (the file's own Q8_0 blocks where it
           has them, otherwise quantized from the f32 weight at load).
-    int4  every decoder projection in int4 blocks (the file's own Q4_0/Q4_1
+    int4  every decoder projection in 4-bit blocks (the file's own Q4_0/Q4_1/Q4_K
           blocks where it has them, otherwise quantized at load); the LM head
           keeps the file's own blocks or else goes to int8, because 4-bit
           logits cost quality out of proportion to their share of the bytes.
@@ -31,15 +32,15 @@ import torch
 from tokenloom import kernels
 from tokenloom.config import QUANTIZATION_MODES
 from tokenloom.model.layers.linear import Linear, MergedLinear
-from tokenloom.model.layers.quantization import QuantizedWeight, concat_rows, quantize
+from tokenloom.model.layers.quantization import FORMATS, QuantizedWeight, concat_rows, quantize
 from tokenloom.model.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
 
 # mode -> (kinds of the file's own blocks used as they are, kind to quantize the rest to)
-_LAYER_POLICY = {"auto": (("int4", "int8"), None), "int8": (("int8",), "int8"), "int4": (("int4",), "int4")}
-_HEAD_POLICY = {"auto": (("int4", "int8"), None), "int8": (("int8",), "int8"),
-                "int4": (("int4", "int8"), "int8")}
+_EVERY_KIND = tuple(FORMATS)
+_LAYER_POLICY = {"auto": (_EVERY_KIND, None), "int8": (("int8",), "int8"), "int4": (("int4", "q4_k"), "int4")}
+_HEAD_POLICY = {"auto": (_EVERY_KIND, None), "int8": (("int8",), "int8"), "int4": (_EVERY_KIND, "int8")}
 PackedParts = dict[tuple[str, str | None], QuantizedWeight]  # (param name, shard) -> blocks
 
 
@@ -75,9 +76,9 @@ def _choose(dense: torch.Tensor, parts: list[QuantizedWeight | None], accept: tu
     kinds = {p.kind if p is not None else None for p in parts}
     if len(kinds) == 1 and kinds <= set(accept):
         return parts[0] if len(parts) == 1 else concat_rows(parts)
-    if kinds == {"int4", "int8"} and "int8" in accept:
+    if None not in kinds and len(kinds) > 1 and kinds <= set(accept) and "int8" in accept:
         # A merged projection whose parts differ (Q4_K_M's q/k in Q4_K, v in Q6_K):
-        # one matmul needs one kind, and int8 holds the int4 parts' values closely.
+        # one matmul needs one kind, and int8 holds the other parts' values closely.
         return concat_rows([p if p.kind == "int8" else quantize(p.dequantize(), "int8") for p in parts])
     return None if fallback is None else quantize(dense, fallback)
 
