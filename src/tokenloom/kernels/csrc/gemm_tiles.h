@@ -75,34 +75,40 @@ void q4_gemm_tile(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w,
 // one unsigned operand, so it multiplies |w| by x carrying w's sign (llama.cpp's
 // trick for signed x signed). A pair of products (up to 2 x 127 x 127) fills an
 // int16, so each maddubs is widened to int32 at once (madd by ones) rather than
-// summed over the block in int16. Two tiles at once (as q4 does) measured
-// slower: their int32 accumulators and outputs no longer fit in 16 registers.
-template <int MR>
+// summed over the block in int16. NR column tiles share each broadcast of x
+// (see Q8Tile for when NR > 1).
+template <int MR, int NR>
 void q8_gemm_tile(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w, int64_t t, float* y, int64_t N) {
   const int64_t nb = w.nb;
-  __m256 out[MR][1];
-  for (int i = 0; i < MR; ++i) out[i][0] = _mm256_setzero_ps();
+  __m256 out[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) out[i][j] = _mm256_setzero_ps();
   const int8_t* xq = xr.q.data() + r * K;
   constexpr int C = chains<MR>();
   for (int64_t b = 0; b < nb; ++b) {
-    __m256i acc[MR][C];
+    __m256i acc[MR][NR][C];
     for (int i = 0; i < MR; ++i)
-      for (int c = 0; c < C; ++c) acc[i][c] = _mm256_setzero_si256();
-    const uint8_t* block = w.q + (t * nb + b) * kQ8TileBytes;
-    prefetch_ahead(block, kQ8TileBytes);
+      for (int j = 0; j < NR; ++j)
+        for (int c = 0; c < C; ++c) acc[i][j][c] = _mm256_setzero_si256();
+    for (int j = 0; j < NR; ++j) prefetch_ahead(w.q + ((t + j) * nb + b) * kQ8TileBytes, kQ8TileBytes);
     for (int p = 0; p < 8; ++p) {
-      const __m256i wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * p));
-      const __m256i wabs = _mm256_sign_epi8(wq, wq);
+      __m256i wq[NR], wabs[NR];
+      for (int j = 0; j < NR; ++j) {
+        wq[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.q + ((t + j) * nb + b) * kQ8TileBytes + 32 * p));
+        wabs[j] = _mm256_sign_epi8(wq[j], wq[j]);
+      }
       for (int i = 0; i < MR; ++i) {
         const __m256i xb = broadcast4(xq + i * K + b * kBlock + 4 * p);
-        acc[i][p % C] = Dot::bytes(acc[i][p % C], wabs, _mm256_sign_epi8(xb, wq));
+        for (int j = 0; j < NR; ++j)
+          acc[i][j][p % C] = Dot::bytes(acc[i][j][p % C], wabs[j], _mm256_sign_epi8(xb, wq[j]));
       }
     }
-    const __m256 dw =
-        _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.scales + (t * nb + b) * kTileCols)));
-    for (int i = 0; i < MR; ++i) {
-      const __m256 dots = _mm256_mul_ps(_mm256_cvtepi32_ps(sum_chains(acc[i])), _mm256_set1_ps(xr.d[(r + i) * nb + b]));
-      out[i][0] = _mm256_fmadd_ps(dots, dw, out[i][0]);
+    for (int j = 0; j < NR; ++j) {
+      const __m256 dw = load_halves(w.scales + ((t + j) * nb + b) * kTileCols);
+      for (int i = 0; i < MR; ++i) {
+        const __m256 dots = _mm256_mul_ps(_mm256_cvtepi32_ps(sum_chains(acc[i][j])), _mm256_set1_ps(xr.d[(r + i) * nb + b]));
+        out[i][j] = _mm256_fmadd_ps(dots, dw, out[i][j]);
+      }
     }
   }
   store_tile(out, r, t, y, N);
@@ -119,43 +125,58 @@ void q8_gemm_tile(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w,
 //
 // The weights are unsigned, as vpdpbusd and maddubs want them (a pair of
 // products is at most 2 x 63 x 128, within int16).
-template <int MR>
+template <int MR, int NR>
 void q6_gemm_tile(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w, int64_t t, float* y, int64_t N) {
   const int64_t nb = w.nb;
   const __m256i low4 = _mm256_set1_epi8(0x0F), low2 = _mm256_set1_epi8(0x03);
-  __m256 out[MR][1];
-  for (int i = 0; i < MR; ++i) out[i][0] = _mm256_setzero_ps();
+  __m256 out[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) out[i][j] = _mm256_setzero_ps();
   const int8_t* xq = xr.q.data() + r * K;
+  constexpr int C = chains<MR>();
   for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* block = w.q + (t * nb + b) * kQ6TileBytes;
-    prefetch_ahead(block, kQ6TileBytes);
-    const __m256 d = load_halves(w.super_scales + (t * (nb / kSuperBlocks) + b / kSuperBlocks) * kTileCols);
-    const int8_t* scales = reinterpret_cast<const int8_t*>(w.sub_scales) + (t * nb + b) * 2 * kTileCols;
+    const uint8_t* block[NR];
+    for (int j = 0; j < NR; ++j) {
+      block[j] = w.q + ((t + j) * nb + b) * kQ6TileBytes;
+      prefetch_ahead(block[j], kQ6TileBytes);
+    }
     for (int g = 0; g < 2; ++g) {
-      constexpr int C = chains<MR>();
-      __m256i acc[MR][C];
+      __m256i acc[MR][NR][C];
       for (int i = 0; i < MR; ++i)
-        for (int c = 0; c < C; ++c) acc[i][c] = _mm256_setzero_si256();
-      const __m256i high = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 4 * 32 + 32 * g));
+        for (int j = 0; j < NR; ++j)
+          for (int c = 0; c < C; ++c) acc[i][j][c] = _mm256_setzero_si256();
+      __m256i high[NR];
+      for (int j = 0; j < NR; ++j)
+        high[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block[j] + 4 * 32 + 32 * g));
       for (int pp = 0; pp < 2; ++pp) {
         const int p = 2 * g + pp;
-        const __m256i low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * p));
+        __m256i low[NR];
+        for (int j = 0; j < NR; ++j) low[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block[j] + 32 * p));
         for (int half = 0; half < 2; ++half) {
-          const __m256i nib = _mm256_and_si256(half ? _mm256_srli_epi16(low, 4) : low, low4);
-          const __m256i top = _mm256_and_si256(_mm256_srli_epi16(high, 2 * (2 * pp + half)), low2);
-          const __m256i wq = _mm256_or_si256(nib, _mm256_slli_epi16(top, 4));
+          __m256i wq[NR];
+          for (int j = 0; j < NR; ++j) {
+            const __m256i nib = _mm256_and_si256(half ? _mm256_srli_epi16(low[j], 4) : low[j], low4);
+            const __m256i top = _mm256_and_si256(_mm256_srli_epi16(high[j], 2 * (2 * pp + half)), low2);
+            wq[j] = _mm256_or_si256(nib, _mm256_slli_epi16(top, 4));
+          }
           const int c = (2 * pp + half) % C;
-          for (int i = 0; i < MR; ++i)
-            acc[i][c] = Dot::bytes(acc[i][c], wq, broadcast4(xq + i * K + b * kBlock + 8 * p + 4 * half));
+          for (int i = 0; i < MR; ++i) {
+            const __m256i xb = broadcast4(xq + i * K + b * kBlock + 8 * p + 4 * half);
+            for (int j = 0; j < NR; ++j) acc[i][j][c] = Dot::bytes(acc[i][j][c], wq[j], xb);
+          }
         }
       }
-      const __m128i sc8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(scales + g * kTileCols));
-      const __m256 scale = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc8)), d);
-      for (int i = 0; i < MR; ++i) {
-        const int64_t xi = (r + i) * nb + b;
-        const __m256i dots = _mm256_sub_epi32(sum_chains(acc[i]), _mm256_set1_epi32(32 * xr.half_sums[2 * xi + g]));
-        const __m256 xd = _mm256_mul_ps(_mm256_cvtepi32_ps(dots), _mm256_set1_ps(xr.d[xi]));
-        out[i][0] = _mm256_fmadd_ps(xd, scale, out[i][0]);
+      for (int j = 0; j < NR; ++j) {
+        const int8_t* scales = reinterpret_cast<const int8_t*>(w.sub_scales) + ((t + j) * nb + b) * 2 * kTileCols;
+        const __m128i sc8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(scales + g * kTileCols));
+        const __m256 d = load_halves(w.super_scales + ((t + j) * (nb / kSuperBlocks) + b / kSuperBlocks) * kTileCols);
+        const __m256 scale = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc8)), d);
+        for (int i = 0; i < MR; ++i) {
+          const int64_t xi = (r + i) * nb + b;
+          const __m256i dots = _mm256_sub_epi32(sum_chains(acc[i][j]), _mm256_set1_epi32(32 * xr.half_sums[2 * xi + g]));
+          const __m256 xd = _mm256_mul_ps(_mm256_cvtepi32_ps(dots), _mm256_set1_ps(xr.d[xi]));
+          out[i][j] = _mm256_fmadd_ps(xd, scale, out[i][j]);
+        }
       }
     }
   }
@@ -195,14 +216,25 @@ struct Q4KTile {
 template <int MR, int NR>
 struct Q6Tile {
   static void run(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w, int64_t t, float* y, int64_t N) {
-    for (int j = 0; j < NR; ++j) q6_gemm_tile<MR>(xr, r, K, w, t + j, y, N);
+    if constexpr (Dot::kPairs) {
+      q6_gemm_tile<MR, NR>(xr, r, K, w, t, y, N);
+    } else {
+      for (int j = 0; j < NR; ++j) q6_gemm_tile<MR, 1>(xr, r, K, w, t + j, y, N);
+    }
   }
 };
 
+// int8 and q6_k tiles take two column tiles at once where the ISA has 32 vector
+// registers (Dot::kPairs), else one at a time (16 registers: their int32
+// accumulators and outputs would not fit; measured slower).
 template <int MR, int NR>
 struct Q8Tile {
   static void run(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w, int64_t t, float* y, int64_t N) {
-    for (int j = 0; j < NR; ++j) q8_gemm_tile<MR>(xr, r, K, w, t + j, y, N);
+    if constexpr (Dot::kPairs) {
+      q8_gemm_tile<MR, NR>(xr, r, K, w, t, y, N);
+    } else {
+      for (int j = 0; j < NR; ++j) q8_gemm_tile<MR, 1>(xr, r, K, w, t + j, y, N);
+    }
   }
 };
 

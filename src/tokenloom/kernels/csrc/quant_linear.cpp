@@ -213,6 +213,7 @@ inline void store_tile(const __m256 (&out)[MR][NR], int64_t r, int64_t t, float*
 
 // The integer dot-product steps of each instruction set (see gemm_tiles.h).
 struct Avx2Dot {
+  static constexpr bool kPairs = false;  // 16 vector registers
   // maddubs: pairs of u8 x s8 products summed into int16 lanes; a block's 8 steps of
   // nibbles (at most 2 x 15 x 127 each: 30480 in all) stay within int16.
   static inline __m256i nibbles(__m256i acc, __m256i w, __m256i x) {
@@ -235,6 +236,7 @@ using Dot = Avx2Dot;
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
 struct VnniDot {
+  static constexpr bool kPairs = true;  // AVX-512 VL: 32 vector registers
   static inline __m256i nibbles(__m256i acc, __m256i w, __m256i x) { return _mm256_dpbusd_epi32(acc, w, x); }
   static inline __m256i nibble_sums(__m256i acc) { return acc; }
   static inline __m256i bytes(__m256i acc, __m256i w, __m256i x) { return _mm256_dpbusd_epi32(acc, w, x); }
