@@ -38,11 +38,12 @@ void q4_gemm_tile(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w,
     for (int i = 0; i < MR; ++i)
       for (int j = 0; j < NR; ++j)
         for (int c = 0; c < C; ++c) acc[i][j][c] = _mm256_setzero_si256();
-    for (int j = 0; j < NR; ++j) prefetch_ahead(w.q + ((t + j) * nb + b) * kTileBytes, kTileBytes);
+    constexpr int64_t stride = Scales::kBlockBytes;
+    for (int j = 0; j < NR; ++j) prefetch_ahead(w.q + ((t + j) * nb + b) * stride, stride);
     for (int p = 0; p < 4; ++p) {
       __m256i raw[NR];
       for (int j = 0; j < NR; ++j)
-        raw[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.q + ((t + j) * nb + b) * kTileBytes + 32 * p));
+        raw[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.q + ((t + j) * nb + b) * stride + 32 * p));
       for (int half = 0; half < 2; ++half) {  // low nibbles: weights 8p..8p+3, high: 8p+4..8p+7
         __m256i wq[NR];
         for (int j = 0; j < NR; ++j) wq[j] = _mm256_and_si256(half ? _mm256_srli_epi16(raw[j], 4) : raw[j], mask);

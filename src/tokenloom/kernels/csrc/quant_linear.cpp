@@ -127,14 +127,17 @@ QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K) {
 //          and 8p + 4 + r (high nibble)
 //   tile_scales, tile_mins [N/8, K/32, 8] f16
 //
-// q4_k runs on the same tiles with the scales of its super-blocks instead: 6-bit
-// sub-scales and sub-mins [N/8, K/32, 8] uint8 and the super-block's d and -dmin
-// [N/8, K/256, 8] f16, multiplied in f32 per block (exactly the file's weights).
+// q4_k runs on the same nibbles with the scales of its super-blocks instead: each
+// block's 6-bit sub-scales and sub-mins follow its nibbles (8 + 8 bytes: tiles
+// [N/8, K/32, 144], so that one stream brings a tile's weights and scales), and
+// the super-block's d and -dmin [N/8, K/256, 8] f16 multiply them in f32 per block
+// (exactly the file's weights).
 // q6_k (q6_gemm_tile) adds a plane of the weights' top 2 bits to the nibbles.
 
 constexpr int64_t kTileCols = 8;
 constexpr int64_t kTileBytes = 128;  // one block of 32 x 8 nibbles
 constexpr int64_t kQ8TileBytes = 256;  // one block of 32 x 8 int8 weights
+constexpr int64_t kQ4KTileBytes = 144;  // 32 x 8 nibbles, 8 sub-scales, 8 sub-mins
 constexpr int64_t kQ6TileBytes = 192;  // 32 x 8 nibbles, then 32 x 8 x 2 high bits
 constexpr int64_t kSuperBlocks = 8;    // blocks of 32 per K-quant super-block
 constexpr int64_t kGemmRows = 4;     // rows of x per micro-kernel
@@ -150,8 +153,7 @@ struct Tiles {
   const uint8_t* q;
   const Half* scales;  // q4, q8: [N/8, K/32, 8]
   const Half* mins;    // q4
-  const uint8_t* sub_scales;  // q4_k: uint8 [N/8, K/32, 8]; q6_k: int8 [N/8, K/32, 2 x 8]
-  const uint8_t* sub_mins;    // q4_k: uint8 [N/8, K/32, 8]
+  const uint8_t* sub_scales;  // q6_k: int8 [N/8, K/32, 2 x 8] (q4_k's are in its tiles)
   const Half* super_scales;   // q4_k, q6_k: d [N/8, K/256, 8]
   const Half* super_mins;     // q4_k: -dmin [N/8, K/256, 8]
   int64_t nb;
@@ -177,6 +179,7 @@ inline __m256 load_u8_floats(const uint8_t* p) {
 // The f32 scale and min of block b of tile t's 8 columns: q4's f16 pair, or
 // q4_k's d * sc and -dmin * m (products exact in f32: 11-bit d times 6-bit sc).
 struct Q4Scales {
+  static constexpr int64_t kBlockBytes = kTileBytes;
   static inline void load(const Tiles& w, int64_t t, int64_t b, __m256& dw, __m256& mw) {
     const int64_t s = (t * w.nb + b) * kTileCols;
     dw = load_halves(w.scales + s);
@@ -185,10 +188,12 @@ struct Q4Scales {
 };
 
 struct Q4KScales {
+  static constexpr int64_t kBlockBytes = kQ4KTileBytes;  // the sub-scales and sub-mins follow the nibbles
   static inline void load(const Tiles& w, int64_t t, int64_t b, __m256& dw, __m256& mw) {
-    const int64_t s = (t * w.nb + b) * kTileCols, ss = (t * (w.nb / kSuperBlocks) + b / kSuperBlocks) * kTileCols;
-    dw = _mm256_mul_ps(load_u8_floats(w.sub_scales + s), load_halves(w.super_scales + ss));
-    mw = _mm256_mul_ps(load_u8_floats(w.sub_mins + s), load_halves(w.super_mins + ss));
+    const uint8_t* sub = w.q + (t * w.nb + b) * kBlockBytes + kTileBytes;
+    const int64_t ss = (t * (w.nb / kSuperBlocks) + b / kSuperBlocks) * kTileCols;
+    dw = _mm256_mul_ps(load_u8_floats(sub), load_halves(w.super_scales + ss));
+    mw = _mm256_mul_ps(load_u8_floats(sub + kTileCols), load_halves(w.super_mins + ss));
   }
 };
 
@@ -309,7 +314,7 @@ at::Tensor q4_gemm(const at::Tensor& x, const at::Tensor& tiles, const at::Tenso
   check_tile_halves("q4_gemm", tile_scales, tiles);
   check_tile_halves("q4_gemm", tile_mins, tiles);
   const Tiles w{tiles.data_ptr<uint8_t>(), half_data(tile_scales), half_data(tile_mins), nullptr, nullptr,
-                nullptr, nullptr, tiles.size(1)};
+                nullptr, tiles.size(1)};
   return run_gemm<avx2::Q4Tile, vnni::Q4Tile>(x, w, tiles.size(0), N);
 }
 
@@ -317,20 +322,17 @@ at::Tensor q8_gemm(const at::Tensor& x, const at::Tensor& tiles, const at::Tenso
   check_gemm_input("q8_gemm", x, tiles, at::kChar, kQ8TileBytes, N);
   check_tile_halves("q8_gemm", tile_scales, tiles);
   const Tiles w{reinterpret_cast<const uint8_t*>(tiles.data_ptr<int8_t>()), half_data(tile_scales), nullptr,
-                nullptr, nullptr, nullptr, nullptr, tiles.size(1)};
+                nullptr, nullptr, nullptr, tiles.size(1)};
   return run_gemm<avx2::Q8Tile, vnni::Q8Tile>(x, w, tiles.size(0), N);
 }
 
-at::Tensor q4k_gemm(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& sub_scales,
-                    const at::Tensor& sub_mins, const at::Tensor& super_scales, const at::Tensor& super_mins,
-                    int64_t N) {
-  check_gemm_input("q4k_gemm", x, tiles, at::kByte, kTileBytes, N);
-  check_super_tensor("q4k_gemm", "sub-scales", sub_scales, tiles, at::kByte, 1, kTileCols);
-  check_super_tensor("q4k_gemm", "sub-mins", sub_mins, tiles, at::kByte, 1, kTileCols);
+at::Tensor q4k_gemm(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& super_scales,
+                    const at::Tensor& super_mins, int64_t N) {
+  check_gemm_input("q4k_gemm", x, tiles, at::kByte, kQ4KTileBytes, N);
   check_super_tensor("q4k_gemm", "super-block scales", super_scales, tiles, at::kHalf, kSuperBlocks, kTileCols);
   check_super_tensor("q4k_gemm", "super-block mins", super_mins, tiles, at::kHalf, kSuperBlocks, kTileCols);
-  const Tiles w{tiles.data_ptr<uint8_t>(), nullptr, nullptr, sub_scales.data_ptr<uint8_t>(),
-                sub_mins.data_ptr<uint8_t>(), half_data(super_scales), half_data(super_mins), tiles.size(1)};
+  const Tiles w{tiles.data_ptr<uint8_t>(), nullptr, nullptr, nullptr, half_data(super_scales),
+                half_data(super_mins), tiles.size(1)};
   return run_gemm<avx2::Q4KTile, vnni::Q4KTile>(x, w, tiles.size(0), N);
 }
 
@@ -340,7 +342,7 @@ at::Tensor q6k_gemm(const at::Tensor& x, const at::Tensor& tiles, const at::Tens
   check_super_tensor("q6k_gemm", "sub-scales", sub_scales, tiles, at::kChar, 1, 2 * kTileCols);
   check_super_tensor("q6k_gemm", "super-block scales", super_scales, tiles, at::kHalf, kSuperBlocks, kTileCols);
   const Tiles w{tiles.data_ptr<uint8_t>(), nullptr, nullptr, reinterpret_cast<const uint8_t*>(sub_scales.data_ptr<int8_t>()),
-                nullptr, half_data(super_scales), nullptr, tiles.size(1)};
+                half_data(super_scales), nullptr, tiles.size(1)};
   return run_gemm<avx2::Q6Tile, vnni::Q6Tile>(x, w, tiles.size(0), N);
 }
 
@@ -356,7 +358,7 @@ at::Tensor quant_gemm(const at::Tensor& x, int64_t format, const c10::List<std::
   switch (static_cast<QuantFormat>(format)) {
     case QuantFormat::kInt8: return q8_gemm(x, at(0), at(1), N);
     case QuantFormat::kInt4: return q4_gemm(x, at(0), at(1), at(2), N);
-    case QuantFormat::kQ4K: return q4k_gemm(x, at(0), at(1), at(2), at(3), at(4), N);
+    case QuantFormat::kQ4K: return q4k_gemm(x, at(0), at(3), at(4), N);
     case QuantFormat::kQ6K: return q6k_gemm(x, at(0), at(1), at(3), N);
   }
   TORCH_CHECK(false, "quant_gemm: unknown format ", format);
@@ -381,8 +383,7 @@ std::string gemm_isa(const std::string& choice) {
 TORCH_LIBRARY_FRAGMENT(tokenloom, m) {
   m.def("q4_gemm(Tensor x, Tensor tiles, Tensor tile_scales, Tensor tile_mins, int N) -> Tensor");
   m.def("q8_gemm(Tensor x, Tensor tiles, Tensor tile_scales, int N) -> Tensor");
-  m.def("q4k_gemm(Tensor x, Tensor tiles, Tensor sub_scales, Tensor sub_mins, Tensor super_scales, "
-        "Tensor super_mins, int N) -> Tensor");
+  m.def("q4k_gemm(Tensor x, Tensor tiles, Tensor super_scales, Tensor super_mins, int N) -> Tensor");
   m.def("q6k_gemm(Tensor x, Tensor tiles, Tensor sub_scales, Tensor super_scales, int N) -> Tensor");
   m.def("quant_gemm(Tensor x, int format, Tensor?[] weight, int N) -> Tensor");
   m.def("gemm_isa(str choice='') -> str");

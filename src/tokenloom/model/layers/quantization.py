@@ -51,21 +51,23 @@ _FOUR_BIT = ("int4", "q4_k")  # qweight holds two nibbles per byte
 class GemmTiles:
     """A weight laid out for the native GEMMs, N padded to a multiple of 8 (zero columns)::
 
-        tiles  int4, q4_k: [N/8, K/32, 128] uint8: per 8 columns and block, 4 groups
+        tiles  int4: [N/8, K/32, 128] uint8: per 8 columns and block, 4 groups
                  of 32 bytes; byte 4c + r of group p holds column c's weight 8p + r
                  (low nibble) and 8p + 4 + r (high nibble)
+               q4_k: [N/8, K/32, 144] uint8: those 128 bytes, then the block's 8
+                 sub-scales and 8 sub-mins (one stream for the kernel to read)
                int8: [N/8, K/32, 256] int8: byte 4c + r of group p is weight 4p + r
                q6_k: [N/8, K/32, 192] uint8: the low nibbles as int4, then the top
                  2 bits: byte 4c + r of half-block g (32 bytes each) holds those of
                  weights 16g + r, 16g + 4 + r, 16g + 8 + r, 16g + 12 + r
-        scales int4, int8: [N/8, K/32, 8] float16; q4_k: [N/8, K/32, 8] uint8;
-               q6_k: [N/8, K/32, 2 x 8] int8 (half-block major)
-        mins   int4: float16, q4_k: uint8 [N/8, K/32, 8]
+        scales int4, int8: [N/8, K/32, 8] float16; q6_k: [N/8, K/32, 2 x 8] int8
+               (half-block major); q4_k: None (in the tiles)
+        mins   int4: [N/8, K/32, 8] float16
         super_scales, super_mins  q4_k, q6_k: d and (q4_k) -dmin, [N/8, K/256, 8] float16
     """
 
     tiles: torch.Tensor
-    scales: torch.Tensor
+    scales: torch.Tensor | None
     mins: torch.Tensor | None = None
     super_scales: torch.Tensor | None = None
     super_mins: torch.Tensor | None = None
@@ -132,9 +134,9 @@ class QuantizedWeight:
         if self.kind == "int4":
             tiles = _nibble_tiles(padded(self._nibbles()), num_tiles)
             return dataclasses.replace(self, gemm=GemmTiles(tiles, by_tile(self.scales), by_tile(self.mins)))
-        if self.kind == "q4_k":
-            tiles = _nibble_tiles(padded(self._nibbles()), num_tiles)
-            return dataclasses.replace(self, gemm=GemmTiles(tiles, by_tile(self.scales), by_tile(self.mins),
+        if self.kind == "q4_k":  # each block's sub-scales and sub-mins follow its nibbles
+            blocks = [_nibble_tiles(padded(self._nibbles()), num_tiles), by_tile(self.scales), by_tile(self.mins)]
+            return dataclasses.replace(self, gemm=GemmTiles(torch.cat(blocks, dim=-1), None, None,
                                                             by_tile(self.super_scales), by_tile(-self.super_mins)))
         q = padded(self.qweight).view(-1, nb, BLOCK)
         # [tile, column, block, half-block g, pair pp, half h, r]: weight 16g + 8pp + 4h + r, top bits at 2(2pp + h)
