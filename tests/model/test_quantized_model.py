@@ -116,6 +116,9 @@ def test_without_kernels_auto_falls_back_and_explicit_modes_fail(tiny, tmp_path,
     model, _ = load_model(path, torch.float32, "cpu", quantization="auto")
     assert _kinds(model) == (Counter({"dense": 8}), "dense")
     assert not any(getattr(m, "fused_kernels", False) for m in model.modules())
+    # The loader held the projections as blocks; falling back, it dequantized them into place.
+    exact, _ = load_model(path, torch.float32, "cpu", quantization="none")
+    assert torch.equal(prefill_logits(model, PROMPT), prefill_logits(exact, PROMPT))
     with pytest.raises(kernels.KernelsUnavailable, match="test"):
         load_model(path, torch.float32, "cpu", quantization="int8")
 
@@ -154,6 +157,8 @@ def test_a_q4_k_m_file_runs_on_the_kernels_with_the_files_weights(tmp_path):
                                 (layer.mlp.gate_up_proj, reference.mlp.gate_up_proj.weight)):
         assert torch.equal(native.quantized.dequantize(), file_weight)
     assert torch.equal(auto.logits_quantized.dequantize(), dense.logits_weight())
+    # No dense copy of what the kernels run: the projections' and the untied head's weights are empty.
+    assert layer.mlp.down_proj.weight.numel() == 0 and auto.lm_head.weight.numel() == 0
     # int8 blocks of the file's values: a fraction of a percent off (a misplaced weight is ~100%).
     merged, file_qkv = layer.self_attn.qkv_proj.quantized, reference.self_attn.qkv_proj.weight
     assert merged.kind == "int8" and (merged.dequantize() - file_qkv).norm() < 0.01 * file_qkv.norm()

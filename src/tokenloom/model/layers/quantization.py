@@ -10,7 +10,7 @@ scale per super-block).
 A GGUF Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K tensor maps onto one of these exactly
 (``quantized_blocks`` in the loader), so the kernels compute with the file's
 own weights; the other quantized types (Q5_0/Q5_1, Q2_K/Q3_K/Q5_K, IQ*) are
-requantized to int8 (``file_blocks``). Other weights are quantized here (``quantize``):
+requantized to int8 (``requantized_blocks``). Other weights are quantized here (``quantize``):
 round-to-nearest per block against the float16-rounded scale (and min), int4
 asymmetric (min/max), int8 symmetric (absmax), as llama.cpp's quantizers do.
 

@@ -12,10 +12,10 @@ dequantizer. Block layouts (32 weights per block, little endian)::
 Byte j of a 4-bit block holds weight j in its low nibble and weight j + 16 in
 its high nibble.
 
-For ``--quantization auto`` a quantized matrix also gives the blocks the native
-kernels run on (``file_blocks``): Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K as they are
+For the quantized modes a quantized matrix also gives the blocks the native
+kernels run on: Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K as they are
 (``quantized_blocks``), every other quantized type (Q5_0/Q5_1, Q2_K/Q3_K/Q5_K,
-IQ*) requantized to int8 blocks of 32. Q4_K and Q6_K matrices are also
+IQ*) requantized to int8 blocks of 32 (``requantized_blocks``). Q4_K and Q6_K matrices are also
 expanded from those blocks with torch ops.
 """
 
@@ -77,15 +77,14 @@ def quantized_blocks(data: np.ndarray, qtype: QType, shape: tuple[int, ...]) -> 
     return QuantizedWeight("int4", blocks[:, 4:].reshape(n, k // 2).contiguous(), scales, mins)
 
 
-def file_blocks(data: np.ndarray, qtype: QType, shape: tuple[int, ...], dense: torch.Tensor) -> QuantizedWeight | None:
-    """The blocks a quantized GGUF matrix runs on: its own (``quantized_blocks``) where
-    the kernels take them, else (Q5_0/Q5_1, Q2_K/Q3_K/Q5_K, IQ*) its values
-    (``dense``, already dequantized) requantized to int8 blocks of 32. At 5 bits or
-    more that adds an error of under half an int8 step (max|w| / 254 per block), a
-    quarter of a 6-bit step; None for float matrices (they stay dense)."""
-    blocks = quantized_blocks(data, qtype, shape)
-    if blocks is not None or qtype in _FLOAT_TYPES or len(shape) != 2 or shape[1] % 32:
-        return blocks
+def requantized_blocks(qtype: QType, shape: tuple[int, ...], dense: torch.Tensor) -> QuantizedWeight | None:
+    """The int8 blocks a quantized matrix the kernels do not take as stored (Q5_0/Q5_1,
+    Q2_K/Q3_K/Q5_K, IQ*) runs on: its values (``dense``, already dequantized)
+    requantized to int8 blocks of 32. At 5 bits or more that adds an error of under
+    half an int8 step (max|w| / 254 per block), a quarter of a 6-bit step; None for
+    float matrices (they stay dense) and the types ``quantized_blocks`` takes."""
+    if qtype in _FLOAT_TYPES or qtype in _K_QUANTS or qtype in _TORCH_KERNELS or len(shape) != 2 or shape[1] % 32:
+        return None
     return quantize(dense.float(), "int8")
 
 

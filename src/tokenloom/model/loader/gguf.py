@@ -22,7 +22,7 @@ from tokenloom.config import ModelArchConfig, RopeScaling
 from tokenloom.gguf_file import GGUFFile
 from tokenloom.model.llama import LlamaForCausalLM
 from tokenloom.model.layers.quantization import QuantizedWeight
-from tokenloom.model.loader.dequant import dequantize_tensor, file_blocks
+from tokenloom.model.loader.dequant import dequantize_tensor, quantized_blocks, requantized_blocks
 from tokenloom.model.loader.names import GGUF_ROPE_FREQS, ParamTarget, gguf_param_target
 from tokenloom.model.loader.quantize import PackedParts, apply_quantization
 from tokenloom.model.loader.weights import load_weights
@@ -78,14 +78,14 @@ def load_gguf_model(source: Path | GGUFFile, dtype: torch.dtype, device: torch.d
     packed: PackedParts = {}
     keep_blocks = quantization != "none"
 
-    def dense_weights() -> Iterator[tuple[ParamTarget, torch.Tensor]]:
+    def weights() -> Iterator[tuple[ParamTarget, torch.Tensor | QuantizedWeight]]:
         for target, weight, blocks in _iter_weights(file, config, dtype, device, keep_blocks):
             if blocks is not None:
                 packed[(target.param_name, target.shard)] = blocks
             yield target, weight
 
-    load_weights(model, dense_weights())
-    apply_quantization(model, quantization, packed)
+    deferred = load_weights(model, weights())
+    apply_quantization(model, quantization, packed, deferred)
     model.use_fused_kernels()
     return model.eval(), config
 
@@ -99,23 +99,36 @@ def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 def _iter_weights(file: GGUFFile, config: ModelArchConfig, dtype: torch.dtype,
                   device: torch.device | str, keep_blocks: bool,
-                  ) -> Iterator[tuple[ParamTarget, torch.Tensor, QuantizedWeight | None]]:
-    """(target, dense weight, the file's own quantized blocks if ``keep_blocks``)."""
+                  ) -> Iterator[tuple[ParamTarget, torch.Tensor | QuantizedWeight, QuantizedWeight | None]]:
+    """(target, weight, the quantized blocks the kernels take if ``keep_blocks``). The
+    weight is dense, or, for a projection with blocks, the blocks themselves: no
+    dense copy is made of what the kernels will run (see ``load_weights``)."""
     heads_of_shard = {"q": config.num_attention_heads, "k": config.num_key_value_heads}
     permuted = config.architecture in _PERMUTED_ARCHS
     for tensor in file.tensors:
         target = gguf_param_target(tensor.name)
         if target is None:
             continue
-        shape = tensor.shape
-        weight = dequantize_tensor(tensor.data, tensor.tensor_type, shape, dtype, device)
-        blocks = file_blocks(tensor.data, tensor.tensor_type, shape, weight) if keep_blocks else None
+        shape, qtype = tensor.shape, tensor.tensor_type
+        blocks = quantized_blocks(tensor.data, qtype, shape) if keep_blocks else None
+        weight = None
+        if blocks is None or not _is_projection(target):
+            weight = dequantize_tensor(tensor.data, qtype, shape, dtype, device)
+            if keep_blocks and blocks is None:
+                blocks = requantized_blocks(qtype, shape, weight)
         if permuted and target.shard in heads_of_shard:
-            weight = unpermute_qk(weight, heads_of_shard[target.shard])
+            if weight is not None:
+                weight = unpermute_qk(weight, heads_of_shard[target.shard])
             if blocks is not None:
                 rows = unpermute_qk(torch.arange(shape[0]), heads_of_shard[target.shard])
                 blocks = blocks.select_rows(rows)
-        yield target, weight, blocks
+        yield target, blocks if blocks is not None and _is_projection(target) else weight, blocks
+
+
+def _is_projection(target: ParamTarget) -> bool:
+    """A decoder projection or an untied LM head: a ``Linear`` weight the quantized
+    kernels can take in full (not the embedding, which lookups read densely)."""
+    return target.param_name.endswith("_proj.weight") or target.param_name == "lm_head.weight"
 
 
 def _rope_freq_factors(file: GGUFFile) -> torch.Tensor | None:

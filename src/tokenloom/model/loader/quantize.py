@@ -18,14 +18,16 @@ Every quantized weight, decoder projection or LM head, gets the tiles of the
 batched int x int8 GEMM (see ``layers/quantization.py``): its activations are
 quantized to int8 per block of 32 at every batch size, prefill included, as
 llama.cpp does. Since the tiles take every batch, the projections drop their
-dense f32 weight; the LM head's dense weight stays (it is the embedding table
-when tied).
+dense f32 weight, and so does an untied LM head (a tied one's is the embedding
+table, which lookups read). GGUF projections with blocks the kernels take never
+get a dense copy at all (``load_weights``), unless they end up dense.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable, Set
 
 import torch
 
@@ -44,35 +46,61 @@ _HEAD_POLICY = {"auto": (_EVERY_KIND, None), "int8": (("int8",), "int8"), "int4"
 PackedParts = dict[tuple[str, str | None], QuantizedWeight]  # (param name, shard) -> blocks
 
 
-def apply_quantization(model: LlamaForCausalLM, mode: str, packed: PackedParts) -> Counter[str]:
-    """Attach quantized weights per ``mode``; returns how many matrices got each kind."""
+def apply_quantization(model: LlamaForCausalLM, mode: str, packed: PackedParts,
+                       deferred: Set[tuple[str, str | None]] = frozenset()) -> Counter[str]:
+    """Attach quantized weights per ``mode``; returns how many matrices got each kind.
+    ``deferred``: the (parameter, part) slots the loader left unfilled because
+    ``packed`` holds their blocks; a layer that does not run on those blocks gets
+    them dequantized into its dense weight first."""
     if mode not in QUANTIZATION_MODES:
         raise ValueError(f"quantization must be one of {QUANTIZATION_MODES}, got {mode!r}")
     kinds: Counter[str] = Counter()
-    if mode == "none" or not _kernels_usable(model, mode, packed):
-        return kinds
+    usable = mode != "none" and _kernels_usable(model, mode, packed)
+    head = model.lm_head
     for name, module in model.named_modules():
-        if isinstance(module, Linear) and module is not model.lm_head:
-            parts = list(module.output_sizes) if isinstance(module, MergedLinear) else [None]
-            blocks = [packed.get((f"{name}.weight", p)) for p in parts]
-            chosen = _choose(module.weight, blocks, *_LAYER_POLICY[mode])
-            module.quantized = None if chosen is None else chosen.with_gemm_tiles()
-            if module.quantized is not None:
-                module.release_dense_weight()  # never read again: saves 4 bytes per weight
-            kinds[_kind(module.quantized)] += 1
-    head_name = "model.embed_tokens.weight" if model.lm_head is None else "lm_head.weight"
-    head = _choose(model.logits_weight(), [packed.get((head_name, None))], *_HEAD_POLICY[mode])
-    model.logits_quantized = None if head is None else head.with_gemm_tiles()
+        if not isinstance(module, Linear) or module is head:
+            continue
+        parts = list(module.output_sizes) if isinstance(module, MergedLinear) else [None]
+        slots = [(f"{name}.weight", p) for p in parts]
+        dense = lambda: _filled(module, slots, packed, deferred)  # noqa: E731
+        chosen = _choose(dense, [packed.get(s) for s in slots], *_LAYER_POLICY[mode]) if usable else None
+        if chosen is None:
+            dense()
+        module.quantized = None if chosen is None else chosen.with_gemm_tiles()
+        if module.quantized is not None:
+            module.release_dense_weight()  # never read again: saves 4 bytes per weight
+        kinds[_kind(module.quantized)] += 1
+    head_slot = ("model.embed_tokens.weight" if head is None else "lm_head.weight", None)
+    head_dense = model.logits_weight if head is None else lambda: _filled(head, [head_slot], packed, deferred)
+    quantized = _choose(head_dense, [packed.get(head_slot)], *_HEAD_POLICY[mode]) if usable else None
+    if quantized is None:
+        head_dense()
+    model.logits_quantized = None if quantized is None else quantized.with_gemm_tiles()
+    if head is not None and model.logits_quantized is not None:
+        head.quantized = model.logits_quantized
+        head.release_dense_weight()  # an untied head's dense copy is never read again either
     kinds[_kind(model.logits_quantized)] += 1
-    logger.info("weights: %s; quantized GEMMs on %s", ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())),
-                kernels.gemm_isa())
+    if usable:
+        logger.info("weights: %s; quantized GEMMs on %s", ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())),
+                    kernels.gemm_isa())
     return kinds
 
 
-def _choose(dense: torch.Tensor, parts: list[QuantizedWeight | None], accept: tuple[str, ...],
+def _filled(module: Linear, slots: list[tuple[str, str | None]], packed: PackedParts,
+            deferred: Set[tuple[str, str | None]]) -> torch.Tensor:
+    """``module``'s dense weight, its deferred parts dequantized into it first."""
+    for slot in slots:
+        if slot in deferred:
+            rows = module.shard_rows(slot[1]) if slot[1] is not None else slice(None)
+            with torch.inference_mode():
+                module.weight.data[rows].copy_(packed[slot].dequantize())
+    return module.weight
+
+
+def _choose(dense: Callable[[], torch.Tensor], parts: list[QuantizedWeight | None], accept: tuple[str, ...],
             fallback: str | None) -> QuantizedWeight | None:
     """The file's own blocks when every part has them in an ``accept``ed kind,
-    else ``dense`` quantized to ``fallback`` (None: stay dense)."""
+    else the dense weight quantized to ``fallback`` (None: stay dense)."""
     kinds = {p.kind if p is not None else None for p in parts}
     if len(kinds) == 1 and kinds <= set(accept):
         return parts[0] if len(parts) == 1 else concat_rows(parts)
@@ -80,7 +108,7 @@ def _choose(dense: torch.Tensor, parts: list[QuantizedWeight | None], accept: tu
         # A merged projection whose parts differ (Q4_K_M's q/k in Q4_K, v in Q6_K):
         # one matmul needs one kind, and int8 holds the other parts' values closely.
         return concat_rows([p if p.kind == "int8" else quantize(p.dequantize(), "int8") for p in parts])
-    return None if fallback is None else quantize(dense, fallback)
+    return None if fallback is None else quantize(dense(), fallback)
 
 
 def _kernels_usable(model: LlamaForCausalLM, mode: str, packed: PackedParts) -> bool:
