@@ -1,6 +1,6 @@
 """Each quantized GEMM's speed, per weight format and instruction set, against MKL.
 
-    .venv/bin/python benchmarks/gemm_roofline.py
+    PYTHONPATH=. .venv/bin/python benchmarks/gemm_roofline.py
 
 Prefill-shaped: y[256, 2048] = x[256, 2048] @ W^T, GFLOP/s (compute-bound).
 Decode-shaped: one row against 16 distinct [2048 x 8192] weights in turn (so
@@ -19,7 +19,7 @@ import gguf
 import numpy as np
 import torch
 
-from tests.helpers.tiny_models import random_kquant
+from tests.helpers.tiny_models import random_kquant  # the repo root is on the path: run from it
 from tokenloom import kernels
 from tokenloom.model.layers.quantization import QuantizedWeight, quantize
 from tokenloom.model.loader.dequant import quantized_blocks

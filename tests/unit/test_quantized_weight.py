@@ -98,7 +98,7 @@ def test_q6_k_gemm_tiles_hold_low_nibbles_then_top_bits_per_half_block():
         low = tiles.tiles[n // 8, b, 32 * (2 * g + pp) + 4 * (n % 8) + r].item()
         assert (low >> 4 * h) & 0x0F == values[n, b, k] & 0x0F
         high = tiles.tiles[n // 8, b, 128 + 32 * g + 4 * (n % 8) + r].item()
-        assert (high >> 2 * (2 * pp + h)) & 3 == values[n, b, k] >> 4
+        assert (high >> (4, 6, 0, 2)[2 * pp + h]) & 3 == values[n, b, k] >> 4
         assert tiles.scales[n // 8, b, 8 * g + n % 8] == q.scales[n, 2 * b + g]
         assert tiles.super_scales[n // 8, b // 8, n % 8] == q.super_scales[n, b // 8]
     assert (tiles.tiles[1].view(16, 6, 8, 4)[:, :, 5:] == 0).all()  # padded columns

@@ -115,10 +115,11 @@ void q8_gemm_tile(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w,
   store_tile(out, r, t, y, N);
 }
 
-// The same for q6_k, one column tile at a time: tiles [N/8, K/32, 192] uint8, the
-// low nibbles of the 6-bit weights (0..63) as q4's tiles, then their top 2 bits,
-// 32 bytes per half-block g of 16 weights: byte 4c + r holds column c's weights
-// 16g + r, 16g + 4 + r, 16g + 8 + r and 16g + 12 + r (bits 0-1, 2-3, 4-5, 6-7). Each
+// The same for q6_k: tiles [N/8, K/32, 192] uint8, the low nibbles of the 6-bit
+// weights (0..63) as q4's tiles, then their top 2 bits, 32 bytes per half-block g
+// of 16 weights: byte 4c + r holds column c's weights 16g + r, 16g + 4 + r,
+// 16g + 8 + r and 16g + 12 + r in bits 4-5, 6-7, 0-1 and 2-3, so that one shift
+// (none for the first) puts each pair where the weight wants it, at bits 4-5. Each
 // half-block has its own int8 scale (sub_scales [N/8, K/32, 2 x 8], half-block
 // major), so its integer dot product is scaled apart:
 //
@@ -126,10 +127,20 @@ void q8_gemm_tile(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w,
 //
 // The weights are unsigned, as vpdpbusd and maddubs want them (a pair of
 // products is at most 2 x 63 x 128, within int16).
+// The top bits of the weights 8pp + 4 half + r of a half-block, at bits 4-5 (above: the layout).
+inline __m256i top_bits_at_4(__m256i high, int pp, int half) {
+  switch (2 * pp + half) {
+    case 0: return high;
+    case 1: return _mm256_srli_epi16(high, 2);
+    case 2: return _mm256_slli_epi16(high, 4);
+    default: return _mm256_slli_epi16(high, 2);
+  }
+}
+
 template <int MR, int NR>
 void q6_gemm_tile(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w, int64_t t, float* y, int64_t N) {
   const int64_t nb = w.nb;
-  const __m256i low4 = _mm256_set1_epi8(0x0F), low2 = _mm256_set1_epi8(0x03);
+  const __m256i low4 = _mm256_set1_epi8(0x0F), top2 = _mm256_set1_epi8(0x30);
   __m256 out[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) out[i][j] = _mm256_setzero_ps();
@@ -137,15 +148,21 @@ void q6_gemm_tile(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w,
   constexpr int C = chains<MR>();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* block[NR];
+    __m256 d[NR];
     for (int j = 0; j < NR; ++j) {
       block[j] = w.q + ((t + j) * nb + b) * kQ6TileBytes;
       prefetch_ahead(block[j], kQ6TileBytes);
+      d[j] = load_halves(w.super_scales + ((t + j) * (nb / kSuperBlocks) + b / kSuperBlocks) * kTileCols);
     }
+    __m256 first[MR][NR];  // the first half-block's scaled dot products
     for (int g = 0; g < 2; ++g) {
+      // Each accumulator starts at the offset's share, -32 sum(q_x) of the half-block.
       __m256i acc[MR][NR][C];
-      for (int i = 0; i < MR; ++i)
+      for (int i = 0; i < MR; ++i) {
+        const __m256i offset = _mm256_set1_epi32(-32 * xr.half_sums[2 * ((r + i) * nb + b) + g]);
         for (int j = 0; j < NR; ++j)
-          for (int c = 0; c < C; ++c) acc[i][j][c] = _mm256_setzero_si256();
+          for (int c = 0; c < C; ++c) acc[i][j][c] = c == 0 ? offset : _mm256_setzero_si256();
+      }
       __m256i high[NR];
       for (int j = 0; j < NR; ++j)
         high[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block[j] + 4 * 32 + 32 * g));
@@ -157,8 +174,7 @@ void q6_gemm_tile(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w,
           __m256i wq[NR];
           for (int j = 0; j < NR; ++j) {
             const __m256i nib = _mm256_and_si256(half ? _mm256_srli_epi16(low[j], 4) : low[j], low4);
-            const __m256i top = _mm256_and_si256(_mm256_srli_epi16(high[j], 2 * (2 * pp + half)), low2);
-            wq[j] = _mm256_or_si256(nib, _mm256_slli_epi16(top, 4));
+            wq[j] = _mm256_or_si256(nib, _mm256_and_si256(top_bits_at_4(high[j], pp, half), top2));
           }
           const int c = (2 * pp + half) % C;
           for (int i = 0; i < MR; ++i) {
@@ -167,16 +183,19 @@ void q6_gemm_tile(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w,
           }
         }
       }
+      // Both half-blocks share the block's d_x: scale each by d * sc, then the sum by d_x.
       for (int j = 0; j < NR; ++j) {
         const int8_t* scales = reinterpret_cast<const int8_t*>(w.sub_scales) + ((t + j) * nb + b) * 2 * kTileCols;
         const __m128i sc8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(scales + g * kTileCols));
-        const __m256 d = load_halves(w.super_scales + ((t + j) * (nb / kSuperBlocks) + b / kSuperBlocks) * kTileCols);
-        const __m256 scale = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc8)), d);
+        const __m256 scale = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc8)), d[j]);
         for (int i = 0; i < MR; ++i) {
-          const int64_t xi = (r + i) * nb + b;
-          const __m256i dots = _mm256_sub_epi32(sum_chains(acc[i][j]), _mm256_set1_epi32(32 * xr.half_sums[2 * xi + g]));
-          const __m256 xd = _mm256_mul_ps(_mm256_cvtepi32_ps(dots), _mm256_set1_ps(xr.d[xi]));
-          out[i][j] = _mm256_fmadd_ps(xd, scale, out[i][j]);
+          const __m256 dots = _mm256_cvtepi32_ps(sum_chains(acc[i][j]));
+          if (g == 0) {
+            first[i][j] = _mm256_mul_ps(dots, scale);
+          } else {
+            const __m256 both = _mm256_fmadd_ps(dots, scale, first[i][j]);
+            out[i][j] = _mm256_fmadd_ps(both, _mm256_set1_ps(xr.d[(r + i) * nb + b]), out[i][j]);
+          }
         }
       }
     }

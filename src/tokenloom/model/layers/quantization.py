@@ -59,7 +59,8 @@ class GemmTiles:
                int8: [N/8, K/32, 256] int8: byte 4c + r of group p is weight 4p + r
                q6_k: [N/8, K/32, 192] uint8: the low nibbles as int4, then the top
                  2 bits: byte 4c + r of half-block g (32 bytes each) holds those of
-                 weights 16g + r, 16g + 4 + r, 16g + 8 + r, 16g + 12 + r
+                 weights 16g + r, 16g + 4 + r, 16g + 8 + r, 16g + 12 + r in bits
+                 4-5, 6-7, 0-1, 2-3
         scales int4, int8: [N/8, K/32, 8] float16; q6_k: [N/8, K/32, 2 x 8] int8
                (half-block major); q4_k: None (in the tiles)
         mins   int4: [N/8, K/32, 8] float16
@@ -139,9 +140,10 @@ class QuantizedWeight:
             return dataclasses.replace(self, gemm=GemmTiles(torch.cat(blocks, dim=-1), None, None,
                                                             by_tile(self.super_scales), by_tile(-self.super_mins)))
         q = padded(self.qweight).view(-1, nb, BLOCK)
-        # [tile, column, block, half-block g, pair pp, half h, r]: weight 16g + 8pp + 4h + r, top bits at 2(2pp + h)
+        # [tile, column, block, half-block g, pair pp, half h, r]: weight 16g + 8pp + 4h + r;
+        # its top bits at bits 4, 6, 0, 2 for (pp, h) = (0, 0), (0, 1), (1, 0), (1, 1)
         top = (q >> 4).view(num_tiles, 8, nb, 2, 2, 2, 4)
-        shifts = torch.tensor([[0, 2], [4, 6]], dtype=torch.uint8).view(2, 2, 1)
+        shifts = torch.tensor([[4, 6], [0, 2]], dtype=torch.uint8).view(2, 2, 1)
         high = (top << shifts).sum(dim=(4, 5), dtype=torch.uint8)  # [tile, column, block, g, r]
         high = high.permute(0, 2, 3, 1, 4).reshape(num_tiles, nb, 64)
         tiles = torch.cat([_nibble_tiles(q & 0x0F, num_tiles), high], dim=-1).contiguous()
