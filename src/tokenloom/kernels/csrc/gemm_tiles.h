@@ -222,14 +222,22 @@ struct GemmRows {
 template <int MR, int NR>
 struct Q4Tile {
   static void run(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w, int64_t t, float* y, int64_t N) {
-    q4_gemm_tile<MR, NR, Q4Scales>(xr, r, K, w, t, y, N);
+    if constexpr (Dot::kWide && NR == 2) {
+      q4_gemm_pair_wide<MR, Q4Scales>(xr, r, K, w, t, y, N);
+    } else {
+      q4_gemm_tile<MR, NR, Q4Scales>(xr, r, K, w, t, y, N);
+    }
   }
 };
 
 template <int MR, int NR>
 struct Q4KTile {
   static void run(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w, int64_t t, float* y, int64_t N) {
-    q4_gemm_tile<MR, NR, Q4KScales>(xr, r, K, w, t, y, N);
+    if constexpr (Dot::kWide && NR == 2) {
+      q4_gemm_pair_wide<MR, Q4KScales>(xr, r, K, w, t, y, N);
+    } else {
+      q4_gemm_tile<MR, NR, Q4KScales>(xr, r, K, w, t, y, N);
+    }
   }
 };
 
