@@ -13,13 +13,12 @@ machine is shared, so compare within one run.
 
 from __future__ import annotations
 
-import time
-
 import gguf
 import numpy as np
 import torch
 
-from tests.helpers.tiny_models import random_kquant  # the repo root is on the path: run from it
+from benchmarks.roofline import best_seconds  # the repo root is on the path: run from it
+from tests.helpers.tiny_models import random_kquant
 from tokenloom import kernels
 from tokenloom.model.layers.quantization import QuantizedWeight, quantize
 from tokenloom.model.loader.dequant import quantized_blocks
@@ -33,16 +32,6 @@ def weight(kind: str, n: int, k: int, seed: int) -> QuantizedWeight:
         return quantize(torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.02, kind)
     qtype = QType.Q4_K if kind == "q4_k" else QType.Q6_K
     return quantized_blocks(random_kquant(np.random.default_rng(seed), (n, k), qtype), qtype, (n, k))
-
-
-def best_seconds(fn, repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def weight_bytes(w: QuantizedWeight) -> int:

@@ -219,27 +219,26 @@ struct GemmRows {
   }
 };
 
-template <int MR, int NR>
-struct Q4Tile {
-  static void run(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w, int64_t t, float* y, int64_t N) {
-    if constexpr (Dot::kWide && NR == 2) {
-      q4_gemm_pair_wide<MR, Q4Scales>(xr, r, K, w, t, y, N);
-    } else {
-      q4_gemm_tile<MR, NR, Q4Scales>(xr, r, K, w, t, y, N);
+// 4-bit tiles with Scales' block scales (Q4Scales, Q4KScales); pairs of tiles on
+// 512-bit registers where the ISA has them (Dot::kWide).
+template <class Scales>
+struct Q4Tiles {
+  template <int MR, int NR>
+  struct Tile {
+    static void run(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w, int64_t t, float* y, int64_t N) {
+      if constexpr (Dot::kWide && NR == 2) {
+        q4_gemm_pair_wide<MR, Scales>(xr, r, K, w, t, y, N);
+      } else {
+        q4_gemm_tile<MR, NR, Scales>(xr, r, K, w, t, y, N);
+      }
     }
-  }
+  };
 };
 
 template <int MR, int NR>
-struct Q4KTile {
-  static void run(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w, int64_t t, float* y, int64_t N) {
-    if constexpr (Dot::kWide && NR == 2) {
-      q4_gemm_pair_wide<MR, Q4KScales>(xr, r, K, w, t, y, N);
-    } else {
-      q4_gemm_tile<MR, NR, Q4KScales>(xr, r, K, w, t, y, N);
-    }
-  }
-};
+using Q4Tile = Q4Tiles<Q4Scales>::Tile<MR, NR>;
+template <int MR, int NR>
+using Q4KTile = Q4Tiles<Q4KScales>::Tile<MR, NR>;
 
 template <int MR, int NR>
 struct Q6Tile {
