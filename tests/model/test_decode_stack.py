@@ -82,6 +82,23 @@ def test_stack_matches_the_per_layer_path(tiny, tmp_path, kind, qtype, num_seqs,
     assert not torch.equal(our_caches[0][0], caches[0][0])  # the step did write K/V
 
 
+@pytest.mark.parametrize("num_seqs", [1, 6])
+def test_stack_runs_k_quants_and_projections_merged_from_two_kinds(tmp_path, num_seqs):
+    """A Q4_K_M mix: q4_k and q6_k GEMMs, and a qkv of Q4_K q/k and Q6_K v run side by side."""
+    from tests.helpers.tiny_models import write_random_kquant_gguf
+
+    model, _ = load_model(write_random_kquant_gguf(tmp_path / "q4_k_m.gguf"), torch.float32, "cpu",
+                          quantization="auto")
+    assert model.model.layers[0].self_attn.qkv_proj.quantized.kind == "q4_k+q6_k"
+    assert model.model.decode_stack is not None
+    caches, seqs = _prefilled(model, num_seqs, torch.int8)
+    ours, our_caches = _decode_step(model, caches, seqs, use_stack=True)
+    theirs, their_caches = _decode_step(model, caches, seqs, use_stack=False)
+    assert torch.equal(ours, theirs)
+    for (k, v), (k_ref, v_ref) in zip(our_caches, their_caches, strict=True):
+        assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
+
+
 def test_the_stack_needs_every_projection_quantized(tiny, tmp_path):
     path = write_gguf(tiny("llama3").hf, tmp_path / "q4.gguf", tensor_type=QType.Q4_1)
     model, _ = load_model(path, torch.float32, "cpu", quantization="none")

@@ -14,7 +14,7 @@ from tests.helpers.quant import int8_blocks
 from tests.helpers.tiny_models import random_kquant
 from tokenloom import kernels
 from tokenloom.model.layers.linear import Linear, apply_linear
-from tokenloom.model.layers.quantization import concat_rows, quantize
+from tokenloom.model.layers.quantization import concat_rows, quantize, stack_rows
 from tokenloom.model.loader.dequant import dequantize_tensor, quantized_blocks
 
 QType = gguf.GGMLQuantizationType
@@ -84,6 +84,22 @@ def test_k_quant_rows_select_and_concatenate_exactly(qtype):
     assert torch.equal(concat_rows([a, b]).dequantize(), torch.cat([a.dequantize(), b.dequantize()]))
     perm = torch.tensor([3, 0, 2, 1])
     assert torch.equal(b.select_rows(perm).dequantize(), b.dequantize()[perm])
+
+
+@needs_kernels
+def test_parts_of_two_kinds_stack_as_one_gemm_per_run_of_a_kind():
+    (q_data, q_file), (k_data, k_file), (v_data, v_file) = (
+        _kquant(qtype, n, 256, seed) for qtype, n, seed in ((QType.Q4_K, 16, 1), (QType.Q4_K, 8, 2), (QType.Q6_K, 8, 3)))
+    parts = [quantized_blocks(q_data, QType.Q4_K, (16, 256)), quantized_blocks(k_data, QType.Q4_K, (8, 256)),
+             quantized_blocks(v_data, QType.Q6_K, (8, 256))]
+    stacked = stack_rows(parts).with_gemm_tiles()
+    assert stacked.kind == "q4_k+q6_k" and stacked.shape == (32, 256) and len(stacked.parts) == 2
+    file_weights = torch.cat([q_file, k_file, v_file])
+    assert torch.equal(stacked.dequantize(), file_weights)
+    x = torch.randn(3, 256)
+    reference = int8_blocks(x) @ file_weights.T
+    torch.testing.assert_close(stacked.matmul(x), reference, rtol=0, atol=2e-6 * reference.abs().max().item())
+    assert stack_rows(parts[:2]).kind == "q4_k"  # one kind: one weight
 
 
 def test_q6_k_gemm_tiles_hold_low_nibbles_then_top_bits_per_half_block():

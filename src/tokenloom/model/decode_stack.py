@@ -21,7 +21,7 @@ import torch
 
 from tokenloom import kernels
 from tokenloom.model.layers.attention import NATIVE_CACHE_DTYPES
-from tokenloom.model.layers.quantization import FORMATS
+from tokenloom.model.layers.quantization import FORMATS, StackedWeight
 
 if TYPE_CHECKING:
     from tokenloom.model.layers.attention import AttentionMetadata
@@ -31,9 +31,10 @@ if TYPE_CHECKING:
 @dataclass(frozen=True, slots=True)
 class DecodeStack:
     norms: list[torch.Tensor]  # per layer: input norm, post-attention norm; then the final norm
-    formats: list[int]  # per layer: qkv, o, gate_up, down (FORMATS)
+    parts_per_linear: list[int]  # per layer: qkv, o, gate_up, down (a StackedWeight has several)
+    formats: list[int]  # per part (FORMATS)
     weights: list[torch.Tensor | None]  # their GemmTiles.tensors(), one after the other
-    out_features: list[int]
+    out_features: list[int]  # per part
     qkv_biases: list[torch.Tensor | None]
     num_heads: int
     num_kv_heads: int
@@ -57,8 +58,10 @@ class DecodeStack:
         if any(q is None or q.gemm is None for q in quantized):
             return None
         norms.append(model.norm.weight)
-        return cls(norms, [FORMATS[q.kind] for q in quantized], [t for q in quantized for t in q.gemm.tensors()],
-                   [q.shape[0] for q in quantized], biases,
+        parts = [q.parts if isinstance(q, StackedWeight) else (q,) for q in quantized]
+        flat = [p for linear in parts for p in linear]
+        return cls(norms, [len(linear) for linear in parts], [FORMATS[p.kind] for p in flat],
+                   [t for p in flat for t in p.gemm.tensors()], [p.shape[0] for p in flat], biases,
                    first.num_heads, first.num_kv_heads, first.head_dim, model.norm.eps, first.scale)
 
     def applies(self, kv_caches: list[KVCache], meta: AttentionMetadata) -> bool:
@@ -68,7 +71,7 @@ class DecodeStack:
                  meta: AttentionMetadata) -> torch.Tensor:
         """Embeddings [n, hidden] -> the final norm's output [n, hidden]; writes K/V."""
         return kernels.ops().decoder_stack(
-            hidden, self.norms, self.formats, self.weights, self.out_features,
+            hidden, self.norms, self.parts_per_linear, self.formats, self.weights, self.out_features,
             self.qkv_biases, [k for k, _ in kv_caches], [v for _, v in kv_caches], rope.cos_sin_cache,
             rope.positions, meta.slot_mapping, meta.block_tables, meta.seq_lens, self.num_heads,
             self.num_kv_heads, self.head_dim, self.eps, self.scale)

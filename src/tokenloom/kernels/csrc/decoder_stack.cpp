@@ -16,9 +16,11 @@
 //
 //   hidden        [M, hidden] float32: the embeddings of the step's tokens
 //   norms         2 L + 1 weights: input norm and post-attention norm per layer, then the final norm
-//   formats, weights, out_features
-//                 4 L quantized linears, per layer qkv, o, gate_up, down: each one's
-//                 format and its 5 GEMM tensors in a row (quant_gemm, quant_linear.cpp)
+//   parts_per_linear, formats, weights, out_features
+//                 4 L quantized linears, per layer qkv, o, gate_up, down, each of one
+//                 or more parts (a StackedWeight's, outputs side by side): each part's
+//                 format, its 5 GEMM tensors in a row (quant_gemm, quant_linear.cpp)
+//                 and its output size
 //   qkv_biases    L optional biases of the fused qkv projection (Qwen2)
 //   k_caches, v_caches, block_tables, seq_lens: as paged_decode_attention
 //   slot_mapping  [M] int64: the cache slot of each new token's K/V
@@ -40,32 +42,46 @@ constexpr int64_t kWeightTensors = 5;    // per linear: tiles, scales, mins, sup
 
 using OptionalTensors = c10::List<std::optional<at::Tensor>>;
 
-// The kernel of QuantizedWeight.matmul (layers/quantization.py), per linear.
+// The kernel of QuantizedWeight.matmul (layers/quantization.py), per linear: its
+// parts' GEMMs, their outputs side by side.
 class QuantLinears {
  public:
-  QuantLinears(at::IntArrayRef formats, const OptionalTensors& weights, at::IntArrayRef out_features)
-      : formats_(formats), out_features_(out_features) {
-    for (size_t i = 0; i < formats.size(); ++i) {
-      OptionalTensors one;
-      for (int64_t j = 0; j < kWeightTensors; ++j) one.push_back(weights.get(kWeightTensors * i + j));
-      weights_.push_back(std::move(one));
+  QuantLinears(at::IntArrayRef parts_per_linear, at::IntArrayRef formats, const OptionalTensors& weights,
+               at::IntArrayRef out_features) {
+    size_t part = 0;
+    for (const int64_t count : parts_per_linear) {
+      std::vector<Part> linear;
+      for (int64_t p = 0; p < count; ++p, ++part) {
+        TORCH_CHECK(part < formats.size(), "decoder_stack: parts_per_linear names more parts than formats holds");
+        OptionalTensors tensors;
+        for (int64_t j = 0; j < kWeightTensors; ++j) tensors.push_back(weights.get(kWeightTensors * part + j));
+        linear.push_back({formats[part], std::move(tensors), out_features[part]});
+      }
+      linears_.push_back(std::move(linear));
     }
   }
 
   at::Tensor operator()(int64_t i, const at::Tensor& x) const {
-    return quant_gemm(x, formats_[i], weights_[i], out_features_[i]);
+    const std::vector<Part>& parts = linears_[i];
+    if (parts.size() == 1) return quant_gemm(x, parts[0].format, parts[0].weights, parts[0].out_features);
+    std::vector<at::Tensor> outputs;
+    for (const Part& p : parts) outputs.push_back(quant_gemm(x, p.format, p.weights, p.out_features));
+    return at::cat(outputs, 1);
   }
 
  private:
-  at::IntArrayRef formats_;
-  std::vector<OptionalTensors> weights_;
-  at::IntArrayRef out_features_;
+  struct Part {
+    int64_t format;
+    OptionalTensors weights;
+    int64_t out_features;
+  };
+  std::vector<std::vector<Part>> linears_;
 };
 
 }  // namespace
 
-at::Tensor decoder_stack(const at::Tensor& hidden, at::TensorList norms, at::IntArrayRef formats,
-                         const OptionalTensors& weights, at::IntArrayRef out_features, const OptionalTensors& qkv_biases, at::TensorList k_caches,
+at::Tensor decoder_stack(const at::Tensor& hidden, at::TensorList norms, at::IntArrayRef parts_per_linear,
+                         at::IntArrayRef formats, const OptionalTensors& weights, at::IntArrayRef out_features, const OptionalTensors& qkv_biases, at::TensorList k_caches,
                          at::TensorList v_caches, const at::Tensor& cos_sin_cache, const at::Tensor& positions,
                          const at::Tensor& slot_mapping, const at::Tensor& block_tables,
                          const at::Tensor& seq_lens, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
@@ -75,17 +91,20 @@ at::Tensor decoder_stack(const at::Tensor& hidden, at::TensorList norms, at::Int
   TORCH_CHECK(static_cast<int64_t>(norms.size()) == 2 * layers + 1, "decoder_stack: expected ", 2 * layers + 1,
               " norm weights, got ", norms.size());
   const int64_t linears = kLinearsPerLayer * layers;
-  TORCH_CHECK(static_cast<int64_t>(formats.size()) == linears &&
-                  static_cast<int64_t>(weights.size()) == kWeightTensors * linears &&
-                  static_cast<int64_t>(out_features.size()) == linears,
-              "decoder_stack: expected ", linears, " quantized linears (formats, ", kWeightTensors,
-              " weight tensors each, out_features)");
+  int64_t parts = 0;
+  for (const int64_t count : parts_per_linear) parts += count;
+  TORCH_CHECK(static_cast<int64_t>(parts_per_linear.size()) == linears &&
+                  static_cast<int64_t>(formats.size()) == parts &&
+                  static_cast<int64_t>(weights.size()) == kWeightTensors * parts &&
+                  static_cast<int64_t>(out_features.size()) == parts,
+              "decoder_stack: expected ", linears, " quantized linears of parts_per_linear parts (formats, ",
+              kWeightTensors, " weight tensors each, out_features per part)");
   TORCH_CHECK(static_cast<int64_t>(qkv_biases.size()) == layers, "decoder_stack: expected one qkv bias entry per layer");
   TORCH_CHECK(hidden.dim() == 2 && slot_mapping.dim() == 1 && slot_mapping.size(0) == hidden.size(0) &&
                   seq_lens.dim() == 1 && seq_lens.size(0) == hidden.size(0),
               "decoder_stack: a decode step has one token per sequence (hidden, slot_mapping, seq_lens)");
 
-  const QuantLinears linear(formats, weights, out_features);
+  const QuantLinears linear(parts_per_linear, formats, weights, out_features);
   const int64_t M = hidden.size(0), q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
   at::Tensor residual = hidden;
   at::Tensor delta;
@@ -114,7 +133,7 @@ at::Tensor decoder_stack(const at::Tensor& hidden, at::TensorList norms, at::Int
 
 TORCH_LIBRARY_FRAGMENT(tokenloom, m) {
   m.def(
-      "decoder_stack(Tensor hidden, Tensor[] norms, int[] formats, Tensor?[] weights, "
+      "decoder_stack(Tensor hidden, Tensor[] norms, int[] parts_per_linear, int[] formats, Tensor?[] weights, "
       "int[] out_features, Tensor?[] qkv_biases, Tensor[] k_caches, Tensor[] v_caches, Tensor cos_sin_cache, "
       "Tensor positions, Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, int num_heads, "
       "int num_kv_heads, int head_dim, "

@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenloom.model.layers.quantization import QuantizedWeight
+from tokenloom.model.layers.quantization import QuantizedWeight, StackedWeight
 
 
 def apply_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 quantized: QuantizedWeight | None) -> torch.Tensor:
+                 quantized: QuantizedWeight | StackedWeight | None) -> torch.Tensor:
     """x [M, K] -> [M, N]: the quantized kernels if there is a quantized copy, else the dense GEMM."""
     if quantized is not None:
         y = quantized.matmul(x)
@@ -44,7 +44,7 @@ class Linear(nn.Module):
                                    requires_grad=False)
         self.bias = (nn.Parameter(torch.empty(output_size, dtype=dtype, device=device),
                                   requires_grad=False) if bias else None)
-        self.quantized: QuantizedWeight | None = None  # set after loading, if at all
+        self.quantized: QuantizedWeight | StackedWeight | None = None  # set after loading, if at all
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return apply_linear(x, self.weight, self.bias, self.quantized)

@@ -179,6 +179,53 @@ class QuantizedWeight:
         return QuantizedWeight(self.kind, *rows)
 
 
+@dataclass(frozen=True, slots=True)
+class StackedWeight:
+    """A merged projection whose parts are quantized in different kinds (Q4_K_M's
+    q/k in Q4_K and, in half its layers, v in Q6_K): one GEMM per run of parts of
+    one kind, the outputs side by side, so that every part keeps the file's blocks."""
+
+    parts: tuple[QuantizedWeight, ...]
+
+    @property
+    def kind(self) -> str:
+        return "+".join(p.kind for p in self.parts)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return sum(p.shape[0] for p in self.parts), self.parts[0].shape[1]
+
+    @property
+    def gemm(self) -> tuple[GemmTiles, ...] | None:
+        return None if any(p.gemm is None for p in self.parts) else tuple(p.gemm for p in self.parts)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p.matmul(x) for p in self.parts], dim=1)
+
+    def with_gemm_tiles(self) -> StackedWeight:
+        return StackedWeight(tuple(p.with_gemm_tiles() for p in self.parts))
+
+    def dequantize(self) -> torch.Tensor:
+        return torch.cat([p.dequantize() for p in self.parts])
+
+
+def stack_rows(parts: list[QuantizedWeight]) -> QuantizedWeight | StackedWeight:
+    """Parts of one merged projection along N, in order: one weight where they share a
+    kind (``concat_rows``), else a ``StackedWeight`` of the runs of one kind."""
+    runs: list[list[QuantizedWeight]] = []
+    for part in parts:
+        if runs and runs[-1][0].kind == part.kind:
+            runs[-1].append(part)
+        else:
+            runs.append([part])
+    stacked = [run[0] if len(run) == 1 else concat_rows(run) for run in runs]
+    return stacked[0] if len(stacked) == 1 else StackedWeight(tuple(stacked))
+
+
 def _nibble_tiles(nibbles: torch.Tensor, num_tiles: int) -> torch.Tensor:
     """[8 num_tiles, K/32, 32] values below 16 -> the int4 tile bytes [num_tiles, K/32, 128]."""
     nb = nibbles.shape[1]

@@ -34,7 +34,7 @@ import torch
 from tokenloom import kernels
 from tokenloom.config import QUANTIZATION_MODES
 from tokenloom.model.layers.linear import Linear, MergedLinear
-from tokenloom.model.layers.quantization import FORMATS, QuantizedWeight, concat_rows, quantize
+from tokenloom.model.layers.quantization import FORMATS, QuantizedWeight, StackedWeight, quantize, stack_rows
 from tokenloom.model.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -98,16 +98,13 @@ def _filled(module: Linear, slots: list[tuple[str, str | None]], packed: PackedP
 
 
 def _choose(dense: Callable[[], torch.Tensor], parts: list[QuantizedWeight | None], accept: tuple[str, ...],
-            fallback: str | None) -> QuantizedWeight | None:
-    """The file's own blocks when every part has them in an ``accept``ed kind,
-    else the dense weight quantized to ``fallback`` (None: stay dense)."""
+            fallback: str | None) -> QuantizedWeight | StackedWeight | None:
+    """The file's own blocks when every part has them in an ``accept``ed kind (parts of
+    different kinds run side by side: ``stack_rows``), else the dense weight
+    quantized to ``fallback`` (None: stay dense)."""
     kinds = {p.kind if p is not None else None for p in parts}
-    if len(kinds) == 1 and kinds <= set(accept):
-        return parts[0] if len(parts) == 1 else concat_rows(parts)
-    if None not in kinds and len(kinds) > 1 and kinds <= set(accept) and "int8" in accept:
-        # A merged projection whose parts differ (Q4_K_M's q/k in Q4_K, v in Q6_K):
-        # one matmul needs one kind, and int8 holds the other parts' values closely.
-        return concat_rows([p if p.kind == "int8" else quantize(p.dequantize(), "int8") for p in parts])
+    if kinds <= set(accept):
+        return stack_rows(parts)
     return None if fallback is None else quantize(dense(), fallback)
 
 
@@ -127,5 +124,5 @@ def _kernels_usable(model: LlamaForCausalLM, mode: str, packed: PackedParts) -> 
     return True
 
 
-def _kind(weight: QuantizedWeight | None) -> str:
+def _kind(weight: QuantizedWeight | StackedWeight | None) -> str:
     return "dense" if weight is None else weight.kind
