@@ -240,6 +240,10 @@ using Q4Tile = Q4Tiles<Q4Scales>::Tile<MR, NR>;
 template <int MR, int NR>
 using Q4KTile = Q4Tiles<Q4KScales>::Tile<MR, NR>;
 
+// q6_k tiles take two column tiles at once where the ISA has 32 vector registers
+// (Dot::kPairs), else one at a time (16 registers: their int32 accumulators and
+// outputs would not fit; measured slower); int8 ones a pair on 512-bit registers
+// (Dot::kWide), else one at a time.
 template <int MR, int NR>
 struct Q6Tile {
   static void run(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w, int64_t t, float* y, int64_t N) {
@@ -251,14 +255,11 @@ struct Q6Tile {
   }
 };
 
-// int8 and q6_k tiles take two column tiles at once where the ISA has 32 vector
-// registers (Dot::kPairs), else one at a time (16 registers: their int32
-// accumulators and outputs would not fit; measured slower).
 template <int MR, int NR>
 struct Q8Tile {
   static void run(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w, int64_t t, float* y, int64_t N) {
-    if constexpr (Dot::kPairs) {
-      q8_gemm_tile<MR, NR>(xr, r, K, w, t, y, N);
+    if constexpr (Dot::kWide && NR == 2) {
+      q8_gemm_pair_wide<MR>(xr, r, K, w, t, y, N);
     } else {
       for (int j = 0; j < NR; ++j) q8_gemm_tile<MR, 1>(xr, r, K, w, t + j, y, N);
     }

@@ -233,21 +233,24 @@ struct Avx2Dot {
 
 namespace avx2 {
 using Dot = Avx2Dot;
-template <int MR, class Scales>  // declared for gemm_tiles.h; AVX2 never runs it
+template <int MR, class Scales>  // declared for gemm_tiles.h; AVX2 never runs them
 void q4_gemm_pair_wide(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w, int64_t t, float* y, int64_t N);
+template <int MR>
+void q8_gemm_pair_wide(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w, int64_t t, float* y, int64_t N);
 #include "gemm_tiles.h"
 }  // namespace avx2
 
 // AVX-512 VNNI (with VL): vpdpbusd sums four u8 x s8 products into each int32 lane
 // in one instruction, where AVX2 takes maddubs + add (+ madd). The kernels run on
-// 256-bit registers, which keep the tile layout, except the 4-bit one on pairs of
-// tiles (q4_gemm_pair_wide): 8-10% more at 256 rows on the Zen 4 it was measured on,
-// where 512-bit instructions cost no clock speed (on older Xeons they may).
+// 256-bit registers, which keep the tile layout, except the 4-bit and int8 ones on
+// pairs of tiles (q4_gemm_pair_wide, q8_gemm_pair_wide): 8-10% more at 256 rows on
+// the Zen 4 they were measured on, where 512-bit instructions cost no clock speed
+// (on older Xeons they may).
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
 struct VnniDot {
   static constexpr bool kPairs = true;  // AVX-512 VL: 32 vector registers
-  static constexpr bool kWide = true;   // 4-bit tile pairs on 512-bit registers (q4_gemm_pair_wide)
+  static constexpr bool kWide = true;   // 4-bit and int8 tile pairs on 512-bit registers (*_pair_wide)
   static inline __m256i nibbles(__m256i acc, __m256i w, __m256i x) { return _mm256_dpbusd_epi32(acc, w, x); }
   static inline __m256i nibble_sums(__m256i acc) { return acc; }
   static inline __m256i bytes(__m256i acc, __m256i w, __m256i x) { return _mm256_dpbusd_epi32(acc, w, x); }
@@ -257,11 +260,24 @@ namespace vnni {
 using Dot = VnniDot;
 template <int MR, class Scales>
 void q4_gemm_pair_wide(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w, int64_t t, float* y, int64_t N);
+template <int MR>
+void q8_gemm_pair_wide(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w, int64_t t, float* y, int64_t N);
 #include "gemm_tiles.h"
 
 inline __m512i join(__m256i low, __m256i high) { return _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1); }
 inline __m512 join(__m256 low, __m256 high) {
   return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(low)), _mm256_castps_pd(high), 1));
+}
+
+// Stores the 16 columns of tiles t and t + 1 for MR rows (store_tile clips padding).
+template <int MR>
+inline void store_pair(const __m512 (&out)[MR], int64_t r, int64_t t, float* y, int64_t N) {
+  __m256 halves[MR][2];
+  for (int i = 0; i < MR; ++i) {
+    halves[i][0] = _mm512_castps512_ps256(out[i]);
+    halves[i][1] = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(out[i]), 1));
+  }
+  store_tile(halves, r, t, y, N);
 }
 
 // q4_gemm_tile for a pair of column tiles (NR = 2) on 512-bit registers: each
@@ -312,12 +328,49 @@ void q4_gemm_pair_wide(const QuantizedRows& xr, int64_t r, int64_t K, const Tile
       out[i] = _mm512_fmadd_ps(mw, _mm512_set1_ps(xr.sum[xi]), out[i]);
     }
   }
-  __m256 halves[MR][2];
-  for (int i = 0; i < MR; ++i) {
-    halves[i][0] = _mm512_castps512_ps256(out[i]);
-    halves[i][1] = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(out[i]), 1));
+  store_pair(out, r, t, y, N);
+}
+
+// q8_gemm_tile for a pair of column tiles on 512-bit registers, as q4_gemm_pair_wide.
+// AVX-512 has no vpsignb: x takes w's sign by a masked negation instead (|x| <= 127).
+template <int MR>
+void q8_gemm_pair_wide(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w, int64_t t, float* y, int64_t N) {
+  const int64_t nb = w.nb;
+  constexpr int C = chains<MR>();
+  const __m512i zero = _mm512_setzero_si512();
+  __m512 out[MR];
+  for (int i = 0; i < MR; ++i) out[i] = _mm512_setzero_ps();
+  const int8_t* xq = xr.q.data() + r * K;
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* first = w.q + (t * nb + b) * kQ8TileBytes;
+    const uint8_t* second = w.q + ((t + 1) * nb + b) * kQ8TileBytes;
+    prefetch_ahead(first, kQ8TileBytes);
+    prefetch_ahead(second, kQ8TileBytes);
+    __m512i acc[MR][C];
+    for (int i = 0; i < MR; ++i)
+      for (int c = 0; c < C; ++c) acc[i][c] = zero;
+    for (int p = 0; p < 8; ++p) {
+      const __m512i wq = join(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(first + 32 * p)),
+                              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(second + 32 * p)));
+      const __m512i wabs = _mm512_abs_epi8(wq);
+      const __mmask64 negative = _mm512_movepi8_mask(wq);
+      for (int i = 0; i < MR; ++i) {
+        int32_t x4;
+        std::memcpy(&x4, xq + i * K + b * kBlock + 4 * p, sizeof x4);
+        const __m512i xb = _mm512_set1_epi32(x4);
+        acc[i][p % C] = _mm512_dpbusd_epi32(acc[i][p % C], wabs, _mm512_mask_sub_epi8(xb, negative, zero, xb));
+      }
+    }
+    const __m512 dw = join(load_halves(w.scales + (t * nb + b) * kTileCols),
+                           load_halves(w.scales + ((t + 1) * nb + b) * kTileCols));
+    for (int i = 0; i < MR; ++i) {
+      __m512i sum = acc[i][0];
+      for (int c = 1; c < C; ++c) sum = _mm512_add_epi32(sum, acc[i][c]);
+      const __m512 dots = _mm512_mul_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(xr.d[(r + i) * nb + b]));
+      out[i] = _mm512_fmadd_ps(dots, dw, out[i]);
+    }
   }
-  store_tile(halves, r, t, y, N);
+  store_pair(out, r, t, y, N);
 }
 }  // namespace vnni
 #pragma GCC pop_options
