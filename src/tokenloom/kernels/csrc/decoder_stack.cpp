@@ -31,57 +31,52 @@
 #include "ops.h"
 
 #include <cstdint>
-#include <utility>
 #include <vector>
 
 namespace tokenloom {
 namespace {
 
 constexpr int64_t kLinearsPerLayer = 4;  // qkv, o, gate_up, down
-constexpr int64_t kWeightTensors = 5;    // per linear: tiles, scales, mins, super-block scales and mins
 
 using OptionalTensors = c10::List<std::optional<at::Tensor>>;
 
 // The kernel of QuantizedWeight.matmul (layers/quantization.py), per linear: its
-// parts' GEMMs, their outputs side by side.
+// parts' GEMMs (quant_gemm_from reads each part's tensors in place), their outputs
+// side by side.
 class QuantLinears {
  public:
   QuantLinears(at::IntArrayRef parts_per_linear, at::IntArrayRef formats, const OptionalTensors& weights,
-               at::IntArrayRef out_features) {
-    size_t part = 0;
-    for (const int64_t count : parts_per_linear) {
-      std::vector<Part> linear;
-      for (int64_t p = 0; p < count; ++p, ++part) {
-        TORCH_CHECK(part < formats.size(), "decoder_stack: parts_per_linear names more parts than formats holds");
-        OptionalTensors tensors;
-        for (int64_t j = 0; j < kWeightTensors; ++j) tensors.push_back(weights.get(kWeightTensors * part + j));
-        linear.push_back({formats[part], std::move(tensors), out_features[part]});
-      }
-      linears_.push_back(std::move(linear));
-    }
+               at::IntArrayRef out_features)
+      : formats_(formats), weights_(weights), out_features_(out_features) {
+    first_part_.reserve(parts_per_linear.size() + 1);
+    first_part_.push_back(0);
+    for (const int64_t count : parts_per_linear) first_part_.push_back(first_part_.back() + count);
   }
 
   at::Tensor operator()(int64_t i, const at::Tensor& x) const {
-    const std::vector<Part>& parts = linears_[i];
-    if (parts.size() == 1) return quant_gemm(x, parts[0].format, parts[0].weights, parts[0].out_features);
+    const int64_t begin = first_part_[i], end = first_part_[i + 1];
+    if (end - begin == 1) return part(begin, x);
     std::vector<at::Tensor> outputs;
-    for (const Part& p : parts) outputs.push_back(quant_gemm(x, p.format, p.weights, p.out_features));
+    for (int64_t p = begin; p < end; ++p) outputs.push_back(part(p, x));
     return at::cat(outputs, 1);
   }
 
  private:
-  struct Part {
-    int64_t format;
-    OptionalTensors weights;
-    int64_t out_features;
-  };
-  std::vector<std::vector<Part>> linears_;
+  at::Tensor part(int64_t p, const at::Tensor& x) const {
+    return quant_gemm_from(x, formats_[p], weights_, kQuantWeightTensors * p, out_features_[p]);
+  }
+
+  at::IntArrayRef formats_;
+  const OptionalTensors& weights_;
+  at::IntArrayRef out_features_;
+  std::vector<int64_t> first_part_;  // linear i's parts are first_part_[i] .. first_part_[i + 1] - 1
 };
 
 }  // namespace
 
 at::Tensor decoder_stack(const at::Tensor& hidden, at::TensorList norms, at::IntArrayRef parts_per_linear,
-                         at::IntArrayRef formats, const OptionalTensors& weights, at::IntArrayRef out_features, const OptionalTensors& qkv_biases, at::TensorList k_caches,
+                         at::IntArrayRef formats, const OptionalTensors& weights, at::IntArrayRef out_features,
+                         const OptionalTensors& qkv_biases, at::TensorList k_caches,
                          at::TensorList v_caches, const at::Tensor& cos_sin_cache, const at::Tensor& positions,
                          const at::Tensor& slot_mapping, const at::Tensor& block_tables,
                          const at::Tensor& seq_lens, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
@@ -95,10 +90,10 @@ at::Tensor decoder_stack(const at::Tensor& hidden, at::TensorList norms, at::Int
   for (const int64_t count : parts_per_linear) parts += count;
   TORCH_CHECK(static_cast<int64_t>(parts_per_linear.size()) == linears &&
                   static_cast<int64_t>(formats.size()) == parts &&
-                  static_cast<int64_t>(weights.size()) == kWeightTensors * parts &&
+                  static_cast<int64_t>(weights.size()) == kQuantWeightTensors * parts &&
                   static_cast<int64_t>(out_features.size()) == parts,
               "decoder_stack: expected ", linears, " quantized linears of parts_per_linear parts (formats, ",
-              kWeightTensors, " weight tensors each, out_features per part)");
+              kQuantWeightTensors, " weight tensors each, out_features per part)");
   TORCH_CHECK(static_cast<int64_t>(qkv_biases.size()) == layers, "decoder_stack: expected one qkv bias entry per layer");
   TORCH_CHECK(hidden.dim() == 2 && slot_mapping.dim() == 1 && slot_mapping.size(0) == hidden.size(0) &&
                   seq_lens.dim() == 1 && seq_lens.size(0) == hidden.size(0),

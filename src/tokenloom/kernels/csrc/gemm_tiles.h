@@ -76,40 +76,33 @@ void q4_gemm_tile(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w,
 // one unsigned operand, so it multiplies |w| by x carrying w's sign (llama.cpp's
 // trick for signed x signed). A pair of products (up to 2 x 127 x 127) fills an
 // int16, so each maddubs is widened to int32 at once (madd by ones) rather than
-// summed over the block in int16. NR column tiles share each broadcast of x
-// (see Q8Tile for when NR > 1).
-template <int MR, int NR>
+// summed over the block in int16. One column tile at a time (Q8Tile: AVX-512
+// takes pairs on 512-bit registers instead).
+template <int MR>
 void q8_gemm_tile(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w, int64_t t, float* y, int64_t N) {
   const int64_t nb = w.nb;
-  __m256 out[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) out[i][j] = _mm256_setzero_ps();
+  __m256 out[MR][1];
+  for (int i = 0; i < MR; ++i) out[i][0] = _mm256_setzero_ps();
   const int8_t* xq = xr.q.data() + r * K;
   constexpr int C = chains<MR>();
   for (int64_t b = 0; b < nb; ++b) {
-    __m256i acc[MR][NR][C];
+    __m256i acc[MR][C];
     for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NR; ++j)
-        for (int c = 0; c < C; ++c) acc[i][j][c] = _mm256_setzero_si256();
-    for (int j = 0; j < NR; ++j) prefetch_ahead(w.q + ((t + j) * nb + b) * kQ8TileBytes, kQ8TileBytes);
+      for (int c = 0; c < C; ++c) acc[i][c] = _mm256_setzero_si256();
+    const uint8_t* block = w.q + (t * nb + b) * kQ8TileBytes;
+    prefetch_ahead(block, kQ8TileBytes);
     for (int p = 0; p < 8; ++p) {
-      __m256i wq[NR], wabs[NR];
-      for (int j = 0; j < NR; ++j) {
-        wq[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.q + ((t + j) * nb + b) * kQ8TileBytes + 32 * p));
-        wabs[j] = _mm256_sign_epi8(wq[j], wq[j]);
-      }
+      const __m256i wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * p));
+      const __m256i wabs = _mm256_sign_epi8(wq, wq);
       for (int i = 0; i < MR; ++i) {
         const __m256i xb = broadcast4(xq + i * K + b * kBlock + 4 * p);
-        for (int j = 0; j < NR; ++j)
-          acc[i][j][p % C] = Dot::bytes(acc[i][j][p % C], wabs[j], _mm256_sign_epi8(xb, wq[j]));
+        acc[i][p % C] = Dot::bytes(acc[i][p % C], wabs, _mm256_sign_epi8(xb, wq));
       }
     }
-    for (int j = 0; j < NR; ++j) {
-      const __m256 dw = load_halves(w.scales + ((t + j) * nb + b) * kTileCols);
-      for (int i = 0; i < MR; ++i) {
-        const __m256 dots = _mm256_mul_ps(_mm256_cvtepi32_ps(sum_chains(acc[i][j])), _mm256_set1_ps(xr.d[(r + i) * nb + b]));
-        out[i][j] = _mm256_fmadd_ps(dots, dw, out[i][j]);
-      }
+    const __m256 dw = load_halves(w.scales + (t * nb + b) * kTileCols);
+    for (int i = 0; i < MR; ++i) {
+      const __m256 dots = _mm256_mul_ps(_mm256_cvtepi32_ps(sum_chains(acc[i])), _mm256_set1_ps(xr.d[(r + i) * nb + b]));
+      out[i][0] = _mm256_fmadd_ps(dots, dw, out[i][0]);
     }
   }
   store_tile(out, r, t, y, N);
@@ -261,7 +254,7 @@ struct Q8Tile {
     if constexpr (Dot::kWide && NR == 2) {
       q8_gemm_pair_wide<MR>(xr, r, K, w, t, y, N);
     } else {
-      for (int j = 0; j < NR; ++j) q8_gemm_tile<MR, 1>(xr, r, K, w, t + j, y, N);
+      for (int j = 0; j < NR; ++j) q8_gemm_tile<MR>(xr, r, K, w, t + j, y, N);
     }
   }
 };

@@ -15,10 +15,14 @@ at::Tensor q4_gemm(const at::Tensor& x, const at::Tensor& tiles, const at::Tenso
                    const at::Tensor& tile_mins, int64_t N);
 at::Tensor q8_gemm(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& tile_scales, int64_t N);
 // The GEMM of a weight of any format (QuantizedWeight.FORMATS): its tiles, scales,
-// mins, super-block scales and super-block mins, None where the format has none.
+// mins, super-block scales and super-block mins, None where the format has none
+// (quant_gemm: exactly those 5; quant_gemm_from: the 5 from index `first` of a longer list).
 enum class QuantFormat : int64_t { kInt8 = 0, kInt4 = 1, kQ4K = 2, kQ6K = 3 };
+constexpr int64_t kQuantWeightTensors = 5;
 at::Tensor quant_gemm(const at::Tensor& x, int64_t format, const c10::List<std::optional<at::Tensor>>& weight,
                       int64_t N);
+at::Tensor quant_gemm_from(const at::Tensor& x, int64_t format, const c10::List<std::optional<at::Tensor>>& weights,
+                           int64_t first, int64_t N);
 
 // cache_write.cpp
 void write_kv(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,

@@ -264,6 +264,12 @@ template <int MR>
 void q8_gemm_pair_wide(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w, int64_t t, float* y, int64_t N);
 #include "gemm_tiles.h"
 
+inline __m512i broadcast4_wide(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return _mm512_set1_epi32(v);
+}
+
 inline __m512i join(__m256i low, __m256i high) { return _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1); }
 inline __m512 join(__m256 low, __m256 high) {
   return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(low)), _mm256_castps_pd(high), 1));
@@ -308,11 +314,8 @@ void q4_gemm_pair_wide(const QuantizedRows& xr, int64_t r, int64_t K, const Tile
       for (int half = 0; half < 2; ++half) {
         const __m512i wq = _mm512_and_si512(half ? _mm512_srli_epi16(raw, 4) : raw, mask);
         const int c = (2 * p + half) % C;
-        for (int i = 0; i < MR; ++i) {
-          int32_t x4;
-          std::memcpy(&x4, xq + i * K + b * kBlock + 8 * p + 4 * half, sizeof x4);
-          acc[i][c] = _mm512_dpbusd_epi32(acc[i][c], wq, _mm512_set1_epi32(x4));
-        }
+        for (int i = 0; i < MR; ++i)
+          acc[i][c] = _mm512_dpbusd_epi32(acc[i][c], wq, broadcast4_wide(xq + i * K + b * kBlock + 8 * p + 4 * half));
       }
     }
     __m256 dw0, mw0, dw1, mw1;
@@ -355,9 +358,7 @@ void q8_gemm_pair_wide(const QuantizedRows& xr, int64_t r, int64_t K, const Tile
       const __m512i wabs = _mm512_abs_epi8(wq);
       const __mmask64 negative = _mm512_movepi8_mask(wq);
       for (int i = 0; i < MR; ++i) {
-        int32_t x4;
-        std::memcpy(&x4, xq + i * K + b * kBlock + 4 * p, sizeof x4);
-        const __m512i xb = _mm512_set1_epi32(x4);
+        const __m512i xb = broadcast4_wide(xq + i * K + b * kBlock + 4 * p);
         acc[i][p % C] = _mm512_dpbusd_epi32(acc[i][p % C], wabs, _mm512_mask_sub_epi8(xb, negative, zero, xb));
       }
     }
@@ -448,7 +449,7 @@ at::Tensor q8_gemm(const at::Tensor& x, const at::Tensor& tiles, const at::Tenso
   return run_gemm<avx2::Q8Tile, vnni::Q8Tile>(x, w, tiles.size(0), N);
 }
 
-at::Tensor q4k_gemm(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& super_scales,
+static at::Tensor q4k_gemm(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& super_scales,
                     const at::Tensor& super_mins, int64_t N) {
   check_gemm_input("q4k_gemm", x, tiles, at::kByte, kQ4KTileBytes, N);
   check_super_tensor("q4k_gemm", "super-block scales", super_scales, tiles, at::kHalf, kSuperBlocks, kTileCols);
@@ -458,7 +459,7 @@ at::Tensor q4k_gemm(const at::Tensor& x, const at::Tensor& tiles, const at::Tens
   return run_gemm<avx2::Q4KTile, vnni::Q4KTile>(x, w, tiles.size(0), N);
 }
 
-at::Tensor q6k_gemm(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& sub_scales,
+static at::Tensor q6k_gemm(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& sub_scales,
                     const at::Tensor& super_scales, int64_t N) {
   check_gemm_input("q6k_gemm", x, tiles, at::kByte, kQ6TileBytes, N);
   check_super_tensor("q6k_gemm", "sub-scales", sub_scales, tiles, at::kChar, 1, 2 * kTileCols);
@@ -468,12 +469,13 @@ at::Tensor q6k_gemm(const at::Tensor& x, const at::Tensor& tiles, const at::Tens
   return run_gemm<avx2::Q6Tile, vnni::Q6Tile>(x, w, tiles.size(0), N);
 }
 
-at::Tensor quant_gemm(const at::Tensor& x, int64_t format, const c10::List<std::optional<at::Tensor>>& weight,
-                      int64_t N) {
-  TORCH_CHECK(weight.size() == 5, "quant_gemm: expected 5 weight tensors (tiles, scales, mins, super-block scales "
-              "and mins; None where the format has none)");
-  const auto at = [&](size_t i) -> at::Tensor {
-    const std::optional<at::Tensor> t = weight.get(i);
+at::Tensor quant_gemm_from(const at::Tensor& x, int64_t format, const c10::List<std::optional<at::Tensor>>& weights,
+                           int64_t first, int64_t N) {
+  TORCH_CHECK(first >= 0 && first + kQuantWeightTensors <= static_cast<int64_t>(weights.size()),
+              "quant_gemm: expected ", kQuantWeightTensors, " weight tensors (tiles, scales, mins, super-block "
+              "scales and mins; None where the format has none)");
+  const auto at = [&](int64_t i) -> at::Tensor {
+    const std::optional<at::Tensor> t = weights.get(first + i);
     TORCH_CHECK(t.has_value(), "quant_gemm: format ", format, " needs weight tensor ", i);
     return *t;
   };
@@ -484,6 +486,13 @@ at::Tensor quant_gemm(const at::Tensor& x, int64_t format, const c10::List<std::
     case QuantFormat::kQ6K: return q6k_gemm(x, at(0), at(1), at(3), N);
   }
   TORCH_CHECK(false, "quant_gemm: unknown format ", format);
+}
+
+at::Tensor quant_gemm(const at::Tensor& x, int64_t format, const c10::List<std::optional<at::Tensor>>& weight,
+                      int64_t N) {
+  TORCH_CHECK(static_cast<int64_t>(weight.size()) == kQuantWeightTensors, "quant_gemm: expected ",
+              kQuantWeightTensors, " weight tensors, got ", weight.size());
+  return quant_gemm_from(x, format, weight, 0, N);
 }
 
 std::string gemm_isa(const std::string& choice) {
@@ -505,8 +514,6 @@ std::string gemm_isa(const std::string& choice) {
 TORCH_LIBRARY_FRAGMENT(tokenloom, m) {
   m.def("q4_gemm(Tensor x, Tensor tiles, Tensor tile_scales, Tensor tile_mins, int N) -> Tensor");
   m.def("q8_gemm(Tensor x, Tensor tiles, Tensor tile_scales, int N) -> Tensor");
-  m.def("q4k_gemm(Tensor x, Tensor tiles, Tensor super_scales, Tensor super_mins, int N) -> Tensor");
-  m.def("q6k_gemm(Tensor x, Tensor tiles, Tensor sub_scales, Tensor super_scales, int N) -> Tensor");
   m.def("quant_gemm(Tensor x, int format, Tensor?[] weight, int N) -> Tensor");
   m.def("gemm_isa(str choice='') -> str");
 }
@@ -514,8 +521,6 @@ TORCH_LIBRARY_FRAGMENT(tokenloom, m) {
 TORCH_LIBRARY_IMPL(tokenloom, CPU, m) {
   m.impl("q4_gemm", &tokenloom::q4_gemm);
   m.impl("q8_gemm", &tokenloom::q8_gemm);
-  m.impl("q4k_gemm", &tokenloom::q4k_gemm);
-  m.impl("q6k_gemm", &tokenloom::q6k_gemm);
   m.impl("quant_gemm", &tokenloom::quant_gemm);
 }
 

@@ -110,11 +110,14 @@ def _iter_weights(file: GGUFFile, config: ModelArchConfig, dtype: torch.dtype,
         if target is None:
             continue
         shape, qtype = tensor.shape, tensor.tensor_type
+        projection = _is_projection(target)
         blocks = quantized_blocks(tensor.data, qtype, shape) if keep_blocks else None
         weight = None
-        if blocks is None or not _is_projection(target):
+        if blocks is not None and not projection:  # the embedding: its values, from the blocks already read
+            weight = blocks.dequantize().to(device=device, dtype=dtype)
+        elif blocks is None:
             weight = dequantize_tensor(tensor.data, qtype, shape, dtype, device)
-            if keep_blocks and blocks is None:
+            if keep_blocks:
                 blocks = requantized_blocks(qtype, shape, weight)
         if permuted and target.shard in heads_of_shard:
             if weight is not None:
@@ -122,7 +125,7 @@ def _iter_weights(file: GGUFFile, config: ModelArchConfig, dtype: torch.dtype,
             if blocks is not None:
                 rows = unpermute_qk(torch.arange(shape[0]), heads_of_shard[target.shard])
                 blocks = blocks.select_rows(rows)
-        yield target, blocks if blocks is not None and _is_projection(target) else weight, blocks
+        yield target, blocks if blocks is not None and projection else weight, blocks
 
 
 def _is_projection(target: ParamTarget) -> bool:
