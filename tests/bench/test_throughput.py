@@ -1,9 +1,14 @@
 from __future__ import annotations
 
+import json
 import math
 
+import torch
+
+from tests.helpers.shapes import write_shape
 from tokenloom import LLM
 from tokenloom.bench.throughput import format_throughput, run_throughput
+from tokenloom.entrypoints.cli import build_parser, main
 
 
 def test_offline_throughput_counts_every_prompt_and_output_token(tiny_checkpoint):
@@ -14,3 +19,23 @@ def test_offline_throughput_counts_every_prompt_and_output_token(tiny_checkpoint
     assert math.isfinite(result.requests_per_s)
     assert "prefill:" in format_throughput(result) and "decode:" in format_throughput(result)
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_bench_throughput_takes_the_engines_device_flags():
+    args = build_parser().parse_args(["bench", "throughput", "--model", "llama-3.1-8b", "--load-format", "dummy",
+                                      "--device", "cuda", "--gpu-memory-utilization", "0.8"])
+    assert (args.model, args.load_format, args.device, args.dtype, args.gpu_memory_utilization) == \
+        ("llama-3.1-8b", "dummy", "cuda", "auto", 0.8)
+
+
+def test_bench_throughput_runs_a_dummy_shape_and_records_how_it_ran(tmp_path, capsys):
+    shape = write_shape(tmp_path / "tiny.json")
+    out = tmp_path / "result.json"
+    assert main(["bench", "throughput", "--model", str(shape), "--load-format", "dummy", "--num-prompts", "2",
+                 "--input-len", "8", "--output-len", "3", "--kv-cache-memory", "0.05", "--output-json", str(out)]) == 0
+    assert "decode:" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    resolved = ("cuda", "bfloat16", "none") if torch.cuda.is_available() else ("cpu", "float32", "auto")
+    assert (result["load_format"], result["device"], result["dtype"], result["quantization"]) == \
+        ("dummy", *resolved)  # the auto device and dtype as they were resolved
+    assert (result["num_prompts"], result["output_tokens"]) == (2, 6)

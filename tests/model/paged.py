@@ -61,6 +61,7 @@ def build_step(seqs: list[Sequence], num_new: list[int], block_size: int,
         query_start_loc=tuple(query_start_loc),
         seq_lens_host=tuple(seq_lens),
         block_size=block_size,
+        query_start_loc_tensor=torch.tensor(query_start_loc, dtype=torch.int64, device=device),
     )
     return (torch.tensor(ids, dtype=torch.int64, device=device),
             torch.tensor(positions, dtype=torch.int64, device=device), meta)

@@ -23,7 +23,8 @@ SECRET_PROMPT = "zebras jumped over lazy yellow foxes"
 SERVE_FLAGS = ("--host", "--port", "--served-model-name", "--api-key", "--dtype", "--device", "--seed",
                "--max-model-len", "--max-num-seqs", "--max-num-batched-tokens", "--kv-cache-memory",
                "--block-size", "--no-prefix-caching", "--max-queued-requests", "--allowed-origins",
-               "--log-level", "--max-request-bytes", "--log-prompts", "--log-stats-interval", "--tool-call-parser")
+               "--log-level", "--max-request-bytes", "--log-prompts", "--log-stats-interval", "--tool-call-parser",
+               "--load-format", "--gpu-memory-utilization", "--quantization")
 
 
 def test_console_script_points_at_main():
@@ -54,6 +55,24 @@ def test_flags_map_to_configs(monkeypatch):
     assert server_config_from_args(parsed).tool_call_parser == "llama3_json"
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--tool-call-parser", "no-such-format"])
+
+
+def test_device_flags_default_to_auto_and_map_to_configs():
+    parser = build_parser()
+    default = engine_config_from_args(parser.parse_args(["serve"]), parser)
+    assert (default.model.device, default.model.dtype, default.model.load_format) == ("auto", "auto", "auto")
+    assert default.cache.gpu_memory_utilization == 0.9
+    args = parser.parse_args(["serve", "llama-3.1-8b", "--load-format", "dummy", "--device", "cuda",
+                              "--dtype", "float16", "--gpu-memory-utilization", "0.6", "--seed", "4"])
+    engine = engine_config_from_args(args, parser)
+    assert (engine.model.model, engine.model.load_format, engine.model.device, engine.model.dtype,
+            engine.model.seed, engine.cache.gpu_memory_utilization) == ("llama-3.1-8b", "dummy", "cuda", "float16",
+                                                                        4, 0.6)
+    for bad in (["--load-format", "pt"], ["--dtype", "float64"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["serve", *bad])
+    with pytest.raises(SystemExit):  # validated with the config: a share of the GPU
+        engine_config_from_args(parser.parse_args(["serve", "--gpu-memory-utilization", "1.5"]), parser)
 
 
 def free_port() -> int:

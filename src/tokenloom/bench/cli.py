@@ -70,8 +70,8 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="the server's /v1 URL (default: %(default)s)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model name sent in requests (default: %(default)s)")
-    p.add_argument("--tokenizer", default=None, help="model file, HF directory or alias whose tokenizer "
-                   "builds the prompts (default: --model)")
+    p.add_argument("--tokenizer", default=None, help="model file, HF directory, alias or shipped shape (the "
+                   "default model's tokenizer) whose tokenizer builds the prompts (default: --model)")
     p.add_argument("--api-key", default=None, help=f"Bearer key (default: ${API_KEY_ENV} if set)")
     p.add_argument("--endpoint", default="completions", choices=ENDPOINTS, help="(default: %(default)s)")
     p.add_argument("--workload", default="random", choices=WORKLOADS, help="(default: %(default)s)")
@@ -101,16 +101,15 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_throughput_args(p: argparse.ArgumentParser) -> None:
-    from tokenloom.config import QUANTIZATION_MODES, SUPPORTED_DTYPES
+    from tokenloom.entrypoints.load_args import add_load_args
 
-    p.add_argument("--model", default=DEFAULT_MODEL, help="a .gguf file, HF directory or alias (default: %(default)s)")
-    p.add_argument("--dtype", default="float32", choices=SUPPORTED_DTYPES, help="(default: %(default)s)")
-    p.add_argument("--quantization", default="auto", choices=QUANTIZATION_MODES, help="(default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="(default: %(default)s)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="a .gguf file, HF directory or alias; with --load-format "
+                   "dummy also a config.json or a shipped shape, e.g. llama-3.1-8b (default: %(default)s)")
+    add_load_args(p)
     p.add_argument("--num-prompts", type=int, default=32, help="(default: %(default)s)")
     p.add_argument("--input-len", type=int, default=256, help="(default: %(default)s)")
     p.add_argument("--output-len", type=int, default=128, help="(default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompts (default: %(default)s)")
     p.add_argument("--max-num-seqs", type=int, default=256, help="(default: %(default)s)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="(default: %(default)s)")
     p.add_argument("--kv-cache-memory", type=float, default=None, help="GiB (default: the engine's)")
@@ -123,7 +122,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from tokenloom.bench.sweep import BenchError, run_sweep
     from tokenloom.bench.workloads import WorkloadSpec
     from tokenloom.engine.tokenizer import Tokenizer
-    from tokenloom.model_files import resolve_model
+    from tokenloom.model_files import resolve_tokenizer
 
     try:
         levels = _parse_levels(args.concurrency, args.request_rate)
@@ -141,7 +140,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                          force_output=args.force_output, temperature=args.temperature,
                          stream_usage=not args.no_stream_usage, response_format=args.response_format,
                          extra_body=extra_body)
-    tokenizer = Tokenizer.from_path(resolve_model(args.tokenizer or args.model))
+    tokenizer = Tokenizer.from_path(resolve_tokenizer(args.tokenizer or args.model))
     label = args.label or args.model
     try:
         result = run_sweep(target, tokenizer, workload, levels, label, args.max_seconds, args.num_warmup,
@@ -160,11 +159,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _add_perplexity_args(p: argparse.ArgumentParser) -> None:
-    from tokenloom.config import KV_CACHE_DTYPES, QUANTIZATION_MODES, SUPPORTED_DTYPES
+    from tokenloom.config import DTYPE_CHOICES, KV_CACHE_DTYPES, QUANTIZATION_MODES
 
     p.add_argument("text", type=Path, help="a UTF-8 text file")
     p.add_argument("--model", default=DEFAULT_MODEL, help="a .gguf file, HF directory or alias (default: %(default)s)")
-    p.add_argument("--dtype", default="float32", choices=SUPPORTED_DTYPES, help="(default: %(default)s)")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="(default: %(default)s)")
     p.add_argument("--quantization", default="auto", choices=QUANTIZATION_MODES, help="(default: %(default)s)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES, help="(default: %(default)s)")
     p.add_argument("--n-ctx", type=int, default=512, help="window length; its second half is scored "
@@ -182,7 +181,7 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
               max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False)
     result = run_perplexity(llm, args.text.read_text(encoding="utf-8"), args.n_ctx)
     print(f"perplexity {result.perplexity:.4f} over {result.num_scored_tokens} tokens "
-          f"({result.num_windows} windows of {result.n_ctx}; {args.quantization}, {args.dtype}, "
+          f"({result.num_windows} windows of {result.n_ctx}; {args.quantization}, {llm.engine.config.model.dtype}, "
           f"KV cache {args.kv_cache_dtype}) "
           f"in {result.seconds:.1f}s")
     return 0
@@ -192,15 +191,18 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
     from tokenloom.bench.throughput import format_throughput, run_throughput
     from tokenloom.entrypoints.llm import LLM
 
-    llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization, device=args.device,
-              max_num_seqs=args.max_num_seqs,
+    from tokenloom.entrypoints.load_args import load_options
+
+    llm = LLM(args.model, **load_options(args), max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory)
     result = run_throughput(llm, args.num_prompts, args.input_len, args.output_len, args.seed)
     print(format_throughput(result))
     if args.output_json:
+        resolved = llm.engine.config.model  # auto device and dtype as they were resolved
         figures = {k: (None if v != v else v) for k, v in dataclasses.asdict(result).items()}  # NaN -> null
-        args.output_json.write_text(json.dumps({"model": args.model, "dtype": args.dtype,
-                                                  "quantization": args.quantization, **figures}, indent=1) + "\n")
+        args.output_json.write_text(json.dumps({
+            "model": args.model, "load_format": resolved.load_format, "device": resolved.device,
+            "dtype": resolved.dtype, "quantization": resolved.quantization, **figures}, indent=1) + "\n")
     return 0
 
 

@@ -19,15 +19,25 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from tokenloom.config import CacheConfig, EngineConfig, ModelArchConfig, ModelConfig, SchedulerConfig
+from tokenloom.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelArchConfig,
+    ModelConfig,
+    SchedulerConfig,
+    resolve_device_defaults,
+)
+from tokenloom.engine.gpu_profile import profile_forward
 from tokenloom.engine.memory import (
+    GiB,
     check_kv_cache_fits,
     default_kv_cache_memory,
+    gpu_kv_cache_bytes,
     kv_bytes_per_token,
     num_kv_blocks,
     resolve_max_model_len,
@@ -40,7 +50,7 @@ from tokenloom.kv_cache.manager import KVCacheManager
 from tokenloom.model.layers.attention import kv_row_width
 from tokenloom.model.loader import load_model
 from tokenloom.model.loader.gguf import load_gguf_model
-from tokenloom.model_files import resolve_model
+from tokenloom.model_files import resolve_model, resolve_model_shape, shape_tokenizer
 from tokenloom.request import Request, RequestOutput, RequestStatus
 from tokenloom.runner.model_runner import ModelRunner
 from tokenloom.sampling_params import InvalidParameter, SamplingParams
@@ -70,19 +80,21 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         config.validate()
         started = time.perf_counter()
-        path = resolve_model(config.model.model)
+        config = _resolve_devices(config)
         device = torch.device(config.model.device)
         dtype = _DTYPES[config.model.dtype]
         torch.manual_seed(config.model.seed)
-        self.tokenizer, (model, arch) = _load_tokenizer_and_model(path, dtype, device,
-                                                                  config.model.quantization)
+        self.tokenizer, (model, arch), path = _load_tokenizer_and_model(config.model, dtype, device)
         self.arch = arch
         kv_dtype = _kv_cache_dtype(config.cache.kv_cache_dtype, model, dtype)
-        self.config = _resolve_config(config, arch, kv_dtype, _weights_bytes(model))
+        self.config = _resolve_config(config, arch, kv_dtype, _weights_bytes(model),
+                                      lambda: _auto_kv_cache_memory(config, model, arch, kv_dtype, device))
         cache = self.config.cache
         self.kv_manager = KVCacheManager(cache.num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(self.config.scheduler, self.kv_manager)
-        self.runner = ModelRunner(model, arch, cache.num_blocks, cache.block_size, kv_dtype, device)
+        sched = self.config.scheduler
+        self.runner = ModelRunner(model, arch, cache.num_blocks, cache.block_size, kv_dtype, device,
+                                  sched.max_num_seqs, sched.max_model_len)
         self.outputs = OutputProcessor(self.tokenizer)
         self.stats = StatsCollector()
         self.eos_token_ids = tuple(dict.fromkeys(self.tokenizer.eos_token_ids + arch.eos_token_ids))
@@ -90,11 +102,13 @@ class LLMEngine:
         # Constrained user requests whose grammar is not yet known to compile (request id -> sequences).
         self._compiling: dict[str, tuple[Request, ...]] = {}
         self.debug = os.environ.get("TOKENLOOM_DEBUG") == "1"
-        logger.info("engine ready in %.1fs: %s, %s (quantization %s) on %s, %d KV blocks x %d tokens "
-                    "in %s, max_model_len %d, prefix caching %s", time.perf_counter() - started, path.name,
-                    config.model.dtype, config.model.quantization,
-                    device, cache.num_blocks, cache.block_size, str(kv_dtype).removeprefix("torch."),
-                    self.config.scheduler.max_model_len,
+        logger.info("engine ready in %.1fs: %s%s, %s (quantization %s) on %s, %s kernels, %d KV blocks x %d "
+                    "tokens (%.2f GiB) in %s, max_model_len %d, prefix caching %s", time.perf_counter() - started,
+                    path.name, " (dummy weights)" if config.model.load_format == "dummy" else "",
+                    config.model.dtype, config.model.quantization, device, model.ops.name, cache.num_blocks,
+                    cache.block_size,
+                    _kv_cache_bytes(arch, cache, kv_dtype, cache.num_blocks) / GiB,
+                    str(kv_dtype).removeprefix("torch."), self.config.scheduler.max_model_len,
                     "on" if cache.enable_prefix_caching else "off")
 
     @classmethod
@@ -274,44 +288,61 @@ def _kv_cache_dtype(choice: str, model: torch.nn.Module, dtype: torch.dtype) -> 
     return torch.int8 if quantized else dtype
 
 
-def _load_tokenizer_and_model(path: Path, dtype: torch.dtype, device: torch.device, quantization: str):
-    """A GGUF file is opened and its header parsed once for both."""
+def _resolve_devices(config: EngineConfig) -> EngineConfig:
+    """"auto" device, dtype and quantization made concrete, once (``resolve_device_defaults``)."""
+    model = resolve_device_defaults(config.model, torch.cuda.is_available())
+    if config.model.device == "auto":
+        logger.info("device auto: %s (torch.cuda.is_available() is %s)", model.device, model.device == "cuda")
+    return dataclasses.replace(config, model=model)
+
+
+def _load_tokenizer_and_model(config: ModelConfig, dtype: torch.dtype, device: torch.device):
+    """(tokenizer, (model, arch), the path they came from). A GGUF file is opened and
+    its header parsed once for both. Dummy weights take the shape's own tokenizer or,
+    for a bare shape, the default model's shipped with the shapes."""
+    if config.load_format == "dummy":
+        path = resolve_model_shape(config.model)
+        return (Tokenizer.from_path(shape_tokenizer(path)),
+                load_model(path, dtype, device, config.quantization, "dummy", config.seed), path)
+    path = resolve_model(config.model)
     if path.suffix == ".gguf" and path.is_file():
         file = GGUFFile(path)
-        return Tokenizer.from_gguf_file(file), load_gguf_model(file, dtype, device, quantization)
-    return Tokenizer.from_path(path), load_model(path, dtype, device, quantization)
+        return Tokenizer.from_gguf_file(file), load_gguf_model(file, dtype, device, config.quantization), path
+    return Tokenizer.from_path(path), load_model(path, dtype, device, config.quantization), path
 
 
-def build_engine_config(model: str = "smollm2-135m", *, dtype: str = "float32", device: str = "cpu",
-                        quantization: str = "auto", kv_cache_dtype: str = "auto",
+def build_engine_config(model: str = "smollm2-135m", *, dtype: str = "auto", device: str = "auto",
+                        quantization: str = "auto", load_format: str = "auto", kv_cache_dtype: str = "auto",
                         max_model_len: int | None = None, seed: int = 0, block_size: int = 16,
                         kv_cache_memory: float | None = None, num_kv_blocks: int | None = None,
+                        gpu_memory_utilization: float = 0.9,
                         max_num_batched_tokens: int = 2048, max_num_seqs: int = 256,
                         enable_prefix_caching: bool = True) -> EngineConfig:
     """The engine's options as keyword arguments (LLM(...) and the CLI use this)."""
     return EngineConfig(
         model=ModelConfig(model=model, dtype=dtype, device=device, quantization=quantization,
-                          max_model_len=max_model_len, seed=seed),
+                          load_format=load_format, max_model_len=max_model_len, seed=seed),
         cache=CacheConfig(block_size=block_size, kv_cache_dtype=kv_cache_dtype, kv_cache_memory=kv_cache_memory,
-                          num_blocks=num_kv_blocks,
+                          num_blocks=num_kv_blocks, gpu_memory_utilization=gpu_memory_utilization,
                           enable_prefix_caching=enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs),
     )
 
 
 def _resolve_config(config: EngineConfig, arch: ModelArchConfig, dtype: torch.dtype,
-                    weights_bytes: int) -> EngineConfig:
+                    weights_bytes: int, auto_kv_cache_memory: Callable[[], float]) -> EngineConfig:
     """Fill in what depends on the model: the number of KV blocks and max_model_len.
-    A cache size the user asked for must fit in the memory the weights left."""
+    A cache size the user asked for (blocks or GiB) wins over ``auto_kv_cache_memory()``
+    and must fit in the memory the weights left; so must a GPU's derived one (another
+    process may hold part of the GPU)."""
     cache = config.cache
     num_blocks = cache.num_blocks
-    row_bytes = kv_row_width(arch.head_dim, dtype) * dtype.itemsize
+    device_type = torch.device(config.model.device).type
     if num_blocks is None:
-        budget = cache.kv_cache_memory or default_kv_cache_memory()
-        num_blocks = num_kv_blocks(arch, row_bytes, cache.block_size, budget)
-    if cache.num_blocks is not None or cache.kv_cache_memory is not None:
-        kv_bytes = num_blocks * cache.block_size * kv_bytes_per_token(arch, row_bytes)
-        check_kv_cache_fits(kv_bytes, weights_bytes, torch.device(config.model.device).type)
+        budget = cache.kv_cache_memory or auto_kv_cache_memory()
+        num_blocks = num_kv_blocks(arch, _kv_row_bytes(arch, dtype), cache.block_size, budget)
+    if cache.num_blocks is not None or cache.kv_cache_memory is not None or device_type == "cuda":
+        check_kv_cache_fits(_kv_cache_bytes(arch, cache, dtype, num_blocks), weights_bytes, device_type)
     max_len = resolve_max_model_len(config.model.max_model_len, arch.max_position_embeddings,
                                     num_blocks * cache.block_size)
     return dataclasses.replace(
@@ -319,3 +350,28 @@ def _resolve_config(config: EngineConfig, arch: ModelArchConfig, dtype: torch.dt
         cache=dataclasses.replace(cache, num_blocks=num_blocks),
         scheduler=dataclasses.replace(config.scheduler, max_model_len=max_len),
     )
+
+
+def _kv_row_bytes(arch: ModelArchConfig, dtype: torch.dtype) -> int:
+    return kv_row_width(arch.head_dim, dtype) * dtype.itemsize
+
+
+def _kv_cache_bytes(arch: ModelArchConfig, cache: CacheConfig, dtype: torch.dtype, num_blocks: int) -> int:
+    return num_blocks * cache.block_size * kv_bytes_per_token(arch, _kv_row_bytes(arch, dtype))
+
+
+def _auto_kv_cache_memory(config: EngineConfig, model: torch.nn.Module, arch: ModelArchConfig,
+                          kv_dtype: torch.dtype, device: torch.device) -> float:
+    """The KV budget in GiB when the user gave none: a share of free RAM on the CPU; on
+    CUDA, ``gpu_memory_utilization`` of the GPU less a profiled forward's peak."""
+    if device.type != "cuda":
+        return default_kv_cache_memory()
+    profile = profile_forward(config, model, arch, kv_dtype, device)
+    torch.cuda.empty_cache()  # the profile's activations and cache go back before the real cache is made
+    kv_bytes = gpu_kv_cache_bytes(profile, config.cache.gpu_memory_utilization)
+    logger.info("GPU memory: %.2f GiB weights, %.2f GiB activation peak (%d tokens), %.2f GiB outside torch; "
+                "KV cache %.2f GiB (%.2f x %.1f GiB in all)", profile.weights_bytes / GiB,
+                profile.activation_bytes / GiB, config.scheduler.max_num_batched_tokens,
+                profile.non_torch_bytes / GiB, kv_bytes / GiB, config.cache.gpu_memory_utilization,
+                profile.total_bytes / GiB)
+    return kv_bytes / GiB

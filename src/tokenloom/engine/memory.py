@@ -1,9 +1,18 @@
-"""Sizing the paged KV cache from a memory budget (never from max_model_len x max_num_seqs)."""
+"""Sizing the paged KV cache from a memory budget (never from max_model_len x max_num_seqs).
+
+On CUDA the budget is what vLLM's ``--gpu-memory-utilization`` gives::
+
+    |<------------------ utilization x total GPU memory ------------------>|
+    | weights | activation peak of one forward | non-torch | KV cache ...  |
+    |<--- torch's peak during the profile --->|  (CUDA context, libraries)
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from tokenloom.config import ModelArchConfig
 
@@ -53,7 +62,55 @@ def check_kv_cache_fits(kv_bytes: int, weights_bytes: int, device_type: str) -> 
         raise ValueError(
             f"the KV cache would take {kv_bytes / GiB:.1f} GiB, but only {free / GiB:.1f} GiB of {where} is "
             f"available ({total / GiB:.1f} GiB in all, {weights_bytes / GiB:.2f} GiB of it taken by the model's "
-            f"weights); ask for less (--kv-cache-memory; kv_cache_memory or num_kv_blocks in Python)")
+            f"weights); ask for less (--kv-cache-memory or --gpu-memory-utilization; kv_cache_memory, "
+            f"num_kv_blocks or gpu_memory_utilization in Python)")
+
+
+@dataclass(frozen=True, slots=True)
+class GpuMemoryProfile:
+    """GPU memory around one profiled forward of the largest step, in bytes."""
+
+    total_bytes: int  # the device's memory
+    weights_bytes: int  # allocated before the forward (weights, and anything else already there)
+    peak_bytes: int  # torch's allocator peak during the forward, weights included
+    non_torch_bytes: int  # in use but not by torch's allocator: CUDA context, cuBLAS workspaces
+
+    @property
+    def activation_bytes(self) -> int:
+        return self.peak_bytes - self.weights_bytes
+
+
+def gpu_kv_cache_bytes(profile: GpuMemoryProfile, utilization: float) -> int:
+    """The KV cache's share: ``utilization`` of the device, less the profiled peak and
+    what torch does not see. ValueError when nothing is left."""
+    budget = int(utilization * profile.total_bytes) - profile.peak_bytes - profile.non_torch_bytes
+    if budget <= 0:
+        raise ValueError(
+            f"no GPU memory left for the KV cache: {utilization} x {profile.total_bytes / GiB:.1f} GiB, less "
+            f"{profile.weights_bytes / GiB:.2f} GiB of weights, a {profile.activation_bytes / GiB:.2f} GiB "
+            f"activation peak and {profile.non_torch_bytes / GiB:.2f} GiB outside torch; raise "
+            "--gpu-memory-utilization or lower --max-num-batched-tokens")
+    return budget
+
+
+def profile_gpu_memory(run_forward: Callable[[int], object], num_tokens: int, device,
+                       scratch_bytes: int = 0) -> GpuMemoryProfile:
+    """Run ``run_forward(num_tokens)`` (one forward of the largest step the scheduler
+    can hand out, on dummy inputs) and measure the allocator's peak around it.
+    ``scratch_bytes``: allocated for the profile alone and freed after it (its own
+    small KV cache), so left out of the weights and the peak."""
+    import torch
+
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    weights_bytes = torch.cuda.memory_allocated(device) - scratch_bytes
+    run_forward(num_tokens)
+    torch.cuda.synchronize(device)
+    peak_bytes = torch.cuda.max_memory_allocated(device) - scratch_bytes
+    free, total = torch.cuda.mem_get_info(device)
+    non_torch_bytes = max(0, total - free - torch.cuda.memory_reserved(device))
+    return GpuMemoryProfile(total, weights_bytes, peak_bytes, non_torch_bytes)
 
 
 def default_kv_cache_memory() -> float:

@@ -2,7 +2,9 @@
 ``tokenloom bench serve|throughput|report`` (see tokenloom.bench).
 
 MODEL is a ``.gguf`` file, a Hugging Face directory, or a known alias
-(default ``smollm2-135m``, fetched once into ``$TOKENLOOM_HOME``).
+(default ``smollm2-135m``, fetched once into ``$TOKENLOOM_HOME``); with
+``--load-format dummy`` (random weights) also a config.json or a shape shipped in
+benchmarks/shapes (``llama-3.1-8b`` ...).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from tokenloom.bench.cli import add_bench_subcommands
-from tokenloom.config import KV_CACHE_DTYPES, QUANTIZATION_MODES, SUPPORTED_DTYPES, EngineConfig
+from tokenloom.config import KV_CACHE_DTYPES, EngineConfig
+from tokenloom.entrypoints.load_args import add_load_args, load_options
 from tokenloom.entrypoints.openai.server_config import (
     DEFAULT_MAX_QUEUED_REQUESTS,
     DEFAULT_MAX_REQUEST_BYTES,
@@ -76,22 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
-                   help="a .gguf file, a Hugging Face model directory, or a known alias (default: %(default)s)")
-    p.add_argument("--dtype", default="float32", choices=SUPPORTED_DTYPES,
-                   help="compute dtype of the model (default: %(default)s)")
-    p.add_argument("--quantization", default="auto", choices=QUANTIZATION_MODES,
-                   help="weight format of the linear layers for decode: auto runs a GGUF's own "
-                   "Q4_0/Q4_1/Q8_0 blocks as they are and keeps float weights dense; none is dense "
-                   "float everywhere; int8/int4 quantize every projection (default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed for model initialisation (default: %(default)s)")
+                   help="a .gguf file, a Hugging Face model directory, or a known alias; with --load-format "
+                   "dummy also a config.json or a shipped shape (default: %(default)s)")
+    add_load_args(p)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed for model initialisation, dummy weights included (default: %(default)s)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="context length (prompt + output); default: the model's, capped by the KV cache")
     p.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one batch (default: %(default)s)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="token budget of one engine step (default: %(default)s)")
     p.add_argument("--kv-cache-memory", type=float, default=None,
-                   help="GiB of memory for the KV cache; default: a quarter of free RAM, within [0.25, 4]")
+                   help="GiB of memory for the KV cache; default: on the CPU a quarter of free RAM, within "
+                   "[0.25, 4], on CUDA what --gpu-memory-utilization leaves")
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                    help="element type of the KV cache; int8 quantizes each token's head row with its own "
                    "scale (like llama.cpp's -ctk q8_0); auto: int8 when the weights run quantized (the "
@@ -139,7 +139,7 @@ def engine_config_from_args(args: argparse.Namespace, parser: argparse.ArgumentP
     from tokenloom.engine.llm_engine import build_engine_config
 
     options: dict[str, Any] = dict(
-        dtype=args.dtype, quantization=args.quantization, device=args.device, seed=args.seed, max_model_len=args.max_model_len,
+        **load_options(args), seed=args.seed, max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype, block_size=args.block_size)
     if args.no_prefix_caching:

@@ -26,9 +26,12 @@ Conversation = list[dict[str, Any]]
 class LLM:
     """Runs a batch of prompts to completion with continuous batching.
 
-    Keyword options are the engine's (see ``build_engine_config``): dtype, device,
-    max_model_len, block_size, kv_cache_memory, num_kv_blocks, max_num_batched_tokens,
-    max_num_seqs, enable_prefix_caching (on by default), seed.
+    Keyword options are the engine's (see ``build_engine_config``): dtype and device
+    ("auto": bfloat16 on CUDA when there is a GPU, else float32 on the CPU), quantization,
+    load_format ("dummy": random weights in the model's shape, which may be a shipped
+    shape such as "llama-3.1-8b"), max_model_len, block_size, kv_cache_memory,
+    num_kv_blocks, gpu_memory_utilization, max_num_batched_tokens, max_num_seqs,
+    enable_prefix_caching (on by default), seed.
     """
 
     def __init__(self, model: str = "smollm2-135m", **options: Any) -> None:

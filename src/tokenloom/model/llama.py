@@ -13,26 +13,23 @@ their positions, the per-layer paged KV caches and an ``AttentionMetadata``.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from tokenloom import kernels
 from tokenloom.config import ModelArchConfig
 from tokenloom.model.decode_stack import DecodeStack
-from tokenloom.model.layers.attention import AttentionMetadata, paged_attention, write_kv
+from tokenloom.model.layers.attention import AttentionMetadata
+from tokenloom.model.layers.backend import CpuNativeOps, TorchOps
 from tokenloom.model.layers.embedding import VocabEmbedding
 from tokenloom.model.layers.linear import Linear, MergedLinear, apply_linear
 from tokenloom.model.layers.norm import RMSNorm
 from tokenloom.model.layers.quantization import QuantizedWeight
-from tokenloom.model.layers.rotary import RopeInputs, RotaryEmbedding, apply_rotary
+from tokenloom.model.layers.rotary import RopeInputs, RotaryEmbedding
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
 class LlamaAttention(nn.Module):
     """Grouped-query self-attention over the paged KV cache."""
-
-    fused_kernels = False  # True: native rotary of q and k, and native paged decode attention
 
     def __init__(self, config: ModelArchConfig, dtype: torch.dtype,
                  device: torch.device | str) -> None:
@@ -46,30 +43,23 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = MergedLinear(config.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size},
                                      config.attention_bias, dtype, device)
         self.o_proj = Linear(q_size, config.hidden_size, False, dtype, device)
+        self.ops = TorchOps()  # replaced by LlamaForCausalLM.use_ops
 
     def forward(self, hidden: torch.Tensor, rope: RopeInputs, kv_cache: KVCache,
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         qkv = self.qkv_proj(hidden)  # [num_tokens, (H + 2 KVH) * D]
-        q, k, v = qkv.split(self.qkv_proj.split_sizes, dim=-1)  # views, no copies
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.fused_kernels:  # rotates straight out of qkv into new q, k
-            q, k = kernels.ops().rotary_qk(qkv, rope.cos_sin_cache, rope.positions, self.num_heads,
-                                           self.num_kv_heads, self.head_dim)
-        else:
-            q = apply_rotary(q.view(num_tokens, self.num_heads, self.head_dim), rope.cos, rope.sin)
-            k = apply_rotary(k.view(num_tokens, self.num_kv_heads, self.head_dim), rope.cos, rope.sin)
+        v = qkv[:, -self.num_kv_heads * self.head_dim:].view(num_tokens, self.num_kv_heads, self.head_dim)
+        # rotated straight out of qkv into new q [n, H, D], k [n, KVH, D]
+        q, k = self.ops.rotary_qk(qkv, rope, self.num_heads, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache
-        write_kv(k_cache, v_cache, k, v, attn_metadata.slot_mapping, native=self.fused_kernels)
-        out = paged_attention(q, k_cache, v_cache, attn_metadata, self.scale,
-                              native=self.fused_kernels)  # [n, H, D]
+        self.ops.write_kv(k_cache, v_cache, k, v, attn_metadata.slot_mapping)
+        out = self.ops.attention(q, k_cache, v_cache, attn_metadata, self.scale)  # [n, H, D]
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
 
 class LlamaMLP(nn.Module):
     """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))`` with gate/up fused."""
-
-    fused_kernels = False  # True: silu(gate) * up in one native op
 
     def __init__(self, config: ModelArchConfig, dtype: torch.dtype,
                  device: torch.device | str) -> None:
@@ -78,13 +68,11 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = MergedLinear(config.hidden_size, {"gate": size, "up": size}, False,
                                          dtype, device)
         self.down_proj = Linear(size, config.hidden_size, False, dtype, device)
+        self.ops = TorchOps()  # replaced by LlamaForCausalLM.use_ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * intermediate]
-        if self.fused_kernels:
-            return self.down_proj(kernels.ops().silu_and_mul(gate_up))
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.ops.silu_and_mul(gate_up))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -128,7 +116,7 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings,
                                           config.rope_theta, config.rope_scaling, dtype, device,
                                           freq_factors=rope_freq_factors)
-        self.decode_stack: DecodeStack | None = None  # set by use_fused_kernels, where it applies
+        self.decode_stack: DecodeStack | None = None  # set by use_ops, where it applies
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[KVCache], attn_metadata: AttentionMetadata) -> torch.Tensor:
@@ -165,6 +153,7 @@ class LlamaForCausalLM(nn.Module):
                         else Linear(config.hidden_size, config.vocab_size, False, dtype, device))
         # The LM head's quantized copy (of the embedding when tied); set after loading.
         self.logits_quantized: QuantizedWeight | None = None
+        self.ops = TorchOps()  # the layers' backend: use_ops
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[KVCache], attn_metadata: AttentionMetadata) -> torch.Tensor:
@@ -175,19 +164,16 @@ class LlamaForCausalLM(nn.Module):
         weight = self.logits_weight()
         return apply_linear(hidden, weight, None, self.logits_quantized).float()
 
-    def use_fused_kernels(self) -> bool:
-        """Switch the norms, rotary and SwiGLU to the native fused ops where they
-        apply (float32 on the CPU, kernels built), and decode steps to the native
-        decoder stack where every layer is quantized; returns whether it did.
-        Call it after the quantized copies are attached (the loader does)."""
-        weight = self.logits_weight()
-        if weight.device.type != "cpu" or weight.dtype != torch.float32 or not kernels.available():
-            return False
+    def use_ops(self, ops: TorchOps) -> None:
+        """Route every layer through ``ops`` (``layers/backend.py``); with the native
+        CPU kernels, decode steps also take the native decoder stack where every
+        layer is quantized. Call it after the quantized copies are attached (the
+        loader does)."""
+        self.ops = ops
         for module in self.modules():
-            if hasattr(module, "fused_kernels"):
-                module.fused_kernels = True
-        self.model.decode_stack = DecodeStack.build(self.model)
-        return True
+            if hasattr(module, "ops"):
+                module.ops = ops
+        self.model.decode_stack = DecodeStack.build(self.model) if isinstance(ops, CpuNativeOps) else None
 
     def logits_weight(self) -> torch.Tensor:
         """The dense [vocab_size, hidden_size] LM head (the embedding when tied)."""

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from tokenloom.model.layers.attention import AttentionMetadata
+from tokenloom.runner.block_table import BlockTable
 from tokenloom.sched.output import ScheduledRequest, SchedulerOutput
+from tokenloom.transfer import host_to_device
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +40,8 @@ class ModelInputs:
     prompt_logprobs: tuple[PromptLogprobsSlice, ...]
 
 
-def prepare_inputs(out: SchedulerOutput, block_size: int, device: torch.device) -> ModelInputs:
+def prepare_inputs(out: SchedulerOutput, block_size: int, device: torch.device,
+                   block_table: BlockTable) -> ModelInputs:
     input_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
@@ -59,19 +62,25 @@ def prepare_inputs(out: SchedulerOutput, block_size: int, device: torch.device) 
         if sr.prompt_logprobs_start is not None:
             prompt_slices.append(_prompt_logprobs_slice(sr, row0))
     seq_lens = [sr.context_len for sr in out.scheduled]
+    table = block_table.plan(out)
+    # One host buffer, one copy: the step's ints and the block-table entries that are new.
+    (ids_t, positions_t, slots_t, seq_lens_t, starts_t, sample_rows_t, seq_rows_t, rows_t, cols_t,
+     blocks_t) = _to_device([input_ids, positions, slots, seq_lens, starts, sample_rows, table.seq_rows,
+                             table.rows, table.cols, table.block_ids], device)
     meta = AttentionMetadata(
-        slot_mapping=_tensor(slots, device),
-        block_tables=_block_tables(out.scheduled, device),
-        seq_lens=_tensor(seq_lens, device),
+        slot_mapping=slots_t,
+        block_tables=block_table.apply(rows_t, cols_t, blocks_t, seq_rows_t, table.width),
+        seq_lens=seq_lens_t,
         query_start_loc=tuple(starts),
         seq_lens_host=tuple(seq_lens),
         block_size=block_size,
+        query_start_loc_tensor=starts_t,
     )
     return ModelInputs(
-        input_ids=_tensor(input_ids, device),
-        positions=_tensor(positions, device),
+        input_ids=ids_t,
+        positions=positions_t,
         attn_metadata=meta,
-        sample_rows=_tensor(sample_rows, device),
+        sample_rows=sample_rows_t,
         sampled=tuple(sampled),
         prompt_logprobs=tuple(prompt_slices),
     )
@@ -93,11 +102,7 @@ def _prompt_logprobs_slice(sr: ScheduledRequest, row0: int) -> PromptLogprobsSli
     )
 
 
-def _block_tables(scheduled: tuple[ScheduledRequest, ...], device: torch.device) -> torch.Tensor:
-    width = max(len(sr.block_ids) for sr in scheduled)
-    rows = [list(sr.block_ids) + [0] * (width - len(sr.block_ids)) for sr in scheduled]
-    return torch.tensor(rows, dtype=torch.int64, device=device)  # [num_seqs, width]
-
-
-def _tensor(values: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.int64, device=device)
+def _to_device(parts: list[list[int]], device: torch.device) -> list[torch.Tensor]:
+    """int64 device tensors of ``parts``, carried by one (non-blocking, on CUDA) copy."""
+    flat = host_to_device(torch.tensor([v for part in parts for v in part], dtype=torch.int64), device)
+    return list(flat.split([len(part) for part in parts]))

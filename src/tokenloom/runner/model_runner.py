@@ -13,11 +13,13 @@ import torch
 from tokenloom.config import ModelArchConfig
 from tokenloom.model.layers.attention import kv_row_width
 from tokenloom.request import Logprob, PositionLogprobs
+from tokenloom.runner.block_table import BlockTable
 from tokenloom.runner.host_allocator import keep_freed_memory
 from tokenloom.runner.inputs import ModelInputs, PromptLogprobsSlice, prepare_inputs
 from tokenloom.sample import Sampler, SamplerOutput, build_sampling_metadata, compute_prompt_logprobs
 from tokenloom.sample.metadata import AllowedTokens
 from tokenloom.sched.output import ModelOutput, SampledToken, SchedulerOutput
+from tokenloom.transfer import host_to_device, to_device, to_host
 
 if TYPE_CHECKING:
     from tokenloom.structured import GrammarBitmask
@@ -25,12 +27,16 @@ if TYPE_CHECKING:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, arch: ModelArchConfig, num_blocks: int,
-                 block_size: int, kv_cache_dtype: torch.dtype, device: torch.device) -> None:
+                 block_size: int, kv_cache_dtype: torch.dtype, device: torch.device,
+                 max_num_seqs: int = 256, max_model_len: int | None = None) -> None:
         self.model = model
         self.arch = arch
         self.block_size = block_size
         self.device = device
         self.sampler = Sampler()
+        max_len = max_model_len or arch.max_position_embeddings
+        # Rows for more sequences than one step holds: n > 1 siblings and preempted ones come and go.
+        self.block_table = BlockTable(2 * max_num_seqs, -(-max_len // block_size), device)
         if self.device.type == "cpu":
             keep_freed_memory()  # activations are reused from step to step, not faulted in again
         shape = (num_blocks, block_size, arch.num_key_value_heads, kv_row_width(arch.head_dim, kv_cache_dtype))
@@ -46,10 +52,9 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, grammar: GrammarBitmask | None = None) -> ModelOutput:
         """``grammar``: the allowed tokens of the step's constrained sequences (structured output)."""
-        inputs = prepare_inputs(out, self.block_size, self.device)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches,
-                            inputs.attn_metadata)  # [num_tokens, hidden_size]
-        sampled = self._sample(hidden, inputs, grammar)
+        inputs, hidden, result = self.forward_and_sample(out, grammar)
+        sampled = () if result is None else _to_sampled_tokens(
+            result, [sr.sampling_params.logprobs for sr in inputs.sampled])  # the step's one wait
         prompt_logprobs = {s.request_id: self._prompt_logprobs(hidden, s) for s in inputs.prompt_logprobs}
         return ModelOutput(
             request_ids=tuple(sr.request_id for sr in inputs.sampled),
@@ -57,25 +62,30 @@ class ModelRunner:
             prompt_logprobs=prompt_logprobs,
         )
 
-    def _sample(self, hidden: torch.Tensor, inputs: ModelInputs,
-                grammar: GrammarBitmask | None) -> tuple[SampledToken, ...]:
+    @torch.inference_mode()
+    def forward_and_sample(self, out: SchedulerOutput, grammar: GrammarBitmask | None = None,
+                           ) -> tuple[ModelInputs, torch.Tensor, SamplerOutput | None]:
+        """The step on the device, queued without waiting for it: inputs, hidden states
+        [num_tokens, hidden_size] and the sampler's device tensors (None: nothing samples)."""
+        inputs = prepare_inputs(out, self.block_size, self.device, self.block_table)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches,
+                            inputs.attn_metadata)  # [num_tokens, hidden_size]
         if not inputs.sampled:
-            return ()
+            return inputs, hidden, None
         logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [num_sampled, vocab]
         meta = build_sampling_metadata(inputs.sampled, self.arch.vocab_size, self.device,
                                        self._allowed_tokens(inputs, grammar))
-        result = self.sampler(logits, meta)
-        return _to_sampled_tokens(result, [sr.sampling_params.logprobs for sr in inputs.sampled])
+        return inputs, hidden, self.sampler(logits, meta)
 
     def _allowed_tokens(self, inputs: ModelInputs, grammar: GrammarBitmask | None) -> AllowedTokens | None:
         if grammar is None or not grammar.request_ids:
             return None
         row_of = {sr.request_id: i for i, sr in enumerate(inputs.sampled)}
         rows = [row_of[request_id] for request_id in grammar.request_ids]
-        bitmask = grammar.bitmask.to(self.device, non_blocking=True)
+        bitmask = host_to_device(grammar.bitmask, self.device)
         if rows == list(range(len(inputs.sampled))):
             return AllowedTokens(None, bitmask)
-        return AllowedTokens(torch.tensor(rows, dtype=torch.int64, device=self.device), bitmask)
+        return AllowedTokens(to_device(rows, torch.int64, self.device), bitmask)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, s: PromptLogprobsSlice) -> list[PositionLogprobs | None]:
         entries: list[PositionLogprobs | None] = [None] if s.include_first_none else []
@@ -83,7 +93,7 @@ class ModelRunner:
             return entries
         rows = hidden[s.row_start:s.row_start + len(s.target_ids)]
         logits = self.model.compute_logits(rows)  # [n, vocab]
-        targets = torch.tensor(s.target_ids, dtype=torch.int64, device=self.device)
+        targets = to_device(s.target_ids, torch.int64, self.device)
         ids, logprobs, ranks = compute_prompt_logprobs(logits, targets, s.num_logprobs)
         entries.extend(_position_logprobs(ids[i].tolist(), logprobs[i].tolist(), int(ranks[i]))
                        for i in range(len(s.target_ids)))
@@ -91,12 +101,12 @@ class ModelRunner:
 
 
 def _to_sampled_tokens(result: SamplerOutput, wanted: list[int | None]) -> tuple[SampledToken, ...]:
-    token_ids = result.token_ids.tolist()
+    """The step's one wait on the device: every result tensor comes back in one batch of copies."""
+    host = to_host([result.token_ids, result.logprob_token_ids, result.logprobs, result.sampled_ranks])
+    token_ids = host[0].tolist()
     if result.logprobs is None:
         return tuple(SampledToken(t) for t in token_ids)
-    ids = result.logprob_token_ids.tolist()
-    values = result.logprobs.tolist()
-    ranks = result.sampled_ranks.tolist()
+    ids, values, ranks = (t.tolist() for t in host[1:])
     tokens = []
     for i, token in enumerate(token_ids):
         k = wanted[i]

@@ -13,6 +13,7 @@ from typing import Protocol
 import torch
 
 from tokenloom.sampling_params import SamplingParams
+from tokenloom.transfer import host_to_device, to_device
 
 
 class SamplingSequence(Protocol):
@@ -137,7 +138,7 @@ def build_sampling_metadata(
 
 
 def _tensor(values: list, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    return torch.tensor(values, dtype=dtype, device=device)
+    return to_device(values, dtype, device)
 
 
 def _build_random_rows(
@@ -232,7 +233,7 @@ def _token_histogram(
     lengths = torch.tensor([len(t) for t in token_lists], dtype=torch.int64)
     flat_ids = torch.tensor([t for tokens in token_lists for t in tokens], dtype=torch.int64)
     rows = torch.repeat_interleave(torch.arange(num_rows), lengths)  # [total_tokens]
-    flat_index = (rows * vocab_size + flat_ids).to(device)  # [total_tokens]
+    flat_index = host_to_device(rows * vocab_size + flat_ids, device)  # [total_tokens]
     counts = torch.zeros(num_rows * vocab_size, dtype=torch.int32, device=device)
     counts.index_add_(0, flat_index, torch.ones_like(flat_index, dtype=torch.int32))
     return counts.view(num_rows, vocab_size)

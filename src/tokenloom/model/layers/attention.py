@@ -42,10 +42,21 @@ class AttentionMetadata:
     query_start_loc: tuple[int, ...]  # len num_seqs + 1, host ints
     seq_lens_host: tuple[int, ...]  # seq_lens as host ints
     block_size: int
+    # query_start_loc on the device (int32), for kernels that find their rows there
+    query_start_loc_tensor: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens_host)
+
+    @property
+    def max_query_len(self) -> int:
+        starts = self.query_start_loc
+        return max(b - a for a, b in zip(starts, starts[1:]))
+
+    @property
+    def max_seq_len(self) -> int:
+        return max(self.seq_lens_host)
 
     @property
     def is_decode_only(self) -> bool:
@@ -119,7 +130,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         return _decode_attention(q, k_cache, v_cache, meta, scale)
     if native:
         return kernels.ops().paged_prefill_attention(q.contiguous(), k_cache, v_cache, meta.block_tables,
-                                                     meta.seq_lens, torch.tensor(meta.query_start_loc), scale)
+                                                     meta.seq_lens, _query_start_loc(meta), scale)
     out = torch.empty_like(q)
     starts = meta.query_start_loc
     for i, seq_len in enumerate(meta.seq_lens_host):
@@ -127,6 +138,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         k, v = _gather_context(k_cache, v_cache, meta.block_tables[i], seq_len)
         out[lo:hi] = _attend(q[lo:hi], k, v, scale, causal_offset=seq_len - (hi - lo))
     return out
+
+
+def _query_start_loc(meta: AttentionMetadata) -> torch.Tensor:
+    starts = meta.query_start_loc_tensor
+    return torch.tensor(meta.query_start_loc) if starts is None or starts.dtype != torch.int64 else starts
 
 
 def _gather_context(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,

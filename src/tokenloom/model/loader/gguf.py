@@ -21,6 +21,7 @@ import torch
 from tokenloom.config import ModelArchConfig, RopeScaling
 from tokenloom.gguf_file import GGUFFile
 from tokenloom.model.llama import LlamaForCausalLM
+from tokenloom.model.layers.backend import select_ops
 from tokenloom.model.layers.quantization import QuantizedWeight
 from tokenloom.model.loader.dequant import dequantize_tensor, quantized_blocks, requantized_blocks
 from tokenloom.model.loader.names import GGUF_ROPE_FREQS, ParamTarget, gguf_param_target
@@ -86,7 +87,7 @@ def load_gguf_model(source: Path | GGUFFile, dtype: torch.dtype, device: torch.d
 
     deferred = load_weights(model, weights())
     apply_quantization(model, quantization, packed, deferred)
-    model.use_fused_kernels()
+    model.use_ops(select_ops(torch.device(device), dtype))
     return model.eval(), config
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 
 from tokenloom.config import ModelArchConfig, RopeScaling
+from tokenloom.model.layers.backend import select_ops
 from tokenloom.model.llama import LlamaForCausalLM
 from tokenloom.model.loader.names import ParamTarget, hf_param_target
 from tokenloom.model.loader.quantize import apply_quantization
@@ -18,13 +19,16 @@ from tokenloom.model.loader.weights import load_weights
 from tokenloom.model.registry import get_model_class
 
 
-def read_hf_config(directory: Path) -> ModelArchConfig:
+def read_hf_config(source: Path) -> ModelArchConfig:
     """ModelArchConfig from ``config.json`` (transformers 4 and 5 layouts),
-    with end-of-sequence ids merged from ``generation_config.json``."""
-    raw = json.loads((directory / "config.json").read_text())
+    with end-of-sequence ids merged from ``generation_config.json`` next to it.
+    ``source`` is the directory holding config.json, or a JSON file of that
+    layout (a shape file of benchmarks/shapes)."""
+    config_file = source / "config.json" if source.is_dir() else source
+    raw = json.loads(config_file.read_text())
     architectures = raw.get("architectures") or []
     if not architectures:
-        raise ValueError(f"{directory / 'config.json'} names no architecture")
+        raise ValueError(f"{config_file} names no architecture")
     architecture = architectures[0]
     _reject_unsupported(raw)
     heads = raw["num_attention_heads"]
@@ -46,7 +50,7 @@ def read_hf_config(directory: Path) -> ModelArchConfig:
         # Qwen2 always has q/k/v bias and its config has no switch for it.
         attention_bias=bool(raw.get("attention_bias", architecture == "Qwen2ForCausalLM")),
         bos_token_id=raw.get("bos_token_id"),
-        eos_token_ids=_eos_token_ids(directory, raw),
+        eos_token_ids=_eos_token_ids(config_file.parent, raw),
     )
 
 
@@ -55,10 +59,19 @@ def load_hf_model(directory: Path, dtype: torch.dtype, device: torch.device | st
     """``quantization``: see ``loader/quantize.py`` (a float checkpoint has no
     blocks of its own, so "auto" keeps it dense)."""
     config = read_hf_config(directory)
+    return build_float_model(config, dtype, device, quantization,
+                             lambda model: load_weights(model, _iter_weights(directory)))
+
+
+def build_float_model(config: ModelArchConfig, dtype: torch.dtype, device: torch.device | str,
+                      quantization: str, fill: Callable[[LlamaForCausalLM], object],
+                      ) -> tuple[LlamaForCausalLM, ModelArchConfig]:
+    """The model of ``config``, its parameters filled by ``fill`` with float values
+    (a checkpoint's, or random ones), then made ready to run as any float checkpoint."""
     model = get_model_class(config.architecture)(config, dtype, device)
-    load_weights(model, _iter_weights(directory))
+    fill(model)
     apply_quantization(model, quantization, {})
-    model.use_fused_kernels()
+    model.use_ops(select_ops(torch.device(device), dtype))
     return model.eval(), config
 
 

@@ -1,0 +1,61 @@
+"""The "auto" device, dtype and quantization, resolved once (resolve_device_defaults),
+and the validation of the new options."""
+
+from __future__ import annotations
+
+import pytest
+
+from tokenloom.config import CacheConfig, ModelConfig, resolve_device_defaults
+
+
+def test_defaults_are_auto():
+    config = ModelConfig()
+    assert (config.device, config.dtype, config.quantization, config.load_format) == ("auto",) * 4
+    assert CacheConfig().gpu_memory_utilization == 0.9
+
+
+def test_without_a_gpu_auto_is_the_cpu_in_float32_with_its_quantized_kernels():
+    resolved = resolve_device_defaults(ModelConfig(), cuda_available=False)
+    assert (resolved.device, resolved.dtype, resolved.quantization) == ("cpu", "float32", "auto")
+
+
+def test_with_a_gpu_auto_is_cuda_in_bfloat16_with_dense_weights():
+    resolved = resolve_device_defaults(ModelConfig(), cuda_available=True)
+    assert (resolved.device, resolved.dtype, resolved.quantization) == ("cuda", "bfloat16", "none")
+
+
+def test_an_explicit_device_decides_the_dtype_whatever_torch_sees():
+    cpu = resolve_device_defaults(ModelConfig(device="cpu"), cuda_available=True)
+    assert (cpu.device, cpu.dtype, cpu.quantization) == ("cpu", "float32", "auto")
+    cuda1 = resolve_device_defaults(ModelConfig(device="cuda:1"), cuda_available=False)
+    assert (cuda1.device, cuda1.dtype, cuda1.quantization) == ("cuda:1", "bfloat16", "none")
+
+
+def test_explicit_choices_are_kept():
+    config = ModelConfig(device="cuda", dtype="float16", quantization="int8", load_format="dummy", seed=5)
+    assert resolve_device_defaults(config, cuda_available=True) == config
+    cpu = ModelConfig(device="cpu", dtype="bfloat16", quantization="none")
+    assert resolve_device_defaults(cpu, cuda_available=False) == cpu
+
+
+def test_resolution_returns_a_new_config():
+    config = ModelConfig()
+    resolved = resolve_device_defaults(config, cuda_available=False)
+    assert resolved is not config and config.device == "auto"
+
+
+@pytest.mark.parametrize("config, field", [
+    (ModelConfig(load_format="safetensors"), "load_format"),
+    (ModelConfig(dtype="float8"), "dtype"),
+    (ModelConfig(device=""), "device"),
+])
+def test_bad_model_options_are_refused(config, field):
+    with pytest.raises(ValueError, match=field):
+        config.validate()
+
+
+@pytest.mark.parametrize("value", [0.0, -0.1, 1.01])
+def test_gpu_memory_utilization_must_be_a_share(value):
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        CacheConfig(gpu_memory_utilization=value).validate()
+    CacheConfig(gpu_memory_utilization=1.0).validate()
