@@ -21,8 +21,8 @@ QUANTIZATION_MODES = ("auto", "none", "int8", "int4")
 # auto: int8 where the model runs quantized weights on the native kernels (about a
 # quarter of float32's bytes per decode step's attention reads and per cached
 # token; rows quantized one by one, see model/layers/attention.py), else the
-# model dtype.
-KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16", "int8")
+# model dtype. fp8: float8 e4m3, cast with no scale (the Triton kernels on CUDA).
+KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16", "int8", "fp8")
 
 
 @dataclass(frozen=True, slots=True)

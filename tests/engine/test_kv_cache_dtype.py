@@ -52,6 +52,22 @@ def test_smaller_caches_decode_close_to_float32(tiny_checkpoint, kv, tolerance):
         assert abs(first_a[token].logprob - first_b[token].logprob) < tolerance
 
 
+def test_fp8_cache_holds_the_float8_cast_of_each_key_and_value(tiny_checkpoint):
+    """fp8 (e4m3, no scale): a prompt's K/V rows are exactly the float32 rows cast (in the
+    first layer; later layers' rows depend on attention over the cast cache)."""
+    prompt = [1, 17, 300, 45, 211, 9, 498, 120, 33]
+    caches = {}
+    for kv in ("float32", "fp8"):
+        llm = LLM(str(tiny_checkpoint.hf_dir), kv_cache_dtype=kv, num_kv_blocks=1, enable_prefix_caching=False)
+        out = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(temperature=0, max_tokens=1),
+                           use_tqdm=False)
+        assert len(out[0].outputs[0].token_ids) == 1
+        caches[kv] = [t[0, :len(prompt)] for t in llm.engine.runner.kv_caches[0]]
+    assert caches["fp8"][0].dtype == torch.float8_e4m3fn
+    for rows32, rows8 in zip(caches["float32"], caches["fp8"]):
+        assert torch.equal(rows8.view(torch.uint8), rows32.to(torch.float8_e4m3fn).view(torch.uint8))
+
+
 def test_int8_cache_holds_more_blocks_in_the_same_memory(tiny_checkpoint):
     """A row of head_dim int8 values and a 4-byte scale, against head_dim float16s."""
     arch_head_dim = {}

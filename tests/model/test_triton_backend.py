@@ -19,11 +19,11 @@ BLOCK_SIZE = 16
 PROMPTS = [[5 + (7 * i) % 90 for i in range(37)], [11, 3, 8, 19, 40]]
 
 
-def _run_schedule(model, ops, device, dtype, decode_steps=6):
+def _run_schedule(model, ops, device, dtype, decode_steps=6, cache_dtype=None):
     """Seq 0's prompt in two chunks while seq 1 prefills, then both decode greedily
     (mixed steps throughout). Returns every step's logits and the greedy tokens."""
     model.use_ops(ops)
-    caches = make_kv_caches(model.config, 16, BLOCK_SIZE, dtype, device)
+    caches = make_kv_caches(model.config, 16, BLOCK_SIZE, cache_dtype or dtype, device)
     seqs = [Sequence(list(PROMPTS[0]), [9, 2, 14]), Sequence(list(PROMPTS[1]), [5, 0])]
     logits = run_step(model, caches, seqs, [20, 5], BLOCK_SIZE)
     seqs[1].token_ids.append(int(logits[1][-1].argmax()))
@@ -60,9 +60,11 @@ def test_cuda_selects_triton_and_cpu_does_not():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("kind", ["llama3", "qwen2", "mistral"])
-def test_cuda_bf16_greedy_matches_the_reference_backend(tiny, kind):
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_cuda_bf16_greedy_matches_the_reference_backend(tiny, kind, cache_dtype):
     model, _ = load_model(tiny(kind).hf_dir, torch.bfloat16, "cuda", quantization="none")
     assert model.ops.name == "triton"
-    _, ref_tokens = _run_schedule(model, TorchOps(), "cuda", torch.bfloat16)
-    _, tokens = _run_schedule(model, select_ops(torch.device("cuda"), torch.bfloat16), "cuda", torch.bfloat16)
+    _, ref_tokens = _run_schedule(model, TorchOps(), "cuda", torch.bfloat16, cache_dtype=cache_dtype)
+    _, tokens = _run_schedule(model, select_ops(torch.device("cuda"), torch.bfloat16), "cuda", torch.bfloat16,
+                              cache_dtype=cache_dtype)
     assert tokens == ref_tokens

@@ -107,3 +107,16 @@ def test_a_row_does_not_depend_on_the_batch():
     alone = paged_attention(dev(q[:1]), dev(k_cache), dev(v_cache), dev(tables[:1]), dev(seq_lens[:1]),
                             dev(starts[:2]), 0.2, max_query_len=1, max_seq_len=70)
     assert torch.equal(alone[0], batched[0])
+
+
+def test_fp8_cache():
+    """An fp8 (e4m3) cache: the kernel reads the same values the reference dequantizes."""
+    q, k_cache, v_cache, tables, padded, starts = _case([40, 9], [6, 1], 4, 2, 32, 16, torch.float32)
+    k8 = k_cache.to(torch.float8_e4m3fn)
+    v8 = v_cache.to(torch.float8_e4m3fn)
+    seq_lens = [40, 9]
+    expected = _reference(q, k8.float(), v8.float(), tables, seq_lens, [6, 1], 0.25)
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    out = paged_attention(dev(q), dev(k8), dev(v8), dev(padded), dev(torch.tensor(seq_lens)), dev(starts), 0.25,
+                          max_query_len=6, max_seq_len=40)
+    torch.testing.assert_close(out.float().cpu(), expected, atol=2e-5, rtol=2e-5)

@@ -62,7 +62,7 @@ logger = logging.getLogger(__name__)
 
 _NOTHING_SCHEDULED = SchedulerOutput(scheduled=(), num_batched_tokens=0)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_KV_CACHE_DTYPES = {**_DTYPES, "int8": torch.int8}
+_KV_CACHE_DTYPES = {**_DTYPES, "int8": torch.int8, "fp8": torch.float8_e4m3fn}
 
 
 @dataclass(frozen=True, slots=True)

@@ -94,8 +94,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    "[0.25, 4], on CUDA what --gpu-memory-utilization leaves")
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                    help="element type of the KV cache; int8 quantizes each token's head row with its own "
-                   "scale (like llama.cpp's -ctk q8_0); auto: int8 when the weights run quantized (the "
-                   "native kernels read it), else the model dtype (default: %(default)s)")
+                   "scale (like llama.cpp's -ctk q8_0); fp8 casts to float8 e4m3 (vLLM's fp8 cache, for "
+                   "CUDA; on the CPU it takes the slow PyTorch path); auto: int8 when the weights run "
+                   "quantized (the native kernels read it), else the model dtype (default: %(default)s)")
     p.add_argument("--block-size", type=int, default=16,
                    help="tokens per KV cache block, a power of two (default: %(default)s)")
     p.add_argument("--no-prefix-caching", action="store_true",

@@ -13,7 +13,8 @@ cache quantizes every (token, kv head) row by itself, symmetric, as llama.cpp's
 ``q8_0`` KV cache does per block: ``s = max|x| / 127``, ``q = round(x / s)``,
 and the row holds the head_dim int8 values then ``s`` as float32 (4 bytes), so
 ``width`` = head_dim + 4 and a row needs nothing outside itself (the C++
-kernels read the same layout: kernels/csrc/cache_rows.h).
+kernels read the same layout: kernels/csrc/cache_rows.h). An fp8 cache
+(float8 e4m3) holds each value cast, with no scale.
 
 A step's batch is flat: the new tokens of every sequence back to back. Sequence
 i owns rows ``query_start_loc[i]:query_start_loc[i+1]`` and, after this step,
@@ -65,6 +66,9 @@ class AttentionMetadata:
 
 
 NATIVE_CACHE_DTYPES = (torch.float32, torch.float16, torch.int8)  # what the C++ kernels read
+# An fp8 cache holds each value cast to float8 e4m3 (scale 1, as vLLM's fp8 cache without
+# calibration): half a 16-bit cache's bytes; the Triton kernels read and write it.
+FP8_CACHE_DTYPES = (torch.float8_e4m3fn,)
 _INT8_SCALE_BYTES = 4  # a float32 after each int8 row
 
 
@@ -108,9 +112,11 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     if native and k.dtype == torch.float32 and k_cache.dtype in NATIVE_CACHE_DTYPES:
         kernels.ops().write_kv(k_cache, v_cache, k, v, slot_mapping)
         return
-    num_kv_heads, width = k_cache.shape[2], k_cache.shape[3]
-    k_cache.view(-1, num_kv_heads, width).index_copy_(0, slot_mapping, to_cache_rows(k, k_cache.dtype))
-    v_cache.view(-1, num_kv_heads, width).index_copy_(0, slot_mapping, to_cache_rows(v, v_cache.dtype))
+    for cache, x in ((k_cache, k), (v_cache, v)):
+        rows = to_cache_rows(x, cache.dtype)
+        if cache.dtype in FP8_CACHE_DTYPES:  # index_copy_ has no float8 kernels: copy the bytes
+            cache, rows = cache.view(torch.uint8), rows.view(torch.uint8)
+        cache.view(-1, *cache.shape[2:]).index_copy_(0, slot_mapping, rows)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -187,14 +193,14 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     max_len = max(meta.seq_lens_host)
     num_blocks = -(-max_len // block_size)
     tables = meta.block_tables[:, :num_blocks]  # [S, nb]
-    k = k_cache[tables].flatten(1, 2)[:, :max_len]  # [S, max_len, KVH, D]
-    v = v_cache[tables].flatten(1, 2)[:, :max_len]
+    k = cache_rows_as(k_cache[tables].flatten(1, 2)[:, :max_len], q.dtype)  # [S, max_len, KVH, D]
+    v = cache_rows_as(v_cache[tables].flatten(1, 2)[:, :max_len], q.dtype)
     mask = torch.arange(max_len, device=q.device).unsqueeze(0) < meta.seq_lens.unsqueeze(1)
     padding = ~mask[:, :, None, None]
     k, v = k.masked_fill(padding, 0), v.masked_fill(padding, 0)
     qh = q.unsqueeze(2)  # [S, H, 1, D]
-    kh = cache_rows_as(k, q.dtype).transpose(1, 2)  # [S, KVH, max_len, D]
-    vh = cache_rows_as(v, q.dtype).transpose(1, 2)
+    kh = k.transpose(1, 2)  # [S, KVH, max_len, D]
+    vh = v.transpose(1, 2)
     out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask[:, None, None, :], scale=scale,
                                          enable_gqa=kh.shape[1] != qh.shape[1])
     return out.squeeze(2)  # [S, H, D]
