@@ -43,7 +43,8 @@ def test_a_step_queues_everything_without_waiting(tiny_checkpoint):
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        _, _, result = engine.runner.forward_and_sample(out)
+        with torch.inference_mode():
+            _, _, result = engine.runner.forward_and_sample(out)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert result is not None and result.token_ids.shape == (3,)

@@ -8,6 +8,7 @@ the sampler (its last row, when it samples) and which rows give prompt logprobs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 
 import torch
 
@@ -104,5 +105,5 @@ def _prompt_logprobs_slice(sr: ScheduledRequest, row0: int) -> PromptLogprobsSli
 
 def _to_device(parts: list[list[int]], device: torch.device) -> list[torch.Tensor]:
     """int64 device tensors of ``parts``, carried by one (non-blocking, on CUDA) copy."""
-    flat = host_to_device(torch.tensor([v for part in parts for v in part], dtype=torch.int64), device)
+    flat = host_to_device(torch.tensor(list(chain.from_iterable(parts)), dtype=torch.int64), device)
     return list(flat.split([len(part) for part in parts]))

@@ -62,11 +62,11 @@ class ModelRunner:
             prompt_logprobs=prompt_logprobs,
         )
 
-    @torch.inference_mode()
     def forward_and_sample(self, out: SchedulerOutput, grammar: GrammarBitmask | None = None,
                            ) -> tuple[ModelInputs, torch.Tensor, SamplerOutput | None]:
         """The step on the device, queued without waiting for it: inputs, hidden states
-        [num_tokens, hidden_size] and the sampler's device tensors (None: nothing samples)."""
+        [num_tokens, hidden_size] and the sampler's device tensors (None: nothing samples).
+        Call it under ``torch.inference_mode()`` (``execute`` does)."""
         inputs = prepare_inputs(out, self.block_size, self.device, self.block_table)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches,
                             inputs.attn_metadata)  # [num_tokens, hidden_size]
