@@ -7,6 +7,7 @@ then the server takes over its idle engine.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -31,8 +32,19 @@ def references(llm) -> dict[str, list[RequestOutput]]:
             "completions": llm.generate(PROMPTS, GREEDY, use_tqdm=False)}
 
 
+# Prompts of many lengths, for batch invariance under concurrency.
+CONCURRENT = [" ".join(["river light stone code", "model paper window", "garden music number"][i % 3]
+                       for _ in range(1 + 7 * i)) + f" {i}." for i in range(12)]
+
+
 @pytest.fixture(scope="module")
-def server(llm, references) -> Iterator[LiveServer]:
+def solo(llm) -> list[str]:
+    """Each CONCURRENT prompt's greedy text, computed alone."""
+    return [llm.generate([p], GREEDY, use_tqdm=False)[0].outputs[0].text for p in CONCURRENT]
+
+
+@pytest.fixture(scope="module")
+def server(llm, references, solo) -> Iterator[LiveServer]:
     live = start_server(llm.engine, model_name="smollm2-135m")  # the LLM is done with its engine
     yield live
     live.stop()
@@ -59,4 +71,18 @@ def test_completions_greedy_over_http_equal_offline(server, references):
     assert [c.text for c in resp.choices] == [r.outputs[0].text for r in refs]
     assert "100" in resp.choices[2].text  # "Water boils at" -> " 100°C": a working model, not two equal wrong ones
     assert [c.finish_reason for c in resp.choices] == [r.outputs[0].finish_reason for r in refs]
+    server.wait_idle()
+
+
+def test_concurrent_greedy_answers_equal_their_solo_ones(server, solo):
+    """Batch invariance over HTTP: twelve requests at once (mixed prefill and decode steps,
+    prompts chunked by the token budget) give each the text it got alone."""
+    client = server.client()
+
+    def complete(prompt: str) -> str:
+        resp = client.completions.create(model="smollm2-135m", prompt=prompt, temperature=0, max_tokens=24)
+        return resp.choices[0].text
+
+    with ThreadPoolExecutor(len(CONCURRENT)) as pool:
+        assert list(pool.map(complete, CONCURRENT)) == solo
     server.wait_idle()

@@ -1,4 +1,5 @@
-"""paged_prefill_attention (csrc/prefill_attention.cpp) against a gather + causal softmax reference."""
+"""paged_attention (csrc/paged_attention.cpp) on prompt chunks and mixed steps against a gather +
+causal softmax reference."""
 
 from __future__ import annotations
 
@@ -69,8 +70,8 @@ def make_case(seqs: list[tuple[int, int]], num_heads: int, num_kv_heads: int, he
 
 
 def run_kernel(case: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
-    return OPS.paged_prefill_attention(case["q"], case["k_cache"], case["v_cache"], case["block_tables"],
-                                       case["seq_lens"], case["query_start_loc"], scale)
+    return OPS.paged_attention(case["q"], case["k_cache"], case["v_cache"], case["block_tables"],
+                               case["seq_lens"], case["query_start_loc"], scale)
 
 
 def reference(case: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
@@ -156,12 +157,16 @@ def test_sequence_result_does_not_depend_on_the_batch(cache_dtype: torch.dtype) 
         assert torch.equal(run_kernel(alone, 0.125), batched[lo:hi])
 
 
-def test_decode_rows_match_the_decode_kernel() -> None:
-    seqs = [(1, 1), (15, 1), (16, 1), (17, 1), (100, 1), (300, 1)]
-    case = make_case(seqs, 9, 3, 64, seed=6, cache_dtype=torch.float16)
-    decode = OPS.paged_decode_attention(case["q"], case["k_cache"], case["v_cache"], case["block_tables"],
-                                        case["seq_lens"], 0.125)
-    torch.testing.assert_close(run_kernel(case, 0.125), decode, rtol=1e-5, atol=1e-5)
+@CACHE_DTYPES
+@HEAD_SHAPES
+def test_a_token_gives_the_same_bits_alone_or_in_a_chunk(cache_dtype, num_heads, num_kv_heads, head_dim) -> None:
+    """The last token of a 300-token context as a decode (its heads read the cache rows in
+    place) and as the last row of chunks of 7 and 40 (a widened tile): the same bits."""
+    case = make_case([(300, 40)], num_heads, num_kv_heads, head_dim, seed=8, cache_dtype=cache_dtype)
+    chunk = run_kernel(case, 0.125)
+    for q_len in (1, 7):
+        part = dict(case, q=case["q"][-q_len:], query_start_loc=torch.tensor([0, q_len]))
+        assert torch.equal(run_kernel(part, 0.125), chunk[-q_len:])
 
 
 def test_large_scores_stay_finite() -> None:

@@ -1,5 +1,5 @@
-// Input checks shared by the paged attention ops (paged_attention.cpp,
-// prefill_attention.cpp). Everything is checked before any parallel work
+// Input checks of the paged attention op (paged_attention.cpp).
+// Everything is checked before any parallel work
 // starts: a failed check inside the parallel region would leave other threads
 // mid-flight, and a bad length or block id would read outside the cache.
 #pragma once

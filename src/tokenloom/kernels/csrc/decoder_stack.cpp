@@ -22,7 +22,7 @@
 //                 format, its 5 GEMM tensors in a row (quant_gemm, quant_linear.cpp)
 //                 and its output size
 //   qkv_biases    L optional biases of the fused qkv projection (Qwen2)
-//   k_caches, v_caches, block_tables, seq_lens: as paged_decode_attention
+//   k_caches, v_caches, block_tables, seq_lens: as paged_attention (one token per sequence)
 //   slot_mapping  [M] int64: the cache slot of each new token's K/V
 
 #include <ATen/ATen.h>
@@ -101,6 +101,7 @@ at::Tensor decoder_stack(const at::Tensor& hidden, at::TensorList norms, at::Int
 
   const QuantLinears linear(parts_per_linear, formats, weights, out_features);
   const int64_t M = hidden.size(0), q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
+  const at::Tensor query_start_loc = at::arange(M + 1, seq_lens.options());  // one token per sequence
   at::Tensor residual = hidden;
   at::Tensor delta;
   for (int64_t l = 0; l < layers; ++l) {
@@ -115,7 +116,7 @@ at::Tensor decoder_stack(const at::Tensor& hidden, at::TensorList norms, at::Int
     auto [q, k] = rotary_qk(qkv, cos_sin_cache, positions, num_heads, num_kv_heads, head_dim);
     write_kv(k_caches[l], v_caches[l], k,
              qkv.narrow(1, q_size + kv_size, kv_size).view({M, num_kv_heads, head_dim}), slot_mapping);
-    const at::Tensor attn = paged_decode_attention(q, k_caches[l], v_caches[l], block_tables, seq_lens, scale);
+    const at::Tensor attn = paged_attention(q, k_caches[l], v_caches[l], block_tables, seq_lens, query_start_loc, scale);
     const at::Tensor attn_out = linear(kLinearsPerLayer * l + 1, attn.view({M, q_size}));
     std::tie(normed, residual) = add_rms_norm(attn_out, residual, norms[2 * l + 1], eps);
     const at::Tensor act = silu_and_mul(linear(kLinearsPerLayer * l + 2, normed));

@@ -124,19 +124,15 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """q: [num_tokens, num_heads, head_dim] -> [num_tokens, num_heads, head_dim].
 
     The new tokens' K/V must already be written to the cache (``write_kv``).
-    ``native``: the C++ kernels, which read K/V through the block tables in
-    place (float32, float16 or int8 CPU caches, head_dim a multiple of 8): one for
-    decode-only steps, one for steps with prompt chunks (any mix of sequences).
+    ``native``: the C++ kernel, which reads K/V through the block tables in
+    place (float32, float16 or int8 CPU caches, head_dim a multiple of 8), one
+    kernel for every step, batch-invariant (kernels/csrc/paged_attention.cpp).
     """
-    native = native and q.shape[-1] % 8 == 0 and k_cache.dtype in NATIVE_CACHE_DTYPES
+    if native and q.shape[-1] % 8 == 0 and k_cache.dtype in NATIVE_CACHE_DTYPES:
+        return kernels.ops().paged_attention(q.contiguous(), k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                                             _query_start_loc(meta), scale)
     if meta.is_decode_only:
-        if native:
-            return kernels.ops().paged_decode_attention(q.contiguous(), k_cache, v_cache, meta.block_tables,
-                                                        meta.seq_lens, scale)
         return _decode_attention(q, k_cache, v_cache, meta, scale)
-    if native:
-        return kernels.ops().paged_prefill_attention(q.contiguous(), k_cache, v_cache, meta.block_tables,
-                                                     meta.seq_lens, _query_start_loc(meta), scale)
     out = torch.empty_like(q)
     starts = meta.query_start_loc
     for i, seq_len in enumerate(meta.seq_lens_host):
