@@ -94,9 +94,9 @@ class ModelRunner:
         rows = hidden[s.row_start:s.row_start + len(s.target_ids)]
         logits = self.model.compute_logits(rows)  # [n, vocab]
         targets = to_device(s.target_ids, torch.int64, self.device)
-        ids, logprobs, ranks = compute_prompt_logprobs(logits, targets, s.num_logprobs)
-        entries.extend(_position_logprobs(ids[i].tolist(), logprobs[i].tolist(), int(ranks[i]))
-                       for i in range(len(s.target_ids)))
+        ids, logprobs, ranks = (t.tolist() for t in to_host(compute_prompt_logprobs(logits, targets,
+                                                                                      s.num_logprobs)))
+        entries.extend(_position_logprobs(ids[i], logprobs[i], ranks[i]) for i in range(len(s.target_ids)))
         return entries
 
 
