@@ -8,9 +8,9 @@
 // for every query row: a row's result is the same bits whatever else is in the
 // step and however its prompt was chunked (batch invariance: greedy output does
 // not depend on the load, and speculative decoding's verify step scores draft
-// tokens exactly as decoding them would). Decode tokens read their tile's cache
-// rows in place (CacheTile); rows of a chunk share a tile widened once
-// (WidenedTile); both sum every score and every output in the same order.
+// tokens exactly as decoding them would). Every score is an 8-lane FMA chain
+// across head_dim then one fixed tree of adds; every output sums its keys in
+// key order (see the micro-kernels).
 //
 // Layout (see model/layers/attention.py):
 //   q, out:            [num_tokens, num_heads, head_dim], sequences back to back;
@@ -26,17 +26,18 @@
 // Algorithm (flash attention): a task is (sequence, kv head, up to kQueryTokens
 // query tokens). Its query rows are those tokens' heads of that GQA group,
 // token-major, so one K/V tile serves all of them. Keys are streamed in tiles of
-// kKeyTile, up to the task's last position only. Each tile is widened to float32
-// (int8 rows times their scales) once per task (K transposed to
-// [head_dim][kKeyTile] for the score kernel, V as rows), then for every block
-// of kRowBlock query rows:
+// kKeyTile, up to the task's last position only. A tile's rows are read where
+// they are (float32 caches, and the few rows of a decode token), or widened to
+// float32 once per tile when many query rows share it; either way int8 scales
+// multiply scores and weights, not elements. Then for every block of kRowBlock
+// query rows:
 //   scores   = q . K^T          (register-blocked FMA, q pre-multiplied by scale)
 //   online softmax per row: keep the running max and sum, turn scores into
 //            exp(score - max), 0 past the row's causal limit, and rescale the
 //            row's accumulator when the max grows
 //   acc     += weights x V      (register-blocked FMA)
 // and the accumulator is divided by the sum at the end. A row block's scores
-// are computed only up to the last key its last row sees (rounded up to 16
+// are computed only up to the last key its last row sees (rounded up to 8
 // keys), so hardly any of the triangle above the diagonal is computed.
 //
 // Tasks differ in cost (later positions see more keys; decode rows are tiny), so
@@ -72,12 +73,10 @@ using tokenloom_vec::load8;
 constexpr int64_t kLanes = 8;          // floats per AVX2 register
 constexpr int64_t kQueryTokens = 32;   // query tokens per task
 constexpr int64_t kKeyTile = 64;       // keys per tile
-// The micro-kernels work on kRowBlock rows x kBlockVecs registers: 10
-// accumulators, the 5 rows' broadcasts and one loaded register fill the 16 AVX2
-// registers. (3 x 4 measured the same; 5 x 2 trims scores to the diagonal in
-// steps of 16 keys rather than 32.)
-constexpr int64_t kRowBlock = 5;       // query rows per micro-kernel call
-constexpr int64_t kBlockVecs = 2;      // key or head_dim registers per micro-kernel call
+// Query rows go through the online softmax kRowBlock at a time: a block's
+// scores are computed up to the last key its last row sees, so little of the
+// triangle above the diagonal is computed.
+constexpr int64_t kRowBlock = 5;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // Calls fn(std::integral_constant<int, value>) for 1 <= value <= Max.
@@ -89,52 +88,62 @@ void with_constant(int64_t value, Fn&& fn) {
   fn(std::integral_constant<int, Max>{});
 }
 
-// Calls fn(M, N) with M = m in [1, kRowBlock] and N = n in [1, kBlockVecs] as
-// compile-time constants, so the micro-kernels keep their accumulators in
-// registers for every tail size.
-template <typename Fn>
-void dispatch(int64_t m, int64_t n, Fn&& fn) {
-  with_constant<kRowBlock>(m, [&](auto M) { with_constant<kBlockVecs>(n, [&](auto N) { fn(M, N); }); });
+// The micro-kernels below keep acc, a one-dimensional array, in registers.
+// GCC only manages that reliably when the loop is a do-while (a loop that may
+// run zero times spills acc on every iteration); both loops run at least once
+// (head_dim >= 8, count >= 1).
+//
+// One order of arithmetic for every query row, whatever the step holds: a
+// score is an 8-lane FMA chain across head_dim, in order, then one fixed tree
+// of adds over the lanes, ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7));
+// an output element sums its keys' weighted values in key order. Decodes and
+// prompt chunks run the same micro-kernels, only on rows read from the cache
+// or widened into scratch first, so a row's result does not depend on the batch
+// or on how its prompt was chunked.
+
+// The four dot products of lanes 0..3: a_j's 8 lanes summed by the fixed tree.
+inline __m128 reduce4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
-// The micro-kernels below keep acc, a one-dimensional [M][N] array, in
-// registers. GCC only manages that reliably when the loop is a do-while (a
-// loop that may run zero times spills acc on every iteration); both loops run
-// at least once (head_dim >= 8, count >= 1).
-
-// s[m][0 .. N*8) = q row m . keys 0 .. N*8 for M query rows (d apart); kt
-// points into a key tile transposed to [d][kKeyTile]; s rows are kKeyTile apart.
-template <int M, int N>
-void score_block(const float* q, const float* kt, int64_t d, float* s) {
-  __m256 acc[M * N];
+// s[m][0 .. 4) = q row m . keys[0 .. 4) for M query rows (d apart), s rows
+// kKeyTile apart. A key is a row of d elements of type K (float rows widened
+// into scratch, or cache rows: load8 converts f16 and int8 in registers).
+// 4M accumulators + M q registers + 1 key register fill AVX2's 16 at M = 3.
+template <int M, typename K>
+void score_block(const float* q, const K* const keys[4], int64_t d, float* s) {
+  __m256 acc[M * 4];
   for (auto& a : acc) a = _mm256_setzero_ps();
   int64_t c = 0;
   do {
-    __m256 qc[M];
-    for (int m = 0; m < M; ++m) qc[m] = _mm256_broadcast_ss(q + m * d + c);
-    for (int n = 0; n < N; ++n) {
-      const __m256 k = _mm256_loadu_ps(kt + c * kKeyTile + n * kLanes);
-      for (int m = 0; m < M; ++m) acc[m * N + n] = _mm256_fmadd_ps(qc[m], k, acc[m * N + n]);
+    __m256 qv[M];
+    for (int m = 0; m < M; ++m) qv[m] = _mm256_loadu_ps(q + m * d + c);
+    for (int j = 0; j < 4; ++j) {
+      const __m256 k = load8(keys[j] + c);
+      for (int m = 0; m < M; ++m) acc[m * 4 + j] = _mm256_fmadd_ps(qv[m], k, acc[m * 4 + j]);
     }
-  } while (++c < d);
+  } while ((c += kLanes) < d);
   for (int m = 0; m < M; ++m)
-    for (int n = 0; n < N; ++n) _mm256_storeu_ps(s + m * kKeyTile + n * kLanes, acc[m * N + n]);
+    _mm_storeu_ps(s + m * kKeyTile, reduce4(acc[m * 4], acc[m * 4 + 1], acc[m * 4 + 2], acc[m * 4 + 3]));
 }
 
-// o[m][col .. col + N*8) += sum over k < count of p[m][k] * v[k][col ..] for
-// M accumulator rows (d apart); p rows are kKeyTile apart, v rows d apart.
-template <int M, int N>
-void accumulate_block(const float* p, const float* v, int64_t count, int64_t col, int64_t d,
-                      float* o) {
+// o[m][col .. col + N*8) += sum over k < count of p[m][k] * value k [col ..] for
+// M accumulator rows (d apart); p rows are kKeyTile apart; value k is the row
+// at values + offsets[k].
+template <int M, int N, typename K>
+void accumulate_block(const float* p, const K* values, const int64_t* offsets, int64_t count, int64_t col,
+                      int64_t d, float* o) {
   __m256 acc[M * N];
   for (int m = 0; m < M; ++m)
     for (int n = 0; n < N; ++n) acc[m * N + n] = _mm256_loadu_ps(o + m * d + col + n * kLanes);
   int64_t k = 0;
   do {
+    const K* row = values + offsets[k];
     __m256 w[M];
     for (int m = 0; m < M; ++m) w[m] = _mm256_broadcast_ss(p + m * kKeyTile + k);
     for (int n = 0; n < N; ++n) {
-      const __m256 x = _mm256_loadu_ps(v + k * d + col + n * kLanes);
+      const __m256 x = load8(row + col + n * kLanes);
       for (int m = 0; m < M; ++m) acc[m * N + n] = _mm256_fmadd_ps(w[m], x, acc[m * N + n]);
     }
   } while (++k < count);
@@ -208,46 +217,9 @@ void scale_row(float alpha, float* y, int64_t n) {
   for (int64_t i = 0; i < n; i += kLanes) _mm256_storeu_ps(y + i, _mm256_mul_ps(a, _mm256_loadu_ps(y + i)));
 }
 
-// Columns of r[0..7] become its rows (inlined, so r stays in registers).
-inline __attribute__((always_inline)) void transpose8(__m256 r[8]) {
-  __m256 t[8], u[8];
-  for (int i = 0; i < 8; i += 2) {
-    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 8; i += 4) {
-    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
-    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
-    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
-    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
-  }
-}
-
 // Cache rows are widened without their int8 scale: a key's scale multiplies its
-// score once and a value's scale its weight once (scale_scores, scale_weights),
-// rather than every element.
-
-// kt[c][k] = key row k's element c, widened, for the tile's count key rows
-// (at element offsets offsets[k] of keys). Keys count .. round up to 8 repeat
-// the last row; their scores are never shown.
-template <typename T>
-void transpose_keys(const T* keys, const int64_t* offsets, int64_t count, int64_t d, float* kt) {
-  for (int64_t k0 = 0; k0 < count; k0 += kLanes) {
-    const T* rows[kLanes];
-    for (int64_t i = 0; i < kLanes; ++i) rows[i] = keys + offsets[std::min(k0 + i, count - 1)];
-    for (int64_t c = 0; c < d; c += kLanes) {
-      __m256 r[kLanes];
-      for (int64_t i = 0; i < kLanes; ++i) r[i] = load8(rows[i] + c);
-      transpose8(r);
-      for (int64_t i = 0; i < kLanes; ++i) _mm256_storeu_ps(kt + (c + i) * kKeyTile + k0, r[i]);
-    }
-  }
-}
-
+// score once and a value's scale its weight once (scale_columns), rather than
+// every element.
 template <typename T>
 void widen_row(const T* row, int64_t d, float* dst) {
   for (int64_t c = 0; c < d; c += kLanes) _mm256_storeu_ps(dst + c, load8(row + c));
@@ -275,16 +247,19 @@ struct Task {
 };
 
 // Per-thread buffers, sized once for the call's largest task (a decode step's
-// tasks are one token's heads: a few KB). kt and v are sized on first use: tiles
-// read in place (CacheTile) never need them.
+// tasks are one token's heads: a few KB). k and v are sized on first use: tiles
+// read in place never need them.
 struct Scratch {
-  std::vector<float> q, acc, scores, kt, v;
+  std::vector<float> q, acc, scores, k, v;
   std::vector<RowState> rows;
   std::vector<int64_t> offsets;
+  std::vector<int64_t> widened_offsets;  // row k of a widened tile starts at k * d
   std::vector<float> key_scales, value_scales;  // int8 caches: the tile's rows' scales
   Scratch(int64_t num_rows, int64_t d)
       : q(num_rows * d), acc(num_rows * d), scores(kRowBlock * kKeyTile), rows(num_rows), offsets(kKeyTile),
-        key_scales(kKeyTile), value_scales(kKeyTile) {}
+        widened_offsets(kKeyTile), key_scales(kKeyTile), value_scales(kKeyTile) {
+    for (int64_t k = 0; k < kKeyTile; ++k) widened_offsets[k] = k * d;
+  }
 };
 
 // The element offsets of keys start .. start + count - 1 of one sequence and kv
@@ -300,8 +275,20 @@ void tile_offsets(const Problem<T>& p, const int64_t* table, int64_t kv_head, in
       scratch.offsets[k++] = offset;
     }
   }
+  // The rows are scattered over blocks, so the hardware prefetcher cannot guess
+  // them: ask for every line of the tile's K and V rows now, ahead of their use.
+  constexpr int64_t kLineBytes = 64;
+  const int64_t row_bytes = width * static_cast<int64_t>(sizeof(T));
+  for (int64_t k = 0; k < count; ++k) {
+    const char* key = reinterpret_cast<const char*>(p.k_cache + scratch.offsets[k]);
+    const char* value = reinterpret_cast<const char*>(p.v_cache + scratch.offsets[k]);
+    for (int64_t b = 0; b < row_bytes; b += kLineBytes) {
+      _mm_prefetch(key + b, _MM_HINT_T1);
+      _mm_prefetch(value + b, _MM_HINT_T1);
+    }
+  }
   if constexpr (RowFormat<T>::kScaled) {
-    // Keys count .. round up to 8 repeat the last row, as transpose_keys pads.
+    // Keys count .. round up to 8 repeat the last row, as attend_rows pads.
     for (int64_t k = 0; k < (count + kLanes - 1) / kLanes * kLanes; ++k) {
       const int64_t offset = scratch.offsets[std::min(k, count - 1)];
       scratch.key_scales[k] = RowFormat<T>::scale(p.k_cache + offset, p.head_dim);
@@ -310,99 +297,31 @@ void tile_offsets(const Problem<T>& p, const int64_t* table, int64_t kv_head, in
   }
 }
 
-// Widens the tile at scratch.offsets into scratch.kt (transposed) and scratch.v (rows).
-template <typename T>
-void widen_tile(const Problem<T>& p, int64_t count, Scratch& scratch) {
-  const int64_t d = p.head_dim;
-  if (scratch.kt.empty()) {
-    scratch.kt.resize(d * kKeyTile);
-    scratch.v.resize(kKeyTile * d);
-  }
-  transpose_keys(p.k_cache, scratch.offsets.data(), count, d, scratch.kt.data());
-  for (int64_t k = 0; k < count; ++k) widen_row(p.v_cache + scratch.offsets[k], d, scratch.v.data() + k * d);
-}
-
-// A key tile widened into scratch: K transposed to [d][kKeyTile], V as rows.
-// Worth it when many query rows share the tile (prompt chunks).
-struct WidenedTile {
-  Scratch& scratch;
-  template <int M, int N>
-  void scores(const float* q, int64_t v, int64_t d, float* s) const {
-    score_block<M, N>(q, scratch.kt.data() + v * kLanes, d, s + v * kLanes);
-  }
-  template <int M>
-  void accumulate(const float* p, int64_t count, int64_t d, float* o) const {
-    for (int64_t col = 0; col < d; col += kBlockVecs * kLanes) {
-      with_constant<kBlockVecs>(std::min(kBlockVecs, (d - col) / kLanes), [&](auto N) {
-        accumulate_block<M, decltype(N)::value>(p, scratch.v.data(), count, col, d, o);
-      });
-    }
-  }
-};
-
-// A key tile read from the cache rows as they are (at element offsets
-// offsets[k]), for a task of at most kRowBlock query rows (a decode token's
-// heads), where widening the tile first would cost more than the rows' work.
-// Keys are transposed 8 at a time in registers; every score and every
-// accumulator sees the same FMAs in the same order as through WidenedTile, so
-// both give the same bits, and a token's result does not depend on whether it
-// came alone or in a chunk.
-template <typename T>
-struct CacheTile {
-  const T* keys;
-  const T* values;
+// One key tile of count keys: key and value k are the rows at offsets[k] of
+// keys and values (cache rows, or float rows widened into scratch).
+template <typename K>
+struct Tile {
+  const K* keys;
+  const K* values;
   const int64_t* offsets;
   int64_t count;
-  template <int M, int N>
-  void scores(const float* q, int64_t v, int64_t d, float* s) const {
-    for (int n = 0; n < N; ++n) score_keys<M>(q, (v + n) * kLanes, d, s + (v + n) * kLanes);
-  }
-  template <int M>
-  void score_keys(const float* q, int64_t k0, int64_t d, float* s) const {
-    const T* rows[kLanes];
-    for (int64_t i = 0; i < kLanes; ++i) rows[i] = keys + offsets[std::min(k0 + i, count - 1)];  // as transpose_keys pads
-    __m256 acc[M];
-    for (auto& a : acc) a = _mm256_setzero_ps();
-    for (int64_t c = 0; c < d; c += kLanes) {
-      __m256 r[kLanes];
-      for (int64_t i = 0; i < kLanes; ++i) r[i] = load8(rows[i] + c);
-      transpose8(r);  // r[i] = element c + i of the 8 keys
-      for (int64_t i = 0; i < kLanes; ++i)
-        for (int m = 0; m < M; ++m) acc[m] = _mm256_fmadd_ps(_mm256_broadcast_ss(q + m * d + c + i), r[i], acc[m]);
-    }
-    for (int m = 0; m < M; ++m) _mm256_storeu_ps(s + m * kKeyTile, acc[m]);
-  }
-  // Every accumulator still sums its keys in order, so the columns may be cut
-  // differently from WidenedTile: 4 registers of them per pass for up to 3 rows
-  // (12 accumulators), so each cache row is read and widened half as often.
-  template <int M>
-  void accumulate(const float* p, int64_t n_keys, int64_t d, float* o) const {
-    constexpr int64_t kVecs = M <= 3 ? 4 : 2;
-    for (int64_t col = 0; col < d; col += kVecs * kLanes) {
-      with_constant<kVecs>(std::min(kVecs, (d - col) / kLanes), [&](auto N) {
-        accumulate_cols<M, decltype(N)::value>(p, n_keys, col, d, o);
-      });
-    }
-  }
-  template <int M, int N>
-  void accumulate_cols(const float* p, int64_t n_keys, int64_t col, int64_t d, float* o) const {
-    __m256 acc[M * N];
-    for (int m = 0; m < M; ++m)
-      for (int n = 0; n < N; ++n) acc[m * N + n] = _mm256_loadu_ps(o + m * d + col + n * kLanes);
-    int64_t k = 0;
-    do {
-      const T* row = values + offsets[k];
-      __m256 w[M];
-      for (int m = 0; m < M; ++m) w[m] = _mm256_broadcast_ss(p + m * kKeyTile + k);
-      for (int n = 0; n < N; ++n) {
-        const __m256 x = load8(row + col + n * kLanes);
-        for (int m = 0; m < M; ++m) acc[m * N + n] = _mm256_fmadd_ps(w[m], x, acc[m * N + n]);
-      }
-    } while (++k < n_keys);
-    for (int m = 0; m < M; ++m)
-      for (int n = 0; n < N; ++n) _mm256_storeu_ps(o + m * d + col + n * kLanes, acc[m * N + n]);
-  }
 };
+
+// Widens the tile at scratch.offsets into scratch.k and scratch.v: worth it when
+// many query rows share it (a prompt chunk) and its rows need converting.
+template <typename T>
+Tile<float> widen_tile(const Problem<T>& p, int64_t count, Scratch& scratch) {
+  const int64_t d = p.head_dim;
+  if (scratch.k.empty()) {
+    scratch.k.resize(kKeyTile * d);
+    scratch.v.resize(kKeyTile * d);
+  }
+  for (int64_t k = 0; k < count; ++k) {
+    widen_row(p.k_cache + scratch.offsets[k], d, scratch.k.data() + k * d);
+    widen_row(p.v_cache + scratch.offsets[k], d, scratch.v.data() + k * d);
+  }
+  return {scratch.k.data(), scratch.v.data(), scratch.widened_offsets.data(), count};
+}
 
 // s[i][0 .. n_vecs * 8) *= factors[0 ..] for m rows kKeyTile apart.
 void scale_columns(float* s, int64_t m, int64_t n_vecs, const float* factors) {
@@ -415,22 +334,29 @@ void scale_columns(float* s, int64_t m, int64_t n_vecs, const float* factors) {
   }
 }
 
+constexpr int64_t kScoreRows = 3;  // query rows per score_block call
+
 // Rows row0 .. row0 + m - 1 of the task against one key tile of count keys
 // from position start. limit(r) = how many of the tile's keys row r sees.
 // scaled: int8 rows, whose scales (scratch.key_scales / value_scales) multiply
 // each score and each weight once.
-template <typename Tile, typename Limit>
-void attend_rows(const Tile& tile, int64_t row0, int64_t m, int64_t count, int64_t d, const Limit& limit,
-                 bool scaled, Scratch& scratch) {
+template <typename K, typename Limit>
+void attend_rows(const Tile<K>& tile, int64_t row0, int64_t m, int64_t d, const Limit& limit, bool scaled,
+                 Scratch& scratch) {
+  const int64_t count = tile.count;
   const int64_t visible = std::min(count, limit(row0 + m - 1));  // the block's last row sees most
   if (visible <= 0) return;
   const int64_t n_vecs = (visible + kLanes - 1) / kLanes;
   float* s = scratch.scores.data();
   float* acc = scratch.acc.data() + row0 * d;
-  for (int64_t v = 0; v < n_vecs; v += kBlockVecs) {
-    dispatch(m, std::min(kBlockVecs, n_vecs - v), [&](auto M, auto N) {
-      tile.template scores<decltype(M)::value, decltype(N)::value>(scratch.q.data() + row0 * d, v, d, s);
-    });
+  for (int64_t k0 = 0; k0 < n_vecs * kLanes; k0 += 4) {
+    const K* keys[4];  // keys past the tile repeat its last one: their scores are never shown
+    for (int64_t j = 0; j < 4; ++j) keys[j] = tile.keys + tile.offsets[std::min(k0 + j, count - 1)];
+    for (int64_t r = 0; r < m; r += kScoreRows) {
+      with_constant<kScoreRows>(std::min(kScoreRows, m - r), [&](auto M) {
+        score_block<decltype(M)::value>(scratch.q.data() + (row0 + r) * d, keys, d, s + r * kKeyTile + k0);
+      });
+    }
   }
   if (scaled) scale_columns(s, m, n_vecs, scratch.key_scales.data());
   int64_t row_visible[kRowBlock];
@@ -441,7 +367,17 @@ void attend_rows(const Tile& tile, int64_t row0, int64_t m, int64_t count, int64
     if (rescale[i] != 1.0f) scale_row(rescale[i], acc + i * d, d);
   }
   if (scaled) scale_columns(s, m, n_vecs, scratch.value_scales.data());  // after the sum: it counts weights
-  with_constant<kRowBlock>(m, [&](auto M) { tile.template accumulate<decltype(M)::value>(s, visible, d, acc); });
+  with_constant<kRowBlock>(m, [&](auto M) {
+    // Up to 3 rows take 4 registers of columns a pass (12 accumulators), so each
+    // value row is read half as often; the order of every sum is the same.
+    constexpr int64_t kVecs = decltype(M)::value <= 3 ? 4 : 2;
+    for (int64_t col = 0; col < d; col += kVecs * kLanes) {
+      with_constant<kVecs>(std::min(kVecs, (d - col) / kLanes), [&](auto N) {
+        accumulate_block<decltype(M)::value, decltype(N)::value>(s, tile.values, tile.offsets, visible, col, d,
+                                                                 acc);
+      });
+    }
+  });
 }
 
 template <typename T>
@@ -458,19 +394,21 @@ void run_task(const Problem<T>& p, const Task& task, Scratch& scratch) {
 
   const int64_t* table = p.block_tables + task.seq * p.max_num_blocks;
   const int64_t end = task.first_pos + task.count;  // keys 0 .. end - 1 are visible to some row
+  // Rows of f16 or int8 are converted once per tile when many query rows share it.
+  const bool widen = !std::is_same_v<T, float> && rows > kRowBlock;
   for (int64_t start = 0; start < end; start += kKeyTile) {
     const int64_t count = std::min(kKeyTile, end - start);
     tile_offsets(p, table, task.kv_head, start, count, scratch);
     const auto limit = [&](int64_t r) { return task.first_pos + r / group + 1 - start; };
-    if (rows <= kRowBlock) {  // one row block (a decode token): read the cache rows in place
-      const CacheTile<T> tile{p.k_cache, p.v_cache, scratch.offsets.data(), count};
-      attend_rows(tile, 0, rows, count, d, limit, RowFormat<T>::kScaled, scratch);
-      continue;
-    }
-    widen_tile(p, count, scratch);
-    const WidenedTile tile{scratch};
-    for (int64_t row0 = 0; row0 < rows; row0 += kRowBlock) {
-      attend_rows(tile, row0, std::min(kRowBlock, rows - row0), count, d, limit, RowFormat<T>::kScaled, scratch);
+    const auto attend = [&](const auto& tile) {
+      for (int64_t row0 = 0; row0 < rows; row0 += kRowBlock) {
+        attend_rows(tile, row0, std::min(kRowBlock, rows - row0), d, limit, RowFormat<T>::kScaled, scratch);
+      }
+    };
+    if (widen) {
+      attend(widen_tile(p, count, scratch));
+    } else {
+      attend(Tile<T>{p.k_cache, p.v_cache, scratch.offsets.data(), count});
     }
   }
   for (int64_t i = 0; i < task.count; ++i) {
