@@ -91,6 +91,8 @@ def main() -> None:
             _attention(args.arch, dtype, cache, split, group=4, head_dim=64)
     _attention(args.arch, "bf16", "bf16", False, group=3, head_dim=128)
     _attention(args.arch, "bf16", "bf16", False, group=8, head_dim=80)
+    _attention(args.arch, "bf16", "bf16", True, group=7, head_dim=128)  # Qwen2-7B: 28 / 4 heads
+    _attention(args.arch, "bf16", "bf16", False, group=1, head_dim=128)  # multi-head attention
     for dtype in ("bf16", "fp16", "fp32"):
         _fused(args.arch, dtype)
         _kv_write(args.arch, dtype, dtype)

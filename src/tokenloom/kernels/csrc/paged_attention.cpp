@@ -76,7 +76,7 @@ constexpr int64_t kKeyTile = 64;       // keys per tile
 // Query rows go through the online softmax kRowBlock at a time: a block's
 // scores are computed up to the last key its last row sees, so little of the
 // triangle above the diagonal is computed.
-constexpr int64_t kRowBlock = 5;
+constexpr int64_t kRowBlock = 6;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // Calls fn(std::integral_constant<int, value>) for 1 <= value <= Max.
@@ -367,17 +367,20 @@ void attend_rows(const Tile<K>& tile, int64_t row0, int64_t m, int64_t d, const 
     if (rescale[i] != 1.0f) scale_row(rescale[i], acc + i * d, d);
   }
   if (scaled) scale_columns(s, m, n_vecs, scratch.value_scales.data());  // after the sum: it counts weights
-  with_constant<kRowBlock>(m, [&](auto M) {
-    // Up to 3 rows take 4 registers of columns a pass (12 accumulators), so each
-    // value row is read half as often; the order of every sum is the same.
-    constexpr int64_t kVecs = decltype(M)::value <= 3 ? 4 : 2;
-    for (int64_t col = 0; col < d; col += kVecs * kLanes) {
-      with_constant<kVecs>(std::min(kVecs, (d - col) / kLanes), [&](auto N) {
-        accumulate_block<decltype(M)::value, decltype(N)::value>(s, tile.values, tile.offsets, visible, col, d,
-                                                                 acc);
-      });
-    }
-  });
+  // Rows kScoreRows at a time, 4 registers of columns a pass (12 accumulators):
+  // each value row is read once per 3 rows and 32 columns; the order of every sum
+  // is the same whatever the blocking.
+  constexpr int64_t kVecs = 4;
+  for (int64_t r = 0; r < m; r += kScoreRows) {
+    with_constant<kScoreRows>(std::min(kScoreRows, m - r), [&](auto M) {
+      for (int64_t col = 0; col < d; col += kVecs * kLanes) {
+        with_constant<kVecs>(std::min(kVecs, (d - col) / kLanes), [&](auto N) {
+          accumulate_block<decltype(M)::value, decltype(N)::value>(s + r * kKeyTile, tile.values, tile.offsets,
+                                                                   visible, col, d, acc + r * d);
+        });
+      }
+    });
+  }
 }
 
 template <typename T>
