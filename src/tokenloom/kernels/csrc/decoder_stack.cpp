@@ -7,7 +7,7 @@
 // for the whole stack:
 //
 //   per layer:  norm (+ residual add) -> qkv -> rotary q, k -> write K/V to the
-//               paged cache -> paged decode attention -> o -> add + norm ->
+//               paged cache -> paged attention -> o -> add + norm ->
 //               gate_up -> silu * up -> down
 //   at the end: the final add + norm
 //
