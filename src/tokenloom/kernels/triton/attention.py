@@ -27,17 +27,15 @@ and whatever else is in the batch: keys past a row's position add exact zeros.
 
 from __future__ import annotations
 
+import os
+
+import torch
 import triton
 import triton.language as tl
-import torch
 
 SEGMENT = 256  # keys per segment; a multiple of every block size the kernel takes
-
-
-def _interpreted() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET") == "1"
+# Triton reads TRITON_INTERPRET when a kernel is defined, so it is fixed by import time.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -212,7 +210,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     num_seqs = seq_lens.shape[0]
     num_q_blocks = num_tokens // block_q + num_seqs
     out = torch.empty_like(q) if out is None else out
-    widen = _interpreted()
+    widen = _INTERPRETED
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     num_segments = triton.cdiv(max_seq_len, SEGMENT)
     split = split and num_segments > 1

@@ -25,7 +25,7 @@ so prefill chunks, decodes and recomputation after preemption are one case.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -43,21 +43,20 @@ class AttentionMetadata:
     query_start_loc: tuple[int, ...]  # len num_seqs + 1, host ints
     seq_lens_host: tuple[int, ...]  # seq_lens as host ints
     block_size: int
-    # query_start_loc on the device (int32), for kernels that find their rows there
+    # query_start_loc on the device (int64), for kernels that find their rows there
     query_start_loc_tensor: torch.Tensor | None = None
+    # Derived once here, not in each of the layers that read them.
+    max_query_len: int = field(init=False)
+    max_seq_len: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        starts = self.query_start_loc
+        object.__setattr__(self, "max_query_len", max((b - a for a, b in zip(starts, starts[1:])), default=0))
+        object.__setattr__(self, "max_seq_len", max(self.seq_lens_host, default=0))
 
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens_host)
-
-    @property
-    def max_query_len(self) -> int:
-        starts = self.query_start_loc
-        return max(b - a for a, b in zip(starts, starts[1:]))
-
-    @property
-    def max_seq_len(self) -> int:
-        return max(self.seq_lens_host)
 
     @property
     def is_decode_only(self) -> bool:
@@ -186,7 +185,7 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     zeros and a sequence's result does not depend on what else is in the batch.
     """
     block_size = k_cache.shape[1]
-    max_len = max(meta.seq_lens_host)
+    max_len = meta.max_seq_len
     num_blocks = -(-max_len // block_size)
     tables = meta.block_tables[:, :num_blocks]  # [S, nb]
     k = cache_rows_as(k_cache[tables].flatten(1, 2)[:, :max_len], q.dtype)  # [S, max_len, KVH, D]

@@ -54,8 +54,9 @@ class TorchOps:
         """qkv [n, (H + 2 KVH) * D] -> rotated q [n, H, D], k [n, KVH, D]."""
         n = qkv.shape[0]
         q, k = qkv[:, :num_heads * head_dim], qkv[:, num_heads * head_dim:(num_heads + num_kv_heads) * head_dim]
-        return (apply_rotary(q.view(n, num_heads, head_dim), rope.cos, rope.sin),
-                apply_rotary(k.view(n, num_kv_heads, head_dim), rope.cos, rope.sin))
+        cos, sin = rope.cos_sin()
+        return (apply_rotary(q.view(n, num_heads, head_dim), cos, sin),
+                apply_rotary(k.view(n, num_kv_heads, head_dim), cos, sin))
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = x.chunk(2, dim=-1)

@@ -13,7 +13,6 @@ only indexed by ``positions``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -60,15 +59,29 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: RopeScaling) -> torch.Tens
     return torch.where(is_medium, smoothed, scaled)
 
 
-@dataclass(frozen=True, slots=True)
 class RopeInputs:
-    """One step's rotary inputs, shared by every layer: ``cos``/``sin`` for the
-    PyTorch path, ``positions`` + the cache for the fused kernel."""
+    """One step's rotary inputs, shared by every layer: ``positions`` and the cache for
+    the fused kernels, and ``cos_sin()`` for the PyTorch path, gathered on first use
+    (once per step; backends with a fused rotary never gather it)."""
 
-    positions: torch.Tensor  # [num_tokens] int64
-    cos: torch.Tensor  # [num_tokens, 1, head_dim // 2]
-    sin: torch.Tensor
-    cos_sin_cache: torch.Tensor  # [max_position, head_dim]
+    __slots__ = ("positions", "cos_sin_cache", "_cos_sin")
+
+    def __init__(self, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
+        self.positions = positions  # [num_tokens] int64
+        self.cos_sin_cache = cos_sin_cache  # [max_position, head_dim]
+        self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin ``[num_tokens, 1, head_dim // 2]``, broadcastable over heads."""
+        if self._cos_sin is None:
+            self._cos_sin = gather_cos_sin(self.cos_sin_cache, self.positions)
+        return self._cos_sin
+
+
+def gather_cos_sin(cos_sin_cache: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    cos_sin = cos_sin_cache.index_select(0, positions)  # [num_tokens, head_dim]
+    cos, sin = cos_sin.unsqueeze(1).chunk(2, dim=-1)
+    return cos, sin
 
 
 class RotaryEmbedding(nn.Module):
@@ -89,14 +102,11 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_sin_cache", cache, persistent=False)
 
     def inputs(self, positions: torch.Tensor) -> RopeInputs:
-        cos, sin = self.cos_sin(positions)
-        return RopeInputs(positions, cos, sin, self.cos_sin_cache)
+        return RopeInputs(positions, self.cos_sin_cache)
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin ``[num_tokens, 1, head_dim // 2]``, broadcastable over heads."""
-        cos_sin = self.cos_sin_cache.index_select(0, positions)  # [num_tokens, head_dim]
-        cos, sin = cos_sin.unsqueeze(1).chunk(2, dim=-1)
-        return cos, sin
+        return gather_cos_sin(self.cos_sin_cache, positions)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
