@@ -5,6 +5,8 @@
 #   PEERS="llama-server" benchmarks/compare.sh  a subset
 #   PEERS="tokenloom-no-prefix-caching" ...     tokenloom against itself with the prefix cache off
 #   PEERS="tokenloom-json-schema" ...           against itself with every answer held to a JSON schema
+#   PEERS="tokenloom-ngram" ...                 against itself with n-gram speculative decoding
+#                                               (NGRAM_SPEC_CONFIG, vLLM's --speculative-config JSON)
 #
 # Each server is started in turn on 127.0.0.1 (alone, so they never share the
 # CPU), warmed up, driven by `python -m tokenloom.bench serve` with the same
@@ -35,6 +37,8 @@ PORT="${PORT:-8300}"
 OUT_DIR="${OUT_DIR:-$ROOT/benchmarks/results/compare-$(date +%Y%m%d-%H%M%S)}"
 START_TIMEOUT_S="${START_TIMEOUT_S:-600}"
 WORKLOAD_ARGS="${WORKLOAD_ARGS:-}"
+DEFAULT_NGRAM_SPEC_CONFIG='{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4, "prompt_lookup_min": 2}'
+NGRAM_SPEC_CONFIG="${NGRAM_SPEC_CONFIG:-$DEFAULT_NGRAM_SPEC_CONFIG}"  # JSON without single quotes
 mkdir -p "$OUT_DIR"
 
 server_pid=""
@@ -53,6 +57,8 @@ server_command() {
         tokenloom) echo "$PY -m tokenloom.entrypoints.cli serve $MODEL --host 127.0.0.1 --port $PORT --log-stats-interval 0 ${TOKENLOOM_ARGS:-}" ;;
         tokenloom-no-prefix-caching) echo "$(server_command tokenloom) --no-prefix-caching" ;;
         tokenloom-json-schema) server_command tokenloom ;;
+        # single quotes: the line runs through `bash -c`, which keeps the JSON one word
+        tokenloom-ngram) echo "$(server_command tokenloom) --speculative-config '$NGRAM_SPEC_CONFIG'" ;;
         *) echo "$(peer_script "$1") serve $PORT" ;;
     esac
 }
@@ -69,7 +75,7 @@ peer_script() {
 # Request fields each engine takes to force OUTPUT_LEN tokens (see docs/benchmarks.md).
 bench_options() {
     case "$1" in
-        tokenloom | tokenloom-no-prefix-caching | llama-server) echo "--force-output ignore_eos" ;;
+        tokenloom | tokenloom-no-prefix-caching | tokenloom-ngram | llama-server) echo "--force-output ignore_eos" ;;
         tokenloom-json-schema) echo "--force-output ignore_eos --response-format json-schema" ;;
         llama-cpp-python) echo "--force-output min_tokens" ;;  # it has min_tokens, no ignore_eos
         # transformers serve refuses ignore_eos and min_tokens but takes logit_bias: -100 on

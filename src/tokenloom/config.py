@@ -8,6 +8,7 @@ from a function that returns a NEW config via ``dataclasses.replace``.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
@@ -133,16 +134,101 @@ class SchedulerConfig:
             raise ValueError("max_model_len must be >= 1")
 
 
+SPECULATIVE_METHODS = ("ngram", "draft_model")
+MAX_SPECULATIVE_TOKENS = 16
+# Speculation stops paying once a step's rows are compute-bound: verifying 1 + k rows
+# per request then costs about 1 + k decode rows (see docs/performance.md).
+DEFAULT_SPEC_DISABLE_BY_BATCH_SIZE = 8
+
+
+@dataclass(frozen=True, slots=True)
+class SpeculativeConfig:
+    """Speculative decoding, in vLLM's ``--speculative-config`` shape.
+
+    ``ngram`` (prompt lookup): the longest suffix of a sequence's tokens, between
+    ``prompt_lookup_max`` and ``prompt_lookup_min`` tokens, found earlier in the
+    sequence proposes the ``num_speculative_tokens`` tokens that followed it.
+    ``draft_model``: a smaller model of the same vocabulary (``model``: file, directory
+    or alias) proposes them, run by the same engine with its own paged KV cache.
+    A step with more than ``disable_by_batch_size`` running sequences speculates for
+    none of them (None: always speculate).
+    """
+
+    method: str
+    num_speculative_tokens: int
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 2
+    model: str | None = None
+    disable_by_batch_size: int | None = DEFAULT_SPEC_DISABLE_BY_BATCH_SIZE
+
+    @classmethod
+    def from_dict(cls, spec: dict) -> SpeculativeConfig:
+        """From the user's JSON object; ValueError naming an unknown key or a bad value.
+        vLLM's spelling is accepted: a ``model`` without ``method`` is a draft model."""
+        if not isinstance(spec, dict):
+            raise ValueError(f"speculative config must be a JSON object, got {type(spec).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(spec) - known)
+        if unknown:
+            raise ValueError(f"speculative config: unknown key(s) {unknown}; known: {sorted(known)}")
+        spec = dict(spec)
+        if "method" not in spec and spec.get("model") is not None:
+            spec["method"] = "draft_model"
+        for key in ("method", "num_speculative_tokens"):
+            if key not in spec:
+                raise ValueError(f"speculative config: {key!r} is required")
+        config = cls(**spec)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if self.method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative config: method must be one of {SPECULATIVE_METHODS}, "
+                             f"got {self.method!r}")
+        k = self.num_speculative_tokens
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"speculative config: num_speculative_tokens must be an integer in "
+                             f"[1, {MAX_SPECULATIVE_TOKENS}], got {k!r}")
+        if self.method == "ngram":
+            low, high = self.prompt_lookup_min, self.prompt_lookup_max
+            if not (isinstance(low, int) and isinstance(high, int) and 1 <= low <= high):
+                raise ValueError(f"speculative config: need 1 <= prompt_lookup_min <= prompt_lookup_max, "
+                                 f"got {low!r} and {high!r}")
+            if self.model is not None:
+                raise ValueError("speculative config: 'model' is for method draft_model, not ngram")
+        elif not isinstance(self.model, str) or not self.model:
+            raise ValueError("speculative config: method draft_model needs 'model' (a file, directory or alias)")
+        limit = self.disable_by_batch_size
+        if limit is not None and (not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"speculative config: disable_by_batch_size must be an integer >= 1 or null, "
+                             f"got {limit!r}")
+
+
+def parse_speculative_config(text: str | dict | None) -> SpeculativeConfig | None:
+    """``--speculative-config`` (a JSON object, or its text) -> SpeculativeConfig; None stays None."""
+    if text is None or isinstance(text, SpeculativeConfig):
+        return text
+    if isinstance(text, str):
+        try:
+            text = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"speculative config is not valid JSON: {exc}") from exc
+    return SpeculativeConfig.from_dict(text)
+
+
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    speculative: SpeculativeConfig | None = None
 
     def validate(self) -> None:
         self.model.validate()
         self.cache.validate()
         self.scheduler.validate()
+        if self.speculative is not None:
+            self.speculative.validate()
 
 
 def resolve_device_defaults(model: ModelConfig, cuda_available: bool) -> ModelConfig:

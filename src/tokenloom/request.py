@@ -46,6 +46,7 @@ class OutputGrammar(Protocol):
     @property
     def is_terminated(self) -> bool: ...
     def accept(self, token_id: int) -> bool: ...
+    def num_valid(self, token_ids: list[int]) -> int: ...
 
 
 class Request:
@@ -98,6 +99,9 @@ class Request:
         self.prompt_logprobs: list[PositionLogprobs | None] = []
         # Structured output: the grammar its tokens follow (None: unconstrained).
         self.grammar = grammar
+        # Speculative decoding: tokens proposed to follow output_token_ids, verified by the
+        # next step that runs this sequence (set by the engine, dropped on preemption).
+        self.spec_token_ids: list[int] = []
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -118,6 +122,11 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.finished
+
+    @property
+    def is_decoding(self) -> bool:
+        """Every known token but the last sampled one has its KV computed."""
+        return self.num_computed_tokens == self.num_tokens - 1
 
     def __repr__(self) -> str:
         return (f"Request({self.request_id!r}, status={self.status.name}, "

@@ -24,7 +24,7 @@ SERVE_FLAGS = ("--host", "--port", "--served-model-name", "--api-key", "--dtype"
                "--max-model-len", "--max-num-seqs", "--max-num-batched-tokens", "--kv-cache-memory",
                "--block-size", "--no-prefix-caching", "--max-queued-requests", "--allowed-origins",
                "--log-level", "--max-request-bytes", "--log-prompts", "--log-stats-interval", "--tool-call-parser",
-               "--load-format", "--gpu-memory-utilization", "--quantization")
+               "--load-format", "--gpu-memory-utilization", "--quantization", "--speculative-config")
 
 
 def test_console_script_points_at_main():
@@ -55,6 +55,20 @@ def test_flags_map_to_configs(monkeypatch):
     assert server_config_from_args(parsed).tool_call_parser == "llama3_json"
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--tool-call-parser", "no-such-format"])
+
+
+def test_speculative_config_flag(capsys):
+    parser = build_parser()
+    args = parser.parse_args(["serve", "m.gguf", "--speculative-config",
+                              '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 5}'])
+    spec = engine_config_from_args(args, parser).speculative
+    assert (spec.method, spec.num_speculative_tokens, spec.prompt_lookup_max, spec.prompt_lookup_min) == \
+        ("ngram", 3, 5, 2)
+    assert engine_config_from_args(parser.parse_args(["serve", "m.gguf"]), parser).speculative is None
+    with pytest.raises(SystemExit):
+        engine_config_from_args(parser.parse_args(
+            ["serve", "--speculative-config", '{"method": "medusa", "num_speculative_tokens": 3}']), parser)
+    assert "method must be one of ('ngram', 'draft_model'), got 'medusa'" in capsys.readouterr().err
 
 
 def test_device_flags_default_to_auto_and_map_to_configs():

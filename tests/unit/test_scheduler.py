@@ -59,7 +59,7 @@ class FakeRunner:
 
     def execute(self, out: SchedulerOutput) -> ModelOutput:
         ids: list[str] = []
-        sampled: list[SampledToken] = []
+        sampled: list[tuple[SampledToken, ...]] = []
         prompt_logprobs: dict[str, list[PositionLogprobs | None]] = {}
         for s in out.scheduled:
             self._check(s)
@@ -84,23 +84,33 @@ class FakeRunner:
         assert req is not None and req.status is RequestStatus.RUNNING
         start = s.num_computed_tokens
         assert start == req.num_computed_tokens and s.num_new_tokens >= 1
-        assert s.token_ids == tuple(req.all_token_ids[start:start + s.num_new_tokens])
+        drafts = s.spec_token_ids
+        assert drafts == tuple(req.spec_token_ids[:len(drafts)])
+        assert s.token_ids == tuple(req.all_token_ids[start:start + s.num_new_tokens - len(drafts)]) + drafts
         assert s.block_ids == tuple(req.block_ids)
         assert len(s.block_ids) * self.sched.kv.block_size >= s.context_len
         assert s.context_len <= self.sched.config.max_model_len
         assert s.prompt_token_ids == tuple(req.prompt_token_ids)
         assert s.output_token_ids == tuple(req.output_token_ids)
-        assert s.sample == (s.context_len == req.num_tokens)
+        assert s.sample == (s.context_len - len(drafts) == req.num_tokens)
+        assert not drafts or (s.sample and req.is_decoding)
         assert (s.seed, s.eos_token_ids, s.sampling_params) == (req.seed, req.eos_token_ids,
                                                                  req.sampling_params)
 
-    def _sample(self, s: ScheduledRequest) -> SampledToken:
+    def _sample(self, s: ScheduledRequest) -> tuple[SampledToken, ...]:
+        """The script is the model: its next token at every verified position. Drafts
+        stand while they agree with it, as the real verifier decides."""
         script = self.script.get(s.request_id)
-        token = script.pop(0) if script else DEFAULT_TOKEN
-        logprobs = None
-        if s.sampling_params.logprobs is not None:
-            logprobs = {token: Logprob(logprob=-float(len(s.output_token_ids)), rank=1)}
-        return SampledToken(token, logprobs)
+        tokens: list[SampledToken] = []
+        for i in range(1 + len(s.spec_token_ids)):
+            token = script.pop(0) if script else DEFAULT_TOKEN
+            logprobs = None
+            if s.sampling_params.logprobs is not None:
+                logprobs = {token: Logprob(logprob=-float(len(s.output_token_ids) + i), rank=1)}
+            tokens.append(SampledToken(token, logprobs))
+            if i < len(s.spec_token_ids) and token != s.spec_token_ids[i]:
+                break
+        return tuple(tokens)
 
 
 def chunks(out: SchedulerOutput) -> list[tuple[str, int]]:

@@ -1,4 +1,5 @@
-"""``tokenloom bench serve | throughput | report`` (also ``python -m tokenloom.bench ...``).
+"""``tokenloom bench serve | throughput | perplexity | report | compare-texts`` (also
+``python -m tokenloom.bench ...``).
 
 ``add_bench_subcommands(subparsers)`` adds ``bench`` to another CLI; the parsed
 namespace then runs with ``run_bench(args)``.
@@ -29,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def add_bench_subcommands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Adds ``bench`` (with serve, throughput, report under it) to a CLI's subcommands."""
+    """Adds ``bench`` (with serve, throughput, report ... under it) to a CLI's subcommands."""
     bench = subparsers.add_parser("bench", help="benchmark a server or the offline engine", description=_DESCRIPTION)
     _add_commands(bench.add_subparsers(dest="bench_command", metavar="COMMAND", required=True))
     return bench
@@ -62,6 +63,13 @@ def _add_commands(commands: argparse._SubParsersAction) -> None:
     report.add_argument("--baseline", default="tokenloom", help="label the others are compared with (default: %(default)s)")
     report.add_argument("--title", default="tokenloom bench", help="title of the HTML report")
     report.set_defaults(bench_func=_cmd_report)
+    compare = commands.add_parser("compare-texts", help="are two runs' answers identical? (exit 1 if not)",
+                                  description="Compares request by request the texts two 'bench serve "
+                                  "--save-texts' runs of the same workload saved; exit 0 when all are identical, "
+                                  "1 when some differ, 2 when the files cannot be compared.")
+    compare.add_argument("first", type=Path, help="a result file of 'bench serve --save-texts'")
+    compare.add_argument("second", type=Path, help="another, of the same workload and levels")
+    compare.set_defaults(bench_func=_cmd_compare_texts)
 
 
 def _add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -75,7 +83,8 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=None, help=f"Bearer key (default: ${API_KEY_ENV} if set)")
     p.add_argument("--endpoint", default="completions", choices=ENDPOINTS, help="(default: %(default)s)")
     p.add_argument("--workload", default="random", choices=WORKLOADS, help="(default: %(default)s)")
-    p.add_argument("--input-len", type=int, default=256, help="prompt tokens (default: %(default)s)")
+    p.add_argument("--input-len", type=int, default=256, help="prompt tokens; copy and open prompts are as "
+                   "long as their text (default: %(default)s)")
     p.add_argument("--output-len", type=int, default=128, help="output tokens (default: %(default)s)")
     p.add_argument("--shared-prefix-len", type=int, default=0, help="system prompt tokens of the shared-prefix workload")
     p.add_argument("--seed", type=int, default=0, help="seed of prompts and arrivals (default: %(default)s)")
@@ -96,6 +105,8 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--extra-body", default=None, help="JSON object merged into every request body")
     p.add_argument("--label", default=None, help="name of this run in reports (default: the model name)")
     p.add_argument("--output-json", type=Path, default=None, help="result file (default: bench-LABEL.json)")
+    p.add_argument("--save-texts", action="store_true",
+                   help="keep every request's output text in the result file (see 'bench compare-texts')")
     p.add_argument("--html", type=Path, default=None, help="also write an HTML report of this run")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -144,7 +155,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     label = args.label or args.model
     try:
         result = run_sweep(target, tokenizer, workload, levels, label, args.max_seconds, args.num_warmup,
-                           show_progress=not args.quiet)
+                           show_progress=not args.quiet, save_texts=args.save_texts)
     except BenchError as exc:
         print(f"tokenloom bench: {exc}", file=sys.stderr)
         return 1
@@ -222,6 +233,20 @@ def _cmd_report(args: argparse.Namespace) -> int:
         args.html.write_text(html_report(results, title=args.title, baseline=args.baseline))
         print(f"report: {args.html}")
     return 0
+
+
+def _cmd_compare_texts(args: argparse.Namespace) -> int:
+    from tokenloom.bench.results import ServeResult
+    from tokenloom.bench.texts import compare_texts, format_comparison
+
+    try:
+        first, second = ServeResult.load(args.first), ServeResult.load(args.second)
+        comparison = compare_texts(first, second)
+    except (OSError, ValueError) as exc:
+        print(f"tokenloom bench: {exc}", file=sys.stderr)
+        return 2
+    print(format_comparison(comparison, first.label, second.label))
+    return 0 if comparison.identical else 1
 
 
 def _parse_levels(concurrency: str | None, request_rate: str | None):

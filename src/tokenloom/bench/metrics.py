@@ -33,6 +33,10 @@ class RequestRecord:
     chunk_times: tuple[float, ...]  # arrival of each chunk that carried output text
     end: float
     error: str | None = None
+    # Which prompt of its level's batch this was (records arrive in completion order);
+    # None only in result files written before it was recorded.
+    prompt_index: int | None = None
+    text: str | None = None  # the streamed output, kept with ``bench serve --save-texts``
 
     @property
     def ok(self) -> bool:

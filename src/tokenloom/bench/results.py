@@ -5,10 +5,14 @@ One file per run::
     {"schema": "tokenloom-bench-serve/1", "label": "...", "config": {...},
      "levels": [{"concurrency": 32, "request_rate": null,
                  "summary": {"request_throughput": ..., "ttft_ms": {"mean", "p50", "p90", "p99", "count"}, ...},
-                 "requests": [{"prompt_len", "output_len", "start", "chunk_times", "end", "error"}, ...]}]}
+                 "requests": [{"prompt_index", "prompt_len", "output_len", "start", "chunk_times", "end",
+                               "error", "text"?}, ...]}]}
 
-Request times are seconds from the start of their level. Latencies nobody
-measured (no completed request) are ``null``, not NaN, so the file is strict JSON.
+Request times are seconds from the start of their level. ``prompt_index`` is the
+request's prompt in its level (the same prompt for the same workload and seed, in
+any run); ``text``, its output, is there only with ``bench serve --save-texts``.
+Latencies nobody measured (no completed request) are ``null``, not NaN, so the
+file is strict JSON.
 """
 
 from __future__ import annotations
@@ -82,13 +86,16 @@ def _record_to_dict(record: RequestRecord, origin: float) -> dict[str, Any]:
     def t(x: float) -> float:
         return round(x - origin, _TIME_DIGITS)
 
-    return {"prompt_len": record.prompt_len, "output_len": record.output_len, "start": t(record.start),
-            "chunk_times": [t(c) for c in record.chunk_times], "end": t(record.end), "error": record.error}
+    data = {"prompt_index": record.prompt_index, "prompt_len": record.prompt_len, "output_len": record.output_len,
+            "start": t(record.start), "chunk_times": [t(c) for c in record.chunk_times], "end": t(record.end),
+            "error": record.error}
+    return data if record.text is None else {**data, "text": record.text}
 
 
 def _record_from_dict(data: dict[str, Any]) -> RequestRecord:
     return RequestRecord(prompt_len=data["prompt_len"], output_len=data["output_len"], start=data["start"],
-                         chunk_times=tuple(data["chunk_times"]), end=data["end"], error=data["error"])
+                         chunk_times=tuple(data["chunk_times"]), end=data["end"], error=data["error"],
+                         prompt_index=data.get("prompt_index"), text=data.get("text"))
 
 
 def _nan_to_none(value: Any) -> Any:

@@ -8,12 +8,14 @@ Two load shapes per level:
 A level sends at most ``num_prompts`` requests and starts none after
 ``max_seconds``; requests already in flight run to their end. Output tokens
 are the server's own count (``usage`` of the stream) when it reports one, and
-the streamed text re-encoded with the model's tokenizer otherwise.
+the streamed text re-encoded with the model's tokenizer otherwise. Each record
+carries the index of its prompt in ``requests`` and the streamed text.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import random
 import time
@@ -112,7 +114,7 @@ class LoadLevel:
 
 
 CountTokens = Callable[[str], int]
-SendOne = Callable[[BenchRequest], Awaitable[None]]
+SendOne = Callable[[int, BenchRequest], Awaitable[None]]  # (prompt index, request)
 
 
 async def send_request(client: httpx.AsyncClient, target: ServeTarget, request: BenchRequest,
@@ -145,7 +147,7 @@ async def send_request(client: httpx.AsyncClient, target: ServeTarget, request: 
     output_len = int(usage["completion_tokens"]) if usage else count_tokens("".join(pieces))
     prompt_len = int(usage.get("prompt_tokens") or request.prompt_len) if usage else request.prompt_len
     return RequestRecord(prompt_len=prompt_len, output_len=output_len, start=start,
-                         chunk_times=tuple(chunk_times), end=end)
+                         chunk_times=tuple(chunk_times), end=end, text="".join(pieces))
 
 
 def _failed(request: BenchRequest, start: float, error: str) -> RequestRecord:
@@ -186,8 +188,9 @@ async def run_level(target: ServeTarget, requests: Sequence[BenchRequest], level
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=target.timeout_s, limits=limits) as client:
 
-        async def one(request: BenchRequest) -> None:
+        async def one(index: int, request: BenchRequest) -> None:
             record = await send_request(client, target, request, count_tokens)
+            record = dataclasses.replace(record, prompt_index=index)
             records.append(record)
             if on_done is not None:
                 on_done(record)
@@ -201,13 +204,13 @@ async def run_level(target: ServeTarget, requests: Sequence[BenchRequest], level
 
 
 async def _run_closed_loop(one: SendOne, requests: Sequence[BenchRequest], concurrency: int, deadline: float | None) -> None:
-    pending = iter(requests)
+    pending = enumerate(requests)
 
     async def worker() -> None:
-        for request in pending:  # the shared iterator hands each request to one worker
+        for index, request in pending:  # the shared iterator hands each request to one worker
             if deadline is not None and time.perf_counter() >= deadline:
                 return
-            await one(request)
+            await one(index, request)
 
     await asyncio.gather(*(worker() for _ in range(min(concurrency, len(requests)))))
 
@@ -220,5 +223,5 @@ async def _run_poisson(one: SendOne, requests: Sequence[BenchRequest], rate: flo
             await asyncio.sleep(rng.expovariate(rate))
         if deadline is not None and time.perf_counter() >= deadline:
             break
-        tasks.append(asyncio.create_task(one(request)))
+        tasks.append(asyncio.create_task(one(i, request)))
     await asyncio.gather(*tasks)

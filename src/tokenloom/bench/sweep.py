@@ -25,23 +25,24 @@ class BenchError(RuntimeError):
 
 def run_sweep(target: ServeTarget, tokenizer: Tokenizer, workload: WorkloadSpec, levels: Sequence[LoadLevel],
               label: str, max_seconds: float | None = None, num_warmup: int = 1,
-              show_progress: bool = True) -> ServeResult:
+              show_progress: bool = True, save_texts: bool = False) -> ServeResult:
     """Each level gets its own ``workload.num_prompts`` prompts, so that no level
-    profits from a prefix cache the one before it filled."""
+    profits from a prefix cache the one before it filled. ``save_texts`` keeps every
+    request's output text in the result (to compare two runs' answers)."""
     total = workload.num_prompts * len(levels) + num_warmup
     requests = build_workload(dataclasses.replace(workload, num_prompts=total), tokenizer)
 
     def count_tokens(text: str) -> int:
         return len(tokenizer.encode(text, add_special_tokens=False))
 
-    config = _run_config(target, workload, levels, max_seconds, num_warmup)
+    config = _run_config(target, workload, levels, max_seconds, num_warmup, save_texts)
     _warm_up(target, requests[:num_warmup], count_tokens)
     results = []
     for i, level in enumerate(levels):
         start = num_warmup + i * workload.num_prompts
         batch = requests[start:start + workload.num_prompts]
         results.append(_run_one_level(target, batch, level, count_tokens, max_seconds, workload.seed + i,
-                                      show_progress))
+                                      show_progress, save_texts))
     return ServeResult(label=label, config=config, levels=tuple(results))
 
 
@@ -54,10 +55,12 @@ def _warm_up(target: ServeTarget, requests: Sequence[BenchRequest], count_tokens
 
 def _run_one_level(target: ServeTarget, batch: Sequence[BenchRequest], level: LoadLevel,
                    count_tokens: CountTokens, max_seconds: float | None, seed: int,
-                   show_progress: bool) -> LevelResult:
+                   show_progress: bool, save_texts: bool) -> LevelResult:
     with tqdm(total=len(batch), desc=level.label, unit="req", disable=not show_progress) as bar:
         records, duration = asyncio.run(run_level(target, batch, level, count_tokens, max_seconds, seed,
                                                   on_done=lambda _: bar.update(1)))
+    if not save_texts:
+        records = [dataclasses.replace(r, text=None) for r in records]
     summary = summarize_level(records, duration)
     if show_progress:
         tqdm.write(f"{level.label}: {summary.request_throughput:.2f} req/s, "
@@ -67,12 +70,13 @@ def _run_one_level(target: ServeTarget, batch: Sequence[BenchRequest], level: Lo
 
 
 def _run_config(target: ServeTarget, workload: WorkloadSpec, levels: Sequence[LoadLevel],
-                max_seconds: float | None, num_warmup: int) -> dict[str, Any]:
+                max_seconds: float | None, num_warmup: int, save_texts: bool) -> dict[str, Any]:
     return {
         "base_url": target.base_url, "model": target.model, "endpoint": target.endpoint,
         "force_output": target.force_output, "temperature": target.temperature,
         "extra_body": target.extra_body, "workload": dataclasses.asdict(workload),
         "levels": [level.label for level in levels], "max_seconds": max_seconds, "num_warmup": num_warmup,
+        "save_texts": save_texts,
         "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "processor": _cpu_model(), "cpu_count": os.cpu_count()},
     }

@@ -1,12 +1,12 @@
-"""Benchmark prompts, deterministic from a seed, each of an exact token length.
+"""Benchmark prompts, deterministic from a seed.
 
-Prompts are text made of random whole words from the model's vocabulary
-(tokens like ``Ġword`` / ``▁word``): such text re-encodes to the same tokens,
-so a prompt of N random words is N tokens for every server that uses the
-model's own tokenizer, and it can be sent as text to any OpenAI-compatible
-endpoint. Lengths count what the server sees: the BOS it adds and, for chat,
-the chat template around the messages are part of ``input_len`` (the random
-text is shortened by that overhead).
+The random, shared-prefix and chat prompts are random whole words of the
+model's vocabulary (tokens like ``Ġword`` / ``▁word``): such text re-encodes
+to the same tokens, so a prompt of N random words is N tokens for every server
+that uses the model's own tokenizer, and it can be sent as text to any
+OpenAI-compatible endpoint. Lengths count what the server sees: the BOS it adds
+and, for chat, the chat template around the messages are part of ``input_len``
+(the random text is shortened by that overhead).
 
 Workloads:
   random         every prompt ``input_len`` tokens, every output ``output_len`` tokens
@@ -17,6 +17,17 @@ Workloads:
                  clipped to [16, 4 x input_len]; output ~ LogNormal(median
                  output_len, sigma 0.6) clipped to [8, 4 x output_len]; drawn
                  independently per request
+  copy           chat requests that ask for a shipped paragraph or code block back,
+                 verbatim or lightly edited (bench/text_prompts.py): the answer is
+                 mostly in the prompt, what n-gram speculative decoding feeds on
+  open           open-ended chat requests (stories, explanations) whose answer shares
+                 nothing with the prompt: speculation's worst case
+
+``copy`` and ``open`` are natural text, meant for ``--endpoint chat``, temperature 0
+and ``--force-output none`` (the model may stop at EOS; output counts come from the
+server's usage). ``input_len`` does not apply to them: a prompt is as long as its
+instruction and passage, and ``prompt_len`` is that text encoded the way the server
+sees it (chat template, BOS). ``output_len`` is max_tokens, as for the others.
 """
 
 from __future__ import annotations
@@ -25,9 +36,11 @@ import math
 import random
 from dataclasses import dataclass
 
+from tokenloom.bench.text_prompts import copy_texts, open_texts
 from tokenloom.engine.tokenizer import Tokenizer
 
-WORKLOADS = ("random", "shared-prefix", "chat")
+WORKLOADS = ("random", "shared-prefix", "chat", "copy", "open")
+TEXT_WORKLOADS = ("copy", "open")  # natural text; input_len does not apply
 ENDPOINTS = ("completions", "chat")
 CHAT_SIGMA = 0.6
 CHAT_MIN_INPUT, CHAT_MIN_OUTPUT, CHAT_MAX_FACTOR = 16, 8, 4
@@ -102,6 +115,8 @@ class WordSampler:
 def build_workload(spec: WorkloadSpec, tokenizer: Tokenizer) -> list[BenchRequest]:
     """``spec.num_prompts`` requests; the same spec and tokenizer always give the same list."""
     spec.validate()
+    if spec.name in TEXT_WORKLOADS:
+        return _text_workload(spec, tokenizer)
     sampler = WordSampler(tokenizer, random.Random(f"{spec.seed}-text"))
     # Lengths come from their own stream, so they do not depend on the text drawn.
     length_rng = random.Random(f"{spec.seed}-lengths")
@@ -117,6 +132,11 @@ def build_workload(spec: WorkloadSpec, tokenizer: Tokenizer) -> list[BenchReques
         text = sampler.text(input_len - overhead)
         requests.append(_request(spec.endpoint, tokenizer, system, text, output_len))
     return requests
+
+
+def _text_workload(spec: WorkloadSpec, tokenizer: Tokenizer) -> list[BenchRequest]:
+    texts = (copy_texts if spec.name == "copy" else open_texts)(spec.num_prompts, spec.seed)
+    return [_request(spec.endpoint, tokenizer, None, text, spec.output_len) for text in texts]
 
 
 def _draw_lengths(spec: WorkloadSpec, rng: random.Random) -> tuple[int, int]:

@@ -33,7 +33,8 @@ class IncrementalDetokenizer:
     decode of all tokens, cut at the first stop string. Text is never released
     while it ends in an incomplete UTF-8 character or could still be the start
     of a stop string. A matched stop string is left out of the text unless
-    ``include_stop_str_in_output``; tokens after it add no text.
+    ``include_stop_str_in_output``; tokens after it add no text and are not
+    counted in ``num_tokens``.
     ``prompt_token_ids``, when given, are decoding context only.
     """
 
@@ -58,6 +59,9 @@ class IncrementalDetokenizer:
         self._released = 0  # how much of _decoded has been handed out
         self._closed = False
         self.stop_matched: str | None = None
+        # Tokens taken in, up to and including the one that completed a stop string:
+        # a step that brought several (speculative decoding) keeps only these.
+        self.num_tokens = 0
 
     @property
     def text(self) -> str:
@@ -77,6 +81,9 @@ class IncrementalDetokenizer:
         searched = len(self._decoded)
         for token_id in token_ids:
             self._decoded += self._step(token_id)
+            self.num_tokens += 1
+            if self._stop and self._find_stop(searched) is not None:
+                break  # the tokens after a stop string are not the sequence's
         return self._release(searched, hold_back=True)
 
     def flush(self) -> str:

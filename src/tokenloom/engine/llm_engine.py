@@ -30,6 +30,8 @@ from tokenloom.config import (
     ModelArchConfig,
     ModelConfig,
     SchedulerConfig,
+    SpeculativeConfig,
+    parse_speculative_config,
     resolve_device_defaults,
 )
 from tokenloom.engine.gpu_profile import profile_forward
@@ -56,6 +58,8 @@ from tokenloom.runner.model_runner import ModelRunner
 from tokenloom.sampling_params import InvalidParameter, SamplingParams
 from tokenloom.sched.output import SchedulerOutput
 from tokenloom.sched.scheduler import Scheduler
+from tokenloom.spec_decode.draft_model import DraftModelProposer
+from tokenloom.spec_decode.drafter import Drafter
 from tokenloom.structured import GrammarBitmask, SequenceGrammar, StructuredOutputManager
 
 logger = logging.getLogger(__name__)
@@ -99,6 +103,7 @@ class LLMEngine:
         self.stats = StatsCollector()
         self.eos_token_ids = tuple(dict.fromkeys(self.tokenizer.eos_token_ids + arch.eos_token_ids))
         self.structured = StructuredOutputManager(self.tokenizer, arch.vocab_size, self.eos_token_ids)
+        self.drafter = _build_drafter(self.config, self.tokenizer, arch, device)
         # Constrained user requests whose grammar is not yet known to compile (request id -> sequences).
         self._compiling: dict[str, tuple[Request, ...]] = {}
         self.debug = os.environ.get("TOKENLOOM_DEBUG") == "1"
@@ -171,13 +176,17 @@ class LLMEngine:
             self._check_idle()
             self._wait_for_grammars()
             return failed
-        model_out = self.runner.execute(out, self._grammar_bitmask(out))
+        draft_probs = self.drafter.draft_probs() if self.drafter is not None else None
+        model_out = self.runner.execute(out, self._grammar_bitmask(out), draft_probs)
         updated = self.scheduler.update(out, model_out)
-        self._record_stats(out, len(model_out.sampled))
+        self._record_stats(out, sum(len(tokens) for tokens in model_out.sampled))
+        self.stats.record_spec_decode(out, model_out)
         for req in self.outputs.stop_string_hits(updated):
             self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
             req.stop_reason = self.outputs.stop_string_of(req)
         outputs = self.outputs.make_outputs(updated)
+        if self.drafter is not None:
+            self.drafter.propose(self.scheduler.running)
         self._check_idle()
         return failed + outputs
 
@@ -188,12 +197,15 @@ class LLMEngine:
 
     def _grammar_bitmask(self, out: SchedulerOutput) -> GrammarBitmask | None:
         """The allowed next tokens of every constrained sequence that samples this step."""
-        rows = [(sr.request_id, req.grammar) for sr in out.scheduled
+        rows = [(sr, req.grammar) for sr in out.scheduled
                 if sr.sample and sr.sampling_params.structured_outputs is not None
                 and (req := self.scheduler.get_request(sr.request_id)) is not None]
         if not rows:
             return None
-        return GrammarBitmask(tuple(r for r, _ in rows), self.structured.fill_bitmask([g for _, g in rows]))
+        # A sequence verifying drafts has a row per draft more (its sample rows).
+        request_ids = tuple(sr.request_id for sr, _ in rows for _ in range(sr.num_sample_rows))
+        return GrammarBitmask(request_ids, self.structured.fill_bitmask(
+            [g for _, g in rows], [sr.spec_token_ids for sr, _ in rows]))
 
     def _finish_failed_grammars(self) -> list[RequestOutput]:
         """Requests whose grammar failed to compile end with the error (they never ran,
@@ -272,6 +284,39 @@ class LLMEngine:
             self.check_integrity()
 
 
+def _build_drafter(config: EngineConfig, tokenizer: Tokenizer, arch: ModelArchConfig,
+                   device: torch.device) -> Drafter | None:
+    spec = config.speculative
+    if spec is None:
+        return None
+    draft_model = _load_draft_model(config, tokenizer, arch, device) if spec.method == "draft_model" else None
+    logger.info("speculative decoding: %s, %d draft tokens per step%s, off above %s running sequences",
+                spec.method, spec.num_speculative_tokens,
+                f" (n-gram {spec.prompt_lookup_min}..{spec.prompt_lookup_max})" if spec.method == "ngram"
+                else f" from {spec.model}", spec.disable_by_batch_size)
+    return Drafter(spec, config.scheduler.max_model_len, draft_model)
+
+
+def _load_draft_model(config: EngineConfig, tokenizer: Tokenizer, arch: ModelArchConfig,
+                      device: torch.device) -> DraftModelProposer:
+    """The draft model, in the target's dtype and quantization, with a KV cache of as many
+    blocks as the target's (a smaller model: fewer bytes). Its vocabulary must be the target's."""
+    spec = config.speculative
+    dtype = _DTYPES[config.model.dtype]
+    draft_config = dataclasses.replace(config.model, model=spec.model, load_format="auto")
+    draft_tokenizer, (model, draft_arch), path = _load_tokenizer_and_model(draft_config, dtype, device)
+    if draft_arch.vocab_size != arch.vocab_size or draft_tokenizer.backend.get_vocab() != tokenizer.backend.get_vocab():
+        raise ValueError(f"speculative config: draft model {path.name} has another vocabulary than the target "
+                         f"({draft_arch.vocab_size} vs {arch.vocab_size} ids, or different tokens); "
+                         "a draft model must share the target's tokenizer")
+    cache, sched = config.cache, config.scheduler
+    kv_dtype = _kv_cache_dtype(cache.kv_cache_dtype, model, dtype)
+    logger.info("draft model %s: %d layers, hidden %d, %d KV blocks", path.name, draft_arch.num_hidden_layers,
+                draft_arch.hidden_size, cache.num_blocks)
+    return DraftModelProposer(model, draft_arch, cache.num_blocks, cache.block_size, kv_dtype, device,
+                              sched.max_num_seqs, sched.max_model_len, sched.max_num_batched_tokens)
+
+
 def _weights_bytes(model: torch.nn.Module) -> int:
     """What the model's weights occupy: its tensors (tied or shared ones counted once)
     and the quantized blocks the native kernels run on."""
@@ -317,8 +362,10 @@ def build_engine_config(model: str = "smollm2-135m", *, dtype: str = "auto", dev
                         kv_cache_memory: float | None = None, num_kv_blocks: int | None = None,
                         gpu_memory_utilization: float = 0.9,
                         max_num_batched_tokens: int = 2048, max_num_seqs: int = 256,
-                        enable_prefix_caching: bool = True) -> EngineConfig:
-    """The engine's options as keyword arguments (LLM(...) and the CLI use this)."""
+                        enable_prefix_caching: bool = True,
+                        speculative_config: str | dict | SpeculativeConfig | None = None) -> EngineConfig:
+    """The engine's options as keyword arguments (LLM(...) and the CLI use this).
+    ``speculative_config``: vLLM's JSON object (or its text), see ``SpeculativeConfig``."""
     return EngineConfig(
         model=ModelConfig(model=model, dtype=dtype, device=device, quantization=quantization,
                           load_format=load_format, max_model_len=max_model_len, seed=seed),
@@ -326,6 +373,7 @@ def build_engine_config(model: str = "smollm2-135m", *, dtype: str = "auto", dev
                           num_blocks=num_kv_blocks, gpu_memory_utilization=gpu_memory_utilization,
                           enable_prefix_caching=enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs),
+        speculative=parse_speculative_config(speculative_config),
     )
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from tokenloom.engine.detokenizer import IncrementalDetokenizer
 from tokenloom.engine.tokenizer import Tokenizer
-from tokenloom.request import CompletionOutput, PositionLogprobs, Request, RequestOutput
+from tokenloom.request import CompletionOutput, PositionLogprobs, Request, RequestOutput, RequestStatus
 from tokenloom.sampling_params import SamplingParams
 
 
@@ -75,13 +75,24 @@ class OutputProcessor:
         return len(self._requests)
 
     def stop_string_hits(self, updated: list[Request]) -> list[Request]:
-        """Feed new tokens to the detokenizers; return live sequences that hit a stop string."""
+        """Feed new tokens to the detokenizers; return live sequences that hit a stop string.
+
+        A step may bring several tokens (speculative decoding): those after the one that
+        completed a stop string are dropped, and a sequence that the scheduler finished
+        on one of them (EOS, max_tokens) is finished by the stop string instead."""
         hits = []
         for req in updated:
             seq = self._requests[req.parent_id].sequences[req.request_id]
             seq.pending_text += seq.detokenizer.add_tokens(req.output_token_ids[seq.num_tokens_sent:])
-            if seq.detokenizer.finished and not req.is_finished:
+            if not seq.detokenizer.finished:
+                continue
+            kept = seq.detokenizer.num_tokens
+            cut = len(req.output_token_ids) > kept
+            del req.output_token_ids[kept:], req.output_logprobs[kept:]
+            if not req.is_finished:
                 hits.append(req)
+            elif cut:
+                req.status, req.stop_reason = RequestStatus.FINISHED_STOPPED, seq.detokenizer.stop_matched
         return hits
 
     def make_outputs(self, updated: list[Request]) -> list[RequestOutput]:

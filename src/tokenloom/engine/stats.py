@@ -10,7 +10,7 @@ import dataclasses
 import threading
 from dataclasses import dataclass
 
-from tokenloom.sched.output import SchedulerOutput
+from tokenloom.sched.output import ModelOutput, SchedulerOutput
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +24,9 @@ class EngineStats:
     num_steps_total: int = 0
     prefix_cache_queries_total: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits_total: int = 0  # of those, tokens found cached
+    spec_decode_drafts_total: int = 0  # sequence-steps that verified drafts
+    spec_decode_draft_tokens_total: int = 0  # draft tokens verified
+    spec_decode_accepted_tokens_total: int = 0  # of those, accepted
 
 
 class StatsCollector:
@@ -59,4 +62,20 @@ class StatsCollector:
                 s,
                 prefix_cache_queries_total=s.prefix_cache_queries_total + queried_tokens,
                 prefix_cache_hits_total=s.prefix_cache_hits_total + hit_tokens,
+            )
+
+    def record_spec_decode(self, out: SchedulerOutput, model_out: ModelOutput) -> None:
+        """Drafts verified this step and how many were accepted (before any stop cut the output)."""
+        tokens_of = dict(zip(model_out.request_ids, model_out.sampled))
+        verified = [(len(s.spec_token_ids), len(tokens_of[s.request_id]) - 1) for s in out.scheduled
+                    if s.spec_token_ids and s.request_id in tokens_of]
+        if not verified:
+            return
+        with self._lock:
+            s = self._stats
+            self._stats = dataclasses.replace(
+                s,
+                spec_decode_drafts_total=s.spec_decode_drafts_total + len(verified),
+                spec_decode_draft_tokens_total=s.spec_decode_draft_tokens_total + sum(d for d, _ in verified),
+                spec_decode_accepted_tokens_total=s.spec_decode_accepted_tokens_total + sum(a for _, a in verified),
             )

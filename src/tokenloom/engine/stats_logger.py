@@ -4,7 +4,8 @@ Reads ``StatsCollector`` snapshots (frozen copies, safe from any thread) and
 turns the difference between two of them into rates::
 
     prompt 812.4 tok/s, generation 96.0 tok/s, running 4, waiting 1,
-    KV cache 37.5%, prefix cache hit rate 42.0%
+    KV cache 37.5%, prefix cache hit rate 42.0%[, spec decode acceptance 61.0%,
+    mean acceptance length 3.44]
 
 An idle engine logs nothing, so a quiet server keeps a quiet log.
 """
@@ -52,6 +53,14 @@ def format_stats_line(previous: EngineStats, current: EngineStats, elapsed_s: fl
     queries = current.prefix_cache_queries_total - previous.prefix_cache_queries_total
     hits = current.prefix_cache_hits_total - previous.prefix_cache_hits_total
     hit_rate = 100.0 * hits / queries if queries else 0.0
-    return (f"prompt {prompt_rate:.1f} tok/s, generation {generation_rate:.1f} tok/s, "
+    line = (f"prompt {prompt_rate:.1f} tok/s, generation {generation_rate:.1f} tok/s, "
             f"running {current.num_running}, waiting {current.num_waiting}, "
             f"KV cache {100.0 * current.kv_cache_usage:.1f}%, prefix cache hit rate {hit_rate:.1f}%")
+    drafts = current.spec_decode_drafts_total - previous.spec_decode_drafts_total
+    if drafts:
+        draft_tokens = current.spec_decode_draft_tokens_total - previous.spec_decode_draft_tokens_total
+        accepted = current.spec_decode_accepted_tokens_total - previous.spec_decode_accepted_tokens_total
+        # Tokens a verify step gave a sequence: its accepted drafts plus the target's own token.
+        line += (f", spec decode acceptance {100.0 * accepted / max(draft_tokens, 1):.1f}%, "
+                 f"mean acceptance length {1 + accepted / drafts:.2f}")
+    return line

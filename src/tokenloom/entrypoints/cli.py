@@ -101,6 +101,11 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="tokens per KV cache block, a power of two (default: %(default)s)")
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="do not reuse the KV cache of prompt prefixes shared between requests")
+    p.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help="speculative decoding, vLLM's JSON: {\"method\": \"ngram\", \"num_speculative_tokens\": "
+                   "5, \"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2} or {\"method\": \"draft_model\", "
+                   "\"model\": PATH_OR_ALIAS, \"num_speculative_tokens\": 4}; optional \"disable_by_batch_size\" "
+                   "(default 8: no speculation when more sequences run); off when not given")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="log verbosity (default: %(default)s)")
 
 
@@ -142,7 +147,8 @@ def engine_config_from_args(args: argparse.Namespace, parser: argparse.ArgumentP
     options: dict[str, Any] = dict(
         **load_options(args), seed=args.seed, max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype, block_size=args.block_size)
+        kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype, block_size=args.block_size,
+        speculative_config=args.speculative_config)
     if args.no_prefix_caching:
         if "enable_prefix_caching" not in inspect.signature(build_engine_config).parameters:
             parser.error("--no-prefix-caching: this build has no prefix cache to turn off")

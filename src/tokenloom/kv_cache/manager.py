@@ -33,11 +33,14 @@ class KVCacheManager:
 
     Invariant between calls, for every live request (see ``check_integrity``)::
 
-        cdiv(num_computed_tokens, block_size) <= len(block_ids) <= cdiv(num_tokens, block_size)
+        cdiv(num_computed_tokens, block_size) <= len(block_ids)
+                                               <= cdiv(num_tokens + len(spec_token_ids), block_size)
 
     The lower bound: computed tokens always have a home. The upper bound:
     allocation runs ahead only by a scheduled chunk, and a chunk never goes
-    past the known tokens. With prefix caching, also: the first
+    past the known tokens and the draft tokens (speculative decoding) that
+    ride after them; once a step is applied, rejected drafts' blocks are
+    given back (``trim``). With prefix caching, also: the first
     ``num_computed_tokens // block_size`` blocks of a table are the cached path
     of its tokens once ``cache_full_blocks`` has seen them.
     """
@@ -93,6 +96,14 @@ class KVCacheManager:
         self.pool.free_blocks(reversed(req.block_ids))
         req.block_ids = []
         self._cache_cursors.pop(req.request_id, None)
+
+    def trim(self, req: Request) -> None:
+        """Free the blocks past what ``req``'s known tokens need: the slots of rejected
+        draft tokens (speculative decoding), never computed-and-kept KV."""
+        keep = cdiv(req.num_tokens, self.block_size)
+        if len(req.block_ids) > keep:
+            self.pool.free_blocks(reversed(req.block_ids[keep:]))
+            del req.block_ids[keep:]
 
     def share_prefix(self, src: Request, dst: Request, num_tokens: int) -> int:
         """Give ``dst`` (holding no blocks) the full blocks of ``src`` that cover its
@@ -176,11 +187,12 @@ class KVCacheManager:
                 raise AssertionError(f"{req.request_id} holds a block twice: {req.block_ids}")
             holders.update(req.block_ids)
             low = cdiv(req.num_computed_tokens, self.block_size)
-            high = cdiv(req.num_tokens, self.block_size)
+            high = cdiv(req.num_tokens + len(req.spec_token_ids), self.block_size)
             if not low <= len(req.block_ids) <= high:
                 raise AssertionError(
                     f"{req.request_id} holds {len(req.block_ids)} blocks; expected between {low} "
-                    f"(computed {req.num_computed_tokens} tokens) and {high} ({req.num_tokens} tokens)")
+                    f"(computed {req.num_computed_tokens} tokens) and {high} ({req.num_tokens} tokens "
+                    f"and {len(req.spec_token_ids)} drafts)")
         for block_id in range(self.pool.num_blocks):
             count = self.pool.ref_count(block_id)
             if count != holders[block_id]:

@@ -2,7 +2,8 @@
 
 The batch is flat: each scheduled sequence contributes its new tokens back to
 back. For every sequence we also record which rows of the hidden states feed
-the sampler (its last row, when it samples) and which rows give prompt logprobs.
+the sampler (its last row, when it samples, or its last 1 + k rows when it
+verifies k draft tokens) and which rows give prompt logprobs.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import torch
 
 from tokenloom.model.layers.attention import AttentionMetadata
 from tokenloom.runner.block_table import BlockTable
+from tokenloom.sample.metadata import SamplingSequence
+from tokenloom.sampling_params import SamplingParams
 from tokenloom.sched.output import ScheduledRequest, SchedulerOutput
 from tokenloom.transfer import host_to_device
 
@@ -32,12 +35,26 @@ class PromptLogprobsSlice:
 
 
 @dataclass(frozen=True, slots=True)
+class DraftRow:
+    """The sample row of a speculating sequence that comes after its first i drafts: it
+    samples as the sequence would once those drafts are its output (penalties, min_tokens
+    and the random stream's position all see them). A ``SamplingSequence``."""
+
+    sampling_params: SamplingParams
+    prompt_token_ids: tuple[int, ...]
+    output_token_ids: tuple[int, ...]
+    seed: int
+    eos_token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class ModelInputs:
     input_ids: torch.Tensor  # [num_tokens] int64
     positions: torch.Tensor  # [num_tokens] int64
     attn_metadata: AttentionMetadata
-    sample_rows: torch.Tensor  # [num_sampled] int64: rows whose logits are sampled
-    sampled: tuple[ScheduledRequest, ...]  # aligned with sample_rows
+    sample_rows: torch.Tensor  # [num_sample_rows] int64: rows whose logits are sampled
+    sampled: tuple[ScheduledRequest, ...]  # the sequences that sample, each over num_sample_rows rows
+    sample_seqs: tuple[SamplingSequence, ...]  # aligned with sample_rows
     prompt_logprobs: tuple[PromptLogprobsSlice, ...]
 
 
@@ -49,6 +66,7 @@ def prepare_inputs(out: SchedulerOutput, block_size: int, device: torch.device,
     starts = [0]
     sample_rows: list[int] = []
     sampled: list[ScheduledRequest] = []
+    sample_seqs: list[SamplingSequence] = []
     prompt_slices: list[PromptLogprobsSlice] = []
     for sr in out.scheduled:
         row0 = len(input_ids)
@@ -58,8 +76,9 @@ def prepare_inputs(out: SchedulerOutput, block_size: int, device: torch.device,
         slots.extend(sr.block_ids[p // block_size] * block_size + p % block_size for p in span)
         starts.append(len(input_ids))
         if sr.sample:
-            sample_rows.append(len(input_ids) - 1)
+            sample_rows.extend(range(len(input_ids) - sr.num_sample_rows, len(input_ids)))
             sampled.append(sr)
+            sample_seqs.extend(_sample_seqs(sr))
         if sr.prompt_logprobs_start is not None:
             prompt_slices.append(_prompt_logprobs_slice(sr, row0))
     seq_lens = [sr.context_len for sr in out.scheduled]
@@ -83,8 +102,16 @@ def prepare_inputs(out: SchedulerOutput, block_size: int, device: torch.device,
         attn_metadata=meta,
         sample_rows=sample_rows_t,
         sampled=tuple(sampled),
+        sample_seqs=tuple(sample_seqs),
         prompt_logprobs=tuple(prompt_slices),
     )
+
+
+def _sample_seqs(sr: ScheduledRequest) -> list[SamplingSequence]:
+    """One per sample row of ``sr``: itself, then one per draft it verifies past the first."""
+    drafts = sr.spec_token_ids
+    return [sr, *(DraftRow(sr.sampling_params, sr.prompt_token_ids, sr.output_token_ids + drafts[:i],
+                           sr.seed, sr.eos_token_ids) for i in range(1, len(drafts) + 1))]
 
 
 def _prompt_logprobs_slice(sr: ScheduledRequest, row0: int) -> PromptLogprobsSlice:

@@ -6,6 +6,8 @@ knows which rows to sample but nothing of stop conditions or text.
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -17,8 +19,9 @@ from tokenloom.runner.block_table import BlockTable
 from tokenloom.runner.host_allocator import keep_freed_memory
 from tokenloom.runner.inputs import ModelInputs, PromptLogprobsSlice, prepare_inputs
 from tokenloom.sample import Sampler, SamplerOutput, build_sampling_metadata, compute_prompt_logprobs
-from tokenloom.sample.metadata import AllowedTokens
-from tokenloom.sched.output import ModelOutput, SampledToken, SchedulerOutput
+from tokenloom.sample.metadata import AllowedTokens, DraftSamples
+from tokenloom.sched.output import ModelOutput, SampledToken, ScheduledRequest, SchedulerOutput
+from tokenloom.spec_decode.verify import num_accepted
 from tokenloom.transfer import host_to_device, to_device, to_host
 
 if TYPE_CHECKING:
@@ -50,40 +53,55 @@ class ModelRunner:
         ]
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, grammar: GrammarBitmask | None = None) -> ModelOutput:
-        """``grammar``: the allowed tokens of the step's constrained sequences (structured output)."""
-        inputs, hidden, result = self.forward_and_sample(out, grammar)
-        sampled = () if result is None else _to_sampled_tokens(
-            result, [sr.sampling_params.logprobs for sr in inputs.sampled])  # the step's one wait
+    def execute(self, out: SchedulerOutput, grammar: GrammarBitmask | None = None,
+                draft_probs: Mapping[str, torch.Tensor] | None = None) -> ModelOutput:
+        """``grammar``: the allowed tokens of the step's constrained sample rows (structured
+        output). ``draft_probs``: per sequence whose drafts a draft model sampled, the
+        distributions they came from [k, vocab] (rejection sampling of its random rows)."""
+        inputs, hidden, result = self.forward_and_sample(out, grammar, draft_probs)
+        rows = () if result is None else _to_sampled_tokens(
+            result, [s.sampling_params.logprobs for s in inputs.sample_seqs])  # the step's one wait
         prompt_logprobs = {s.request_id: self._prompt_logprobs(hidden, s) for s in inputs.prompt_logprobs}
         return ModelOutput(
             request_ids=tuple(sr.request_id for sr in inputs.sampled),
-            sampled=sampled,
+            sampled=_accepted_tokens(inputs.sampled, rows),
             prompt_logprobs=prompt_logprobs,
         )
 
     def forward_and_sample(self, out: SchedulerOutput, grammar: GrammarBitmask | None = None,
+                           draft_probs: Mapping[str, torch.Tensor] | None = None,
                            ) -> tuple[ModelInputs, torch.Tensor, SamplerOutput | None]:
         """The step on the device, queued without waiting for it: inputs, hidden states
         [num_tokens, hidden_size] and the sampler's device tensors (None: nothing samples).
         Call it under ``torch.inference_mode()`` (``execute`` does)."""
+        inputs, hidden, logits = self.forward(out)
+        if logits is None:
+            return inputs, hidden, None
+        meta = build_sampling_metadata(inputs.sample_seqs, self.arch.vocab_size, self.device,
+                                       self._allowed_tokens(inputs, grammar), _draft_samples(inputs, draft_probs))
+        return inputs, hidden, self.sampler(logits, meta)
+
+    def forward(self, out: SchedulerOutput) -> tuple[ModelInputs, torch.Tensor, torch.Tensor | None]:
+        """Inputs, hidden states [num_tokens, hidden_size] and the sample rows' logits
+        [num_sample_rows, vocab_size] (None: nothing samples). Under ``torch.inference_mode()``."""
         inputs = prepare_inputs(out, self.block_size, self.device, self.block_table)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches,
                             inputs.attn_metadata)  # [num_tokens, hidden_size]
         if not inputs.sampled:
             return inputs, hidden, None
-        logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [num_sampled, vocab]
-        meta = build_sampling_metadata(inputs.sampled, self.arch.vocab_size, self.device,
-                                       self._allowed_tokens(inputs, grammar))
-        return inputs, hidden, self.sampler(logits, meta)
+        return inputs, hidden, self.model.compute_logits(hidden[inputs.sample_rows])
 
     def _allowed_tokens(self, inputs: ModelInputs, grammar: GrammarBitmask | None) -> AllowedTokens | None:
         if grammar is None or not grammar.request_ids:
             return None
-        row_of = {sr.request_id: i for i, sr in enumerate(inputs.sampled)}
-        rows = [row_of[request_id] for request_id in grammar.request_ids]
+        first_row = dict(zip((sr.request_id for sr in inputs.sampled), _first_sample_rows(inputs.sampled)))
+        seen: Counter[str] = Counter()
+        rows = []
+        for request_id in grammar.request_ids:  # a sequence's bitmask rows follow its sample rows
+            rows.append(first_row[request_id] + seen[request_id])
+            seen[request_id] += 1
         bitmask = host_to_device(grammar.bitmask, self.device)
-        if rows == list(range(len(inputs.sampled))):
+        if rows == list(range(len(inputs.sample_seqs))):
             return AllowedTokens(None, bitmask)
         return AllowedTokens(to_device(rows, torch.int64, self.device), bitmask)
 
@@ -98,6 +116,43 @@ class ModelRunner:
                                                                                       s.num_logprobs)))
         entries.extend(_position_logprobs(ids[i], logprobs[i], ranks[i]) for i in range(len(s.target_ids)))
         return entries
+
+
+def _first_sample_rows(sampled: tuple[ScheduledRequest, ...]) -> list[int]:
+    """Where each sampling sequence's rows start among the step's sample rows."""
+    starts = [0]
+    for sr in sampled[:-1]:
+        starts.append(starts[-1] + sr.num_sample_rows)
+    return starts
+
+
+def _draft_samples(inputs: ModelInputs, draft_probs: Mapping[str, torch.Tensor] | None) -> DraftSamples | None:
+    """The random sample rows that verify a draft model's tokens, with their q rows."""
+    if not draft_probs:
+        return None
+    rows: list[int] = []
+    token_ids: list[int] = []
+    probs = []
+    for sr, start in zip(inputs.sampled, _first_sample_rows(inputs.sampled)):
+        q = draft_probs.get(sr.request_id)
+        if q is None or not sr.spec_token_ids or sr.sampling_params.greedy:
+            continue
+        k = len(sr.spec_token_ids)
+        rows.extend(range(start, start + k))
+        token_ids.extend(sr.spec_token_ids)
+        probs.append(q[:k])
+    return DraftSamples(rows, token_ids, torch.cat(probs)) if rows else None
+
+
+def _accepted_tokens(sampled: tuple[ScheduledRequest, ...],
+                     rows: tuple[SampledToken, ...]) -> tuple[tuple[SampledToken, ...], ...]:
+    """Each sequence's tokens of the step: its accepted drafts and the target's token after them."""
+    tokens = []
+    for sr, start in zip(sampled, _first_sample_rows(sampled)):
+        own = rows[start:start + sr.num_sample_rows]
+        accepted = num_accepted([t.token_id for t in own], sr.spec_token_ids)
+        tokens.append(own[:accepted + 1])
+    return tuple(tokens)
 
 
 def _to_sampled_tokens(result: SamplerOutput, wanted: list[int | None]) -> tuple[SampledToken, ...]:

@@ -65,13 +65,34 @@ class PenaltyMetadata:
 
 
 @dataclass(frozen=True, slots=True)
+class DraftSamples:
+    """Speculative decoding with a draft model: sample rows (indices among all rows) that
+    verify a draft token drawn from the draft model's distribution ``probs`` (q)."""
+
+    rows: list[int]
+    token_ids: list[int]
+    probs: torch.Tensor  # [len(rows), vocab_size] float32, on the device
+
+
+@dataclass(frozen=True, slots=True)
+class DraftProbs:
+    """The random rows (indices among the random rows) that verify a draft-model token
+    by rejection sampling, with the token and the distribution it was drawn from."""
+
+    rows: torch.Tensor  # [num_draft_rows] int64
+    token_ids: torch.Tensor  # [num_draft_rows] int64
+    probs: torch.Tensor  # [num_draft_rows, vocab_size] float32
+
+
+@dataclass(frozen=True, slots=True)
 class RandomRowsMetadata:
     """Parameters of the rows that sample at random (temperature > 0), in batch order.
 
     ``rows`` indexes them in the batch (None: every row is random). A None filter
     tensor means no random row uses it; ``top_k`` holds vocab_size where top-k is
     off and ``max_top_k`` is the largest enabled k. ``seeds`` and ``positions``
-    (output tokens so far) key each row's noise stream.
+    (output tokens so far) key each row's noise stream. ``draft``: the rows that verify
+    a draft model's token (speculative decoding); None when there are none.
     """
 
     rows: torch.Tensor | None  # [num_random] int64
@@ -82,6 +103,7 @@ class RandomRowsMetadata:
     max_top_k: int
     top_p: torch.Tensor | None  # [num_random] float32
     min_p: torch.Tensor | None  # [num_random] float32
+    draft: DraftProbs | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,16 +141,16 @@ class SamplingMetadata:
 
 def build_sampling_metadata(
     seqs: Sequence[SamplingSequence], vocab_size: int, device: torch.device | str,
-    allowed_tokens: AllowedTokens | None = None,
+    allowed_tokens: AllowedTokens | None = None, draft: DraftSamples | None = None,
 ) -> SamplingMetadata:
     """Gather per-row parameters of ``seqs`` into tensors on ``device``
-    (``allowed_tokens``, already built by the caller, is passed through)."""
+    (``allowed_tokens`` and ``draft``, already built by the caller, are passed through)."""
     params = [s.sampling_params for s in seqs]
     logprobs = [p.logprobs for p in params if p.logprobs is not None]
     return SamplingMetadata(
         num_seqs=len(seqs),
         vocab_size=vocab_size,
-        random=_build_random_rows(seqs, vocab_size, device),
+        random=_build_random_rows(seqs, vocab_size, device, draft),
         logit_bias=_build_logit_bias(params, device),
         min_tokens_mask=_build_min_tokens_mask(seqs, vocab_size, device),
         penalties=_build_penalties(seqs, vocab_size, device),
@@ -142,7 +164,8 @@ def _tensor(values: list, dtype: torch.dtype, device: torch.device | str) -> tor
 
 
 def _build_random_rows(
-    seqs: Sequence[SamplingSequence], vocab_size: int, device: torch.device | str
+    seqs: Sequence[SamplingSequence], vocab_size: int, device: torch.device | str,
+    draft: DraftSamples | None = None,
 ) -> RandomRowsMetadata | None:
     rows = [i for i, s in enumerate(seqs) if not s.sampling_params.greedy]
     if not rows:
@@ -160,7 +183,22 @@ def _build_random_rows(
         max_top_k=max(enabled_k, default=0),
         top_p=_optional_row_param([p.top_p for p in params], 1.0, device),
         min_p=_optional_row_param([p.min_p for p in params], 0.0, device),
+        draft=_build_draft_probs(rows, draft, device),
     )
+
+
+def _build_draft_probs(random_rows: list[int], draft: DraftSamples | None,
+                       device: torch.device | str) -> DraftProbs | None:
+    """``draft``'s rows renumbered among the random rows (its greedy rows verify by argmax)."""
+    if draft is None:
+        return None
+    index_of = {row: i for i, row in enumerate(random_rows)}
+    keep = [j for j, row in enumerate(draft.rows) if row in index_of]
+    if not keep:
+        return None
+    return DraftProbs(rows=_tensor([index_of[draft.rows[j]] for j in keep], torch.int64, device),
+                      token_ids=_tensor([draft.token_ids[j] for j in keep], torch.int64, device),
+                      probs=draft.probs[_tensor(keep, torch.int64, draft.probs.device)])
 
 
 def _optional_row_param(values: list[float], neutral: float, device: torch.device | str) -> torch.Tensor | None:

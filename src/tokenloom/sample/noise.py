@@ -31,6 +31,7 @@ _MUL1 = 0x7FEB352D
 _MUL2 = 0x846CA68B - (1 << 32)  # as a negative int64, see the module docstring
 _POSITION_SALT = 0x9E3779B9
 _VOCAB_SALT = 0x85EBCA6B
+_UNIFORM_SALT = 0xC2B2AE35
 
 
 def mix32(x: torch.Tensor) -> torch.Tensor:
@@ -56,6 +57,13 @@ def row_keys(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 def _vocab_hash(vocab_size: int, device: torch.device) -> torch.Tensor:
     ids = torch.arange(vocab_size, dtype=torch.int64, device=device)
     return mix32(ids ^ _VOCAB_SALT)  # [vocab_size], distinct values
+
+
+def uniform_noise(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """One U(0, 1) float32 per row [num_seqs], a pure function of (seed, position), drawn
+    from a stream apart from ``exponential_noise``'s (speculative decoding's acceptance test)."""
+    h = mix32(row_keys(seeds, positions) ^ _UNIFORM_SALT)  # [num_seqs]
+    return h.to(torch.float32).add_(0.5).mul_(2.0**-32)
 
 
 def exponential_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:

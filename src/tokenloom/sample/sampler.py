@@ -10,7 +10,8 @@ from torch import nn
 from tokenloom.sample.filters import apply_min_p, apply_top_k, apply_top_k_top_p
 from tokenloom.sample.logprobs import gather_logprobs
 from tokenloom.sample.metadata import RandomRowsMetadata, SamplingMetadata
-from tokenloom.sample.noise import exponential_noise
+from tokenloom.sample.noise import exponential_noise, uniform_noise
+from tokenloom.spec_decode.rejection import rejection_sample
 from tokenloom.sample.penalties import apply_allowed_tokens, apply_logit_bias, apply_min_tokens, apply_penalties
 
 
@@ -52,6 +53,8 @@ class Sampler(nn.Module):
     9. random draw     - argmax(probs / E) with E ~ Exp(1) drawn from the row's own
                          counter-based stream (``noise.py``): the same seed gives the
                          same tokens whatever the batch, with no torch.Generator.
+                         A row that verifies a draft model's token takes it or a
+                         residual draw by rejection sampling (``spec_decode``).
 
     Logprobs are computed from the RAW model logits (log_softmax before any
     transform), as vLLM v1 does by default: they describe the model, not the
@@ -74,16 +77,28 @@ def sample(logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
 
 
 def _sample_token_ids(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+    return _draw(logits, metadata, keep_probs=False)[0]
+
+
+def sample_with_probs(logits: torch.Tensor, metadata: SamplingMetadata) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token ids [num_seqs] and, for the random rows, the distribution each was drawn from
+    [num_random, vocab_size] (None when all rows are greedy): what a draft model's
+    proposals need for rejection sampling. The same transforms and draw as ``sample``."""
+    return _draw(logits.to(torch.float32), metadata, keep_probs=True)
+
+
+def _draw(logits: torch.Tensor, metadata: SamplingMetadata,
+          keep_probs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     if not metadata.no_logit_transforms:
         logits = _apply_history_transforms(logits.clone(), metadata)
     random = metadata.random
     if random is None:
-        return logits.argmax(dim=-1)
+        return logits.argmax(dim=-1), None
     if random.rows is None:
-        return _sample_random(logits, random)
+        return _sample_random(logits, random, keep_probs)
     token_ids = logits.argmax(dim=-1)  # [num_seqs], greedy rows keep theirs
-    random_ids = _sample_random(logits.index_select(0, random.rows), random)  # [num_random]
-    return token_ids.index_copy_(0, random.rows, random_ids)
+    random_ids, probs = _sample_random(logits.index_select(0, random.rows), random, keep_probs)
+    return token_ids.index_copy_(0, random.rows, random_ids), probs
 
 
 def _apply_history_transforms(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
@@ -99,8 +114,25 @@ def _apply_history_transforms(logits: torch.Tensor, metadata: SamplingMetadata) 
     return logits
 
 
-def _sample_random(logits: torch.Tensor, random: RandomRowsMetadata) -> torch.Tensor:
-    """Steps 5-9 on the random rows' logits [num_random, vocab_size]; returns [num_random] int64."""
+def _sample_random(logits: torch.Tensor, random: RandomRowsMetadata,
+                   keep_probs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Steps 5-9 on the random rows' logits [num_random, vocab_size]: token ids [num_random]
+    int64, and the probabilities they were drawn from when ``keep_probs``."""
+    probs = random_probs(logits, random)  # [num_random, vocab_size]
+    noise = exponential_noise(random.seeds, random.positions, logits.shape[-1])  # [num_random, vocab_size]
+    weights = probs / noise if keep_probs or random.draft is not None else probs.div_(noise)
+    token_ids = weights.argmax(dim=-1)  # [num_random]
+    draft = random.draft
+    if draft is not None:
+        verified = rejection_sample(probs[draft.rows], draft.probs, draft.token_ids,
+                                    uniform_noise(random.seeds[draft.rows], random.positions[draft.rows]),
+                                    noise[draft.rows])  # [num_draft_rows]
+        token_ids.index_copy_(0, draft.rows, verified)
+    return token_ids, probs if keep_probs else None
+
+
+def random_probs(logits: torch.Tensor, random: RandomRowsMetadata) -> torch.Tensor:
+    """Steps 5-8: the distribution the random rows draw from, [num_random, vocab_size] float32."""
     logits = logits / random.temperature[:, None]  # a new tensor: the filters below work in place
     if random.top_p is not None:
         logits = apply_top_k_top_p(logits, random.top_k, random.max_top_k, random.top_p)
@@ -108,6 +140,4 @@ def _sample_random(logits: torch.Tensor, random: RandomRowsMetadata) -> torch.Te
         logits = apply_top_k(logits, random.top_k, random.max_top_k)
     if random.min_p is not None:
         logits = apply_min_p(logits, random.min_p)
-    probs = logits.softmax(dim=-1)  # [num_random, vocab_size]
-    noise = exponential_noise(random.seeds, random.positions, logits.shape[-1])  # [num_random, vocab_size]
-    return probs.div_(noise).argmax(dim=-1)
+    return logits.softmax(dim=-1)

@@ -16,6 +16,13 @@ class ScheduledRequest:
     ``sample`` is True when this chunk reaches the end of the known tokens, so the
     last position's logits produce the next token. ``prompt_logprobs_start`` is
     the first prompt position whose logprobs this step must return (None: none).
+
+    With speculative decoding, a decoding sequence also feeds its draft tokens:
+    ``token_ids`` ends with ``spec_token_ids`` and the last ``1 + len(spec_token_ids)``
+    positions all sample (each verifies the draft after it; the last one is the bonus)::
+
+        token_ids   [ last sampled | d1 | d2 | d3 ]      sample rows: all four
+        verifies        d1           d2   d3   (bonus)
     """
 
     request_id: str
@@ -30,11 +37,17 @@ class ScheduledRequest:
     seed: int  # per-sequence sampling seed (user seed + sample index, or a random one)
     eos_token_ids: tuple[int, ...] = ()
     prompt_logprobs_start: int | None = None
+    spec_token_ids: tuple[int, ...] = ()
 
     @property
     def context_len(self) -> int:
-        """Tokens with KV in the cache once this step has run."""
+        """Tokens with KV in the cache once this step has run (drafts included)."""
         return self.num_computed_tokens + self.num_new_tokens
+
+    @property
+    def num_sample_rows(self) -> int:
+        """Positions whose logits are sampled: 0, 1, or 1 + the drafts."""
+        return 1 + len(self.spec_token_ids) if self.sample else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,9 +71,11 @@ class SampledToken:
 @dataclass(frozen=True, slots=True)
 class ModelOutput:
     """Runner -> scheduler. ``sampled[i]`` belongs to ``request_ids[i]`` (only requests
-    whose ScheduledRequest had ``sample=True``). ``prompt_logprobs`` holds, per request
-    that asked, the entries for the prompt positions computed this step."""
+    whose ScheduledRequest had ``sample=True``): the tokens it gained this step, in
+    order: one, or with speculation the accepted drafts and the token after them.
+    ``prompt_logprobs`` holds, per request that asked, the entries for the prompt
+    positions computed this step."""
 
     request_ids: tuple[str, ...] = ()
-    sampled: tuple[SampledToken, ...] = ()
+    sampled: tuple[tuple[SampledToken, ...], ...] = ()
     prompt_logprobs: dict[str, list[PositionLogprobs | None]] = field(default_factory=dict)

@@ -134,7 +134,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            # A decoding sequence's drafts ride along; the budget may cut them short.
+            num_drafts = len(req.spec_token_ids) if req.is_decoding else 0
+            num_new = min(req.num_tokens - req.num_computed_tokens + num_drafts, budget)
             if not self._allocate_or_preempt(req, num_new, preempted):
                 break  # req was the newest: nothing runs after it
             chunks.append((req, num_new))
@@ -156,6 +158,7 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
         req.num_computed_tokens = 0
+        req.spec_token_ids = []
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
         self.waiting.appendleft(req)
@@ -233,19 +236,22 @@ class Scheduler:
         wants_prompt_logprobs = (params.prompt_logprobs is not None
                                  and req.num_prompt_logprobs_done < req.num_prompt_tokens)
         prompt = self._prompt_ids[req.request_id]
+        end = min(start + num_new, req.num_tokens)  # past it: drafts
+        drafts = tuple(req.spec_token_ids[:start + num_new - end])
         return ScheduledRequest(
             request_id=req.request_id,
-            token_ids=_token_slice(prompt, req.output_token_ids, start, start + num_new),
+            token_ids=_token_slice(prompt, req.output_token_ids, start, end) + drafts,
             num_computed_tokens=start,
             num_new_tokens=num_new,
             block_ids=tuple(req.block_ids),
-            sample=start + num_new == req.num_tokens,
+            sample=end == req.num_tokens,
             sampling_params=params,
             prompt_token_ids=prompt,
             output_token_ids=tuple(req.output_token_ids),
             seed=req.seed,
             eos_token_ids=tuple(req.eos_token_ids),
             prompt_logprobs_start=start if wants_prompt_logprobs else None,
+            spec_token_ids=drafts,
         )
 
     # ---- update ---------------------------------------------------------------
@@ -264,24 +270,39 @@ class Scheduler:
                                  f"{sched.num_computed_tokens} computed tokens, "
                                  f"now {req.num_computed_tokens}")
             self._collect_prompt_logprobs(req, sched, model_output)
-            req.num_computed_tokens += sched.num_new_tokens
+            if not sched.sample:
+                req.num_computed_tokens += sched.num_new_tokens
+                self.kv.cache_full_blocks(req)
+                continue
+            tokens = sampled[req.request_id]
+            _check_accepted(sched, tokens)
+            req.spec_token_ids = []
+            status = self._append_tokens(req, tokens)
+            # The KV of every fed token up to the last one accepted is valid; the slots of
+            # rejected drafts (and of drafts past a stop) are given back.
+            req.num_computed_tokens = req.num_tokens - 1
             self.kv.cache_full_blocks(req)
-            if sched.sample:
-                self._append_token(req, sampled[req.request_id])
-                received.append(req)
+            if status is not None:
+                self._release(req, status)
+            elif sched.spec_token_ids:
+                self.kv.trim(req)
+            received.append(req)
         if any(req.is_finished for req in received):
             self.running = [req for req in self.running if not req.is_finished]
         return received
 
-    def _append_token(self, req: Request, token: SampledToken) -> None:
-        req.output_token_ids.append(token.token_id)
-        if req.sampling_params.logprobs is not None:
-            if token.logprobs is None:
-                raise ValueError(f"request {req.request_id} asked for logprobs but none came back")
-            req.output_logprobs.append(token.logprobs)
-        status = self._check_stop(req, token.token_id)
-        if status is not None:
-            self._release(req, status)
+    def _append_tokens(self, req: Request, tokens: tuple[SampledToken, ...]) -> RequestStatus | None:
+        """Append in order until a stop condition holds; the tokens after it are dropped."""
+        for token in tokens:
+            req.output_token_ids.append(token.token_id)
+            if req.sampling_params.logprobs is not None:
+                if token.logprobs is None:
+                    raise ValueError(f"request {req.request_id} asked for logprobs but none came back")
+                req.output_logprobs.append(token.logprobs)
+            status = self._check_stop(req, token.token_id)
+            if status is not None:
+                return status
+        return None
 
     def _check_stop(self, req: Request, token_id: int) -> RequestStatus | None:
         if req.grammar is not None and self._grammar_done(req, token_id):
@@ -378,8 +399,18 @@ def _token_slice(prompt: tuple[int, ...], output: list[int], start: int, end: in
     return prompt[start:] + tuple(output[:end - num_prompt])
 
 
+def _check_accepted(sched: ScheduledRequest, tokens: tuple[SampledToken, ...]) -> None:
+    """A step yields one token, plus one per draft accepted: drafts are accepted in order,
+    so every token but the last must equal its draft (else the cached KV would be wrong)."""
+    drafts = sched.spec_token_ids
+    if not 1 <= len(tokens) <= 1 + len(drafts) or any(
+            t.token_id != d for t, d in zip(tokens[:-1], drafts)):
+        raise ValueError(f"request {sched.request_id}: tokens {[t.token_id for t in tokens]} are not "
+                         f"an accepted prefix of drafts {list(drafts)} plus one")
+
+
 def _sampled_by_request(scheduler_output: SchedulerOutput,
-                        model_output: ModelOutput) -> dict[str, SampledToken]:
+                        model_output: ModelOutput) -> dict[str, tuple[SampledToken, ...]]:
     if len(model_output.request_ids) != len(model_output.sampled):
         raise ValueError(f"model output has {len(model_output.request_ids)} request ids but "
                          f"{len(model_output.sampled)} sampled tokens")

@@ -90,6 +90,11 @@ class SequenceGrammar:
         """Advance on a sampled token; False when the grammar does not allow it."""
         return self.matcher.consume_token(token_id)
 
+    def num_valid(self, token_ids: Sequence[int]) -> int:
+        """How many of ``token_ids`` the grammar would accept in a row from here (the state
+        does not change): speculative drafts past that could never be kept."""
+        return self.matcher.validate_tokens(list(token_ids))
+
     @property
     def is_terminated(self) -> bool:
         """The grammar is complete and allows nothing more (EOS excepted)."""
@@ -130,8 +135,13 @@ class StructuredOutputManager:
     def sequence_grammar(self, spec: StructuredOutputsParams) -> SequenceGrammar:
         return SequenceGrammar(self.compile(spec))
 
-    def fill_bitmask(self, grammars: Sequence[SequenceGrammar]) -> torch.Tensor:
-        """[len(grammars), words] int32: each ready grammar's allowed next tokens."""
+    def fill_bitmask(self, grammars: Sequence[SequenceGrammar],
+                     drafts: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+        """[rows, words] int32: each ready grammar's allowed next tokens. With ``drafts``
+        (speculative decoding; tokens the grammar accepts), a grammar has one row per draft
+        more: its allowed tokens after each prefix of them (the matcher is rolled back)."""
+        if drafts is not None and any(drafts):
+            return self._fill_bitmask_with_drafts(grammars, drafts)
         bitmask = llguidance.torch.allocate_token_bitmask(len(grammars), self.vocab_size)
         if len(grammars) >= PARALLEL_FILL_MIN_ROWS and (os.cpu_count() or 1) >= PARALLEL_FILL_MIN_CPUS:
             llguidance.torch.fill_next_token_bitmask_par(
@@ -139,6 +149,21 @@ class StructuredOutputManager:
         else:
             for i, g in enumerate(grammars):
                 llguidance.torch.fill_next_token_bitmask(g.matcher, bitmask, i)
+        return bitmask
+
+    def _fill_bitmask_with_drafts(self, grammars: Sequence[SequenceGrammar],
+                                  drafts: Sequence[Sequence[int]]) -> torch.Tensor:
+        bitmask = llguidance.torch.allocate_token_bitmask(sum(1 + len(d) for d in drafts), self.vocab_size)
+        row = 0
+        for grammar, tokens in zip(grammars, drafts):
+            matcher = grammar.matcher
+            for i in range(len(tokens) + 1):
+                llguidance.torch.fill_next_token_bitmask(matcher, bitmask, row)
+                row += 1
+                if i < len(tokens) and not matcher.consume_token(tokens[i]):
+                    raise ValueError(f"draft token {tokens[i]} is not allowed by the grammar")
+            if tokens:
+                matcher.rollback(len(tokens))
         return bitmask
 
     def shutdown(self) -> None:

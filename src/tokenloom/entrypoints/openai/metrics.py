@@ -72,6 +72,12 @@ class _EngineStatsCollector(Collector):
             ("tokenloom:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
              s.prefix_cache_queries_total),
             ("tokenloom:prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits_total),
+            ("tokenloom:spec_decode_num_drafts", "Sequence steps that verified draft tokens (speculative decoding).",
+             s.spec_decode_drafts_total),
+            ("tokenloom:spec_decode_draft_tokens", "Draft tokens verified (speculative decoding).",
+             s.spec_decode_draft_tokens_total),
+            ("tokenloom:spec_decode_accepted_tokens", "Draft tokens accepted (speculative decoding).",
+             s.spec_decode_accepted_tokens_total),
         )
         for name, documentation, value in counters:
             yield CounterMetricFamily(name, documentation, value=value)
