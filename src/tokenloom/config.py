@@ -137,8 +137,10 @@ class SchedulerConfig:
 SPECULATIVE_METHODS = ("ngram", "draft_model")
 MAX_SPECULATIVE_TOKENS = 16
 # Speculation stops paying once a step's rows are compute-bound: verifying 1 + k rows
-# per request then costs about 1 + k decode rows (see docs/performance.md).
-DEFAULT_SPEC_DISABLE_BY_BATCH_SIZE = 8
+# per request then costs about 1 + k decode rows. Measured on the default model on a
+# 2-core CPU: copy-heavy requests gain 1.5x at 4 sequences and break even at 8,
+# open-ended ones lose 10% at 4 (docs/performance.md, "Speculative decoding").
+DEFAULT_SPEC_DISABLE_BY_BATCH_SIZE = 4
 
 
 @dataclass(frozen=True, slots=True)

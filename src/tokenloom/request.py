@@ -102,6 +102,8 @@ class Request:
         # Speculative decoding: tokens proposed to follow output_token_ids, verified by the
         # next step that runs this sequence (set by the engine, dropped on preemption).
         self.spec_token_ids: list[int] = []
+        self.num_draft_tokens = 0  # drafts verified for this sequence so far
+        self.num_accepted_tokens = 0  # of those, accepted
 
     @property
     def num_prompt_tokens(self) -> int:

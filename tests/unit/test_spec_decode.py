@@ -10,7 +10,7 @@ from tokenloom.config import SpeculativeConfig, parse_speculative_config
 from tokenloom.request import Request, RequestStatus
 from tokenloom.sample.noise import exponential_noise, uniform_noise
 from tokenloom.sampling_params import SamplingParams
-from tokenloom.spec_decode.drafter import Drafter
+from tokenloom.spec_decode.drafter import Drafter, worthwhile_drafts
 from tokenloom.spec_decode.ngram import NgramProposer
 from tokenloom.spec_decode.rejection import rejection_sample
 from tokenloom.spec_decode.verify import num_accepted
@@ -120,10 +120,19 @@ def decoding_request(request_id: str, prompt: list[int], output: list[int], **pa
     return req
 
 
+def test_worthwhile_drafts_follow_the_acceptance_record() -> None:
+    assert worthwhile_drafts(0, 0) == 4  # the prior: 3/4 of drafts accepted
+    assert worthwhile_drafts(40, 40) == 16  # all accepted: as many as configured
+    assert worthwhile_drafts(40, 36) == 9  # 39/44 = 0.886: 0.886**9 = 0.34, 0.886**10 = 0.299
+    assert worthwhile_drafts(40, 20) == 2
+    assert worthwhile_drafts(40, 4) == 1  # never none: the rate must go on being measured
+
+
 def test_drafter_caps_drafts_by_max_tokens_and_max_model_len() -> None:
     drafter = Drafter(SpeculativeConfig("ngram", 5, prompt_lookup_max=2, prompt_lookup_min=1), max_model_len=20)
     text = [1, 2, 3, 4, 5, 6, 7, 8, 1, 2]
     roomy = decoding_request("a", text, [3], max_tokens=100)
+    roomy.num_draft_tokens = roomy.num_accepted_tokens = 10  # a record that earns all 5
     short = decoding_request("b", text, [3], max_tokens=4)  # 1 out, 4 allowed: 3 more = 2 drafts + 1
     long = decoding_request("c", text + [9] * 6, [3], max_tokens=100)  # 17 of 20 tokens: 2 drafts
     prefill = decoding_request("d", text, [3])

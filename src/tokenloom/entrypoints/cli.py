@@ -105,7 +105,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="speculative decoding, vLLM's JSON: {\"method\": \"ngram\", \"num_speculative_tokens\": "
                    "5, \"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2} or {\"method\": \"draft_model\", "
                    "\"model\": PATH_OR_ALIAS, \"num_speculative_tokens\": 4}; optional \"disable_by_batch_size\" "
-                   "(default 8: no speculation when more sequences run); off when not given")
+                   "(default 4: no speculation when more sequences run, where on a CPU it stops paying); off when not given")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="log verbosity (default: %(default)s)")
 
 

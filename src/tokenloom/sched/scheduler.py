@@ -277,6 +277,8 @@ class Scheduler:
             tokens = sampled[req.request_id]
             _check_accepted(sched, tokens)
             req.spec_token_ids = []
+            req.num_draft_tokens += len(sched.spec_token_ids)
+            req.num_accepted_tokens += len(tokens) - 1
             status = self._append_tokens(req, tokens)
             # The KV of every fed token up to the last one accepted is valid; the slots of
             # rejected drafts (and of drafts past a stop) are given back.

@@ -1,9 +1,10 @@
 """The engine's side of speculative decoding: after each step, give every decoding
 sequence its drafts for the next one.
 
-A sequence may take at most ``num_speculative_tokens`` drafts, and never more than
-could be kept: a step adds the accepted drafts plus one token, so the drafts stop
-short of ``max_tokens`` and of ``max_model_len``. A constrained sequence (structured
+A sequence may take at most ``num_speculative_tokens`` drafts, fewer when its drafts
+have been failing (``worthwhile_drafts``), and never more than could be kept: a step
+adds the accepted drafts plus one token, so the drafts stop short of ``max_tokens``
+and of ``max_model_len``. A constrained sequence (structured
 output) keeps only the drafts its grammar allows. When more than
 ``disable_by_batch_size`` sequences run, nobody speculates: the step is then
 compute-bound, and verifying 1 + k rows costs about 1 + k decodes.
@@ -11,14 +12,19 @@ compute-bound, and verifying 1 + k rows costs about 1 + k decodes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Protocol
 
 import torch
 
-from tokenloom.config import SpeculativeConfig
+from tokenloom.config import MAX_SPECULATIVE_TOKENS, SpeculativeConfig
 from tokenloom.request import Request
 from tokenloom.spec_decode.ngram import NgramProposer
+
+
+# A draft is worth a verify row when it adds at least this many tokens in expectation.
+MIN_DRAFT_GAIN = 0.3
 
 
 class DraftModel(Protocol):
@@ -59,8 +65,9 @@ class Drafter:
             req.spec_token_ids = _allowed_prefix(req, tokens)
 
     def max_drafts(self, req: Request) -> int:
-        """Drafts that could all be kept: the step adds them plus one token."""
-        cap = min(self.config.num_speculative_tokens, self.max_model_len - req.num_tokens - 1)
+        """Drafts worth verifying that could all be kept (the step adds them plus one token)."""
+        cap = min(self.config.num_speculative_tokens, worthwhile_drafts(req.num_draft_tokens, req.num_accepted_tokens),
+                  self.max_model_len - req.num_tokens - 1)
         max_tokens = req.sampling_params.max_tokens
         if max_tokens is not None:
             cap = min(cap, max_tokens - req.num_output_tokens - 1)
@@ -69,6 +76,19 @@ class Drafter:
     def draft_probs(self) -> dict[str, torch.Tensor] | None:
         """A draft model's distributions for the drafts it proposed last (None for n-gram)."""
         return None if self.draft_model is None else self.draft_model.draft_probs()
+
+
+def worthwhile_drafts(num_drafted: int, num_accepted: int) -> int:
+    """How many drafts a sequence should verify, from how its drafts fared so far.
+
+    Draft j is used only if drafts 1 .. j - 1 were all accepted: with a per-draft
+    acceptance rate a it adds a**j tokens in expectation, and costs a row of the verify
+    step whether it is accepted or not. Drafts stop where a**j drops below
+    ``MIN_DRAFT_GAIN`` (at least one is kept: the rate must go on being measured). The
+    rate starts at 3/4 (a prior worth four drafts) and follows the sequence's own record.
+    """
+    rate = (num_accepted + 3) / (num_drafted + 4)  # < 1
+    return max(1, min(MAX_SPECULATIVE_TOKENS, int(math.log(MIN_DRAFT_GAIN) / math.log(rate))))
 
 
 def _allowed_prefix(req: Request, tokens: list[int]) -> list[int]:
