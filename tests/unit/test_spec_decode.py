@@ -124,7 +124,8 @@ def test_worthwhile_drafts_follow_the_acceptance_record() -> None:
     assert worthwhile_drafts(0, 0) == 4  # the prior: 3/4 of drafts accepted
     assert worthwhile_drafts(40, 40) == 16  # all accepted: as many as configured
     assert worthwhile_drafts(40, 36) == 9  # 39/44 = 0.886: 0.886**9 = 0.34, 0.886**10 = 0.299
-    assert worthwhile_drafts(40, 20) == 2
+    assert worthwhile_drafts(40, 28) == 3  # 31/44 = 0.70: 0.70**3 = 0.35
+    assert worthwhile_drafts(40, 20) == 1  # 23/44 = 0.52: 0.52**2 = 0.27
     assert worthwhile_drafts(40, 4) == 1  # never none: the rate must go on being measured
 
 
