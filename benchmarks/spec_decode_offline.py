@@ -4,11 +4,12 @@
         [--workload copy|open] [--num-speculative-tokens 5] [--max-tokens 160]
 
 One process, two engines on the default model (fast path): plain, and with n-gram
-drafts (prompt_lookup 2..4, ``disable_by_batch_size`` off, so every batch size
-speculates). For each batch size B the same B chat requests of the workload
-(``bench/text_prompts.py``, greedy) run on both engines, alternating, ``--rounds``
-times; printed: output tok/s of each (best round, the machine is noisy), their
-ratio, mean acceptance length, and whether the texts are identical.
+drafts (``--prompt-lookup-min``..4, ``disable_by_batch_size`` off, so every batch
+size speculates). For each batch size B the same ``--num-prompts`` chat requests of
+the workload (``bench/text_prompts.py``, greedy) run on both engines in groups of B
+submitted together, alternating, ``--rounds`` times; printed: output tok/s of each
+(best round, the machine is noisy), their ratio, mean acceptance length, and whether
+the texts are identical.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from tokenloom import LLM, SamplingParams
 from tokenloom.bench.text_prompts import copy_texts, open_texts
 
 
-def run(llm: LLM, conversations: list, params: SamplingParams) -> tuple[float, list[str], int]:
+def run(llm: LLM, conversations: list, params: SamplingParams, batch: int = 0) -> tuple[float, list[str], int]:
     start = time.perf_counter()
-    outputs = llm.chat(conversations, params, use_tqdm=False)
+    batch = batch or len(conversations)
+    outputs = [o for i in range(0, len(conversations), batch)
+               for o in llm.chat(conversations[i:i + batch], params, use_tqdm=False)]
     seconds = time.perf_counter() - start
     num_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     return num_tokens / seconds, [o.outputs[0].text for o in outputs], num_tokens
@@ -35,26 +38,29 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--workload", default="copy", choices=("copy", "open"))
     p.add_argument("--num-speculative-tokens", type=int, default=5)
+    p.add_argument("--prompt-lookup-min", type=int, default=2)
+    p.add_argument("--num-prompts", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=160)
     args = p.parse_args()
     spec = {"method": "ngram", "num_speculative_tokens": args.num_speculative_tokens, "prompt_lookup_max": 4,
-            "prompt_lookup_min": 2, "disable_by_batch_size": None}
+            "prompt_lookup_min": args.prompt_lookup_min, "disable_by_batch_size": None}
     plain = LLM(args.model, kv_cache_memory=1.0)
     ngram = LLM(args.model, kv_cache_memory=1.0, speculative_config=spec)
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
-    texts = (copy_texts if args.workload == "copy" else open_texts)(max(map(int, args.batch_sizes.split(","))), 0)
+    texts = (copy_texts if args.workload == "copy" else open_texts)(args.num_prompts, 0)
+    conversations = [[{"role": "user", "content": t}] for t in texts]
     for llm in (plain, ngram):
         run(llm, [[{"role": "user", "content": texts[0]}]], SamplingParams(temperature=0, max_tokens=8))
-    print(f"workload {args.workload}, k={args.num_speculative_tokens}, max_tokens {args.max_tokens}")
+    print(f"workload {args.workload}, {args.num_prompts} prompts, k={args.num_speculative_tokens}, "
+          f"prompt_lookup {args.prompt_lookup_min}..4, max_tokens {args.max_tokens}")
     print("| batch | plain tok/s | ngram tok/s | ratio | mean acceptance length | texts |")
     print("|---|---|---|---|---|---|")
     for batch in map(int, args.batch_sizes.split(",")):
-        conversations = [[{"role": "user", "content": t}] for t in texts[:batch]]
         best = {"plain": 0.0, "ngram": 0.0}
         before = ngram.engine.stats.snapshot()
         for _ in range(args.rounds):
-            rate_plain, texts_plain, _ = run(plain, conversations, params)
-            rate_ngram, texts_ngram, _ = run(ngram, conversations, params)
+            rate_plain, texts_plain, _ = run(plain, conversations, params, batch)
+            rate_ngram, texts_ngram, _ = run(ngram, conversations, params, batch)
             best["plain"], best["ngram"] = max(best["plain"], rate_plain), max(best["ngram"], rate_ngram)
         after = ngram.engine.stats.snapshot()
         drafts = after.spec_decode_drafts_total - before.spec_decode_drafts_total

@@ -1,8 +1,8 @@
 """The native decoder stack computes what the per-layer path computes, bit for bit.
 
 Both run the same kernels in the same order; only who calls them differs
-(C++ back to back, or Python module by module). So a decode step with the
-stack must give identical logits and write identical K/V.
+(C++ back to back, or Python module by module). So a step with the stack (decodes,
+or several tokens per sequence) must give identical logits and write identical K/V.
 """
 
 from __future__ import annotations
@@ -26,16 +26,17 @@ BLOCK_SIZE = 4
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="native kernels unavailable here")
 
 
-def _prefilled(model, num_seqs: int, cache_dtype: torch.dtype):
-    """``num_seqs`` sequences of different lengths, prefilled through the per-layer path."""
+def _prefilled(model, num_seqs: int, cache_dtype: torch.dtype, left: list[int] | None = None):
+    """``num_seqs`` sequences of different lengths, prefilled but for their last ``left[i]``
+    tokens (default 1)."""
     caches = make_kv_caches(model.config, 16 * num_seqs, BLOCK_SIZE, cache_dtype)
     seqs = []
     for i in range(num_seqs):
         tokens = PROMPT[:len(PROMPT) - i % 5] + [7 * i + 3]
         table = list(range(16 * num_seqs - 1 - i, -1, -num_seqs))[:16]  # interleaved, descending
         seqs.append(Sequence(tokens, table))
-    for seq in seqs:
-        run_step(model, caches, [seq], [len(seq.token_ids) - 1], BLOCK_SIZE)
+    for seq, n in zip(seqs, left or [1] * num_seqs):
+        run_step(model, caches, [seq], [len(seq.token_ids) - n], BLOCK_SIZE)
     return caches, seqs
 
 
@@ -51,14 +52,14 @@ class _CountingStack:
         return self.stack(*args)
 
 
-def _decode_step(model, caches, seqs, use_stack: bool):
+def _decode_step(model, caches, seqs, use_stack: bool, num_new: list[int] | None = None):
     caches = [(k.clone(), v.clone()) for k, v in caches]
     seqs = [Sequence(list(s.token_ids), list(s.block_table), s.num_computed_tokens) for s in seqs]
     stack = model.model.decode_stack
     spy = _CountingStack(stack)
     model.model.decode_stack = spy if use_stack else None
     try:
-        logits = run_step(model, caches, seqs, [1] * len(seqs), BLOCK_SIZE)
+        logits = run_step(model, caches, seqs, num_new or [1] * len(seqs), BLOCK_SIZE)
     finally:
         model.model.decode_stack = stack
     assert spy.calls == int(use_stack)
@@ -80,6 +81,22 @@ def test_stack_matches_the_per_layer_path(tiny, tmp_path, kind, qtype, num_seqs,
     for (k, v), (k_ref, v_ref) in zip(our_caches, their_caches, strict=True):
         assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
     assert not torch.equal(our_caches[0][0], caches[0][0])  # the step did write K/V
+
+
+@pytest.mark.parametrize("kind", ["llama3", "qwen2"])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.int8])
+def test_stack_matches_the_per_layer_path_on_mixed_steps(tiny, tmp_path, kind, cache_dtype):
+    """Several tokens per sequence (speculative decoding's verify steps, prompt chunks)
+    next to decodes, in one step."""
+    path = write_gguf(tiny(kind).hf, tmp_path / f"{kind}.gguf", tensor_type=QType.Q4_1)
+    model, _ = load_model(path, torch.float32, "cpu", quantization="auto")
+    num_new = [6, 1, 3, 1, 9, 2]
+    caches, seqs = _prefilled(model, len(num_new), cache_dtype, left=num_new)
+    ours, our_caches = _decode_step(model, caches, seqs, use_stack=True, num_new=num_new)
+    theirs, their_caches = _decode_step(model, caches, seqs, use_stack=False, num_new=num_new)
+    assert ours.shape[0] == sum(num_new) and torch.equal(ours, theirs)
+    for (k, v), (k_ref, v_ref) in zip(our_caches, their_caches, strict=True):
+        assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
 
 
 @pytest.mark.parametrize("num_seqs", [1, 6])

@@ -179,12 +179,13 @@ class LLMEngine:
         draft_probs = self.drafter.draft_probs() if self.drafter is not None else None
         model_out = self.runner.execute(out, self._grammar_bitmask(out), draft_probs)
         updated = self.scheduler.update(out, model_out)
-        self._record_stats(out, sum(len(tokens) for tokens in model_out.sampled))
-        self.stats.record_spec_decode(out, model_out)
         for req in self.outputs.stop_string_hits(updated):
             self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
             req.stop_reason = self.outputs.stop_string_of(req)
         outputs = self.outputs.make_outputs(updated)
+        # The tokens the outputs carry: with speculation, those past a stop never count.
+        self._record_stats(out, sum(len(c.token_ids) for o in outputs for c in o.outputs))
+        self.stats.record_spec_decode(out, model_out)
         if self.drafter is not None:
             self.drafter.propose(self.scheduler.running)
         self._check_idle()

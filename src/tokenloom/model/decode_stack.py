@@ -1,4 +1,4 @@
-"""A decode step's decoder layers as one native call (``decoder_stack``).
+"""A step's decoder layers as one native call (``decoder_stack``).
 
 At batch 1 the default model's 30 layers are ~300 small native ops; issued one
 by one from Python through ``nn.Module`` calls, the interpreter and the
@@ -7,9 +7,12 @@ the same weights to ``torch.ops.tokenloom.decoder_stack``, which runs the same
 kernels back to back in C++ (``kernels/csrc/decoder_stack.cpp``), so the
 result is the one the per-layer path computes.
 
-It applies to what serving spends its time on: decode-only steps, every layer
-projection quantized (with its GEMM tiles), a float32, float16 or int8 KV cache.
-Every other step (prefill chunks, mixed batches) takes the per-layer path.
+It applies to every step (decodes, speculative decoding's verify steps of a few
+tokens per sequence, prompt chunks: one paged attention kernel serves them all)
+when every layer projection is quantized (with its GEMM tiles) and the KV cache is
+float32, float16 or int8; otherwise the per-layer path runs. A verify step of 6
+rows took 11.3 ms on the per-layer path and 9.5 ms here (default model, 2 threads);
+a 256-token prefill 175 and 169 ms.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from tokenloom import kernels
-from tokenloom.model.layers.attention import NATIVE_CACHE_DTYPES
+from tokenloom.model.layers.attention import NATIVE_CACHE_DTYPES, query_start_loc
 from tokenloom.model.layers.quantization import FORMATS, StackedWeight
 
 if TYPE_CHECKING:
@@ -65,7 +68,7 @@ class DecodeStack:
                    first.num_heads, first.num_kv_heads, first.head_dim, model.norm.eps, first.scale)
 
     def applies(self, kv_caches: list[KVCache], meta: AttentionMetadata) -> bool:
-        return meta.is_decode_only and kv_caches[0][0].dtype in NATIVE_CACHE_DTYPES
+        return kv_caches[0][0].dtype in NATIVE_CACHE_DTYPES
 
     def __call__(self, hidden: torch.Tensor, rope: RopeInputs, kv_caches: list[KVCache],
                  meta: AttentionMetadata) -> torch.Tensor:
@@ -73,5 +76,5 @@ class DecodeStack:
         return kernels.ops().decoder_stack(
             hidden, self.norms, self.parts_per_linear, self.formats, self.weights, self.out_features,
             self.qkv_biases, [k for k, _ in kv_caches], [v for _, v in kv_caches], rope.cos_sin_cache,
-            rope.positions, meta.slot_mapping, meta.block_tables, meta.seq_lens, self.num_heads,
+            rope.positions, meta.slot_mapping, meta.block_tables, meta.seq_lens, query_start_loc(meta), self.num_heads,
             self.num_kv_heads, self.head_dim, self.eps, self.scale)

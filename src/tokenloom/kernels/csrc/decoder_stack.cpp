@@ -1,4 +1,4 @@
-// Every decoder layer of a Llama-family model, for one decode step, in one op.
+// Every decoder layer of a Llama-family model, for one step, in one op.
 //
 // A decode step of a small model is ~10 native ops per layer; called one at a
 // time from Python, each pays the interpreter, nn.Module and dispatcher on top
@@ -22,7 +22,8 @@
 //                 format, its 5 GEMM tensors in a row (quant_gemm, quant_linear.cpp)
 //                 and its output size
 //   qkv_biases    L optional biases of the fused qkv projection (Qwen2)
-//   k_caches, v_caches, block_tables, seq_lens: as paged_attention (one token per sequence)
+//   k_caches, v_caches, block_tables, seq_lens, query_start_loc: as paged_attention
+//                 (any mix: decodes, verify steps of speculative decoding, prompt chunks)
 //   slot_mapping  [M] int64: the cache slot of each new token's K/V
 
 #include <ATen/ATen.h>
@@ -79,7 +80,8 @@ at::Tensor decoder_stack(const at::Tensor& hidden, at::TensorList norms, at::Int
                          const OptionalTensors& qkv_biases, at::TensorList k_caches,
                          at::TensorList v_caches, const at::Tensor& cos_sin_cache, const at::Tensor& positions,
                          const at::Tensor& slot_mapping, const at::Tensor& block_tables,
-                         const at::Tensor& seq_lens, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                         const at::Tensor& seq_lens, const at::Tensor& query_start_loc, int64_t num_heads,
+                         int64_t num_kv_heads, int64_t head_dim,
                          double eps, double scale) {
   const int64_t layers = static_cast<int64_t>(k_caches.size());
   TORCH_CHECK(layers > 0 && static_cast<int64_t>(v_caches.size()) == layers, "decoder_stack: need one K and V cache per layer");
@@ -96,12 +98,12 @@ at::Tensor decoder_stack(const at::Tensor& hidden, at::TensorList norms, at::Int
               kQuantWeightTensors, " weight tensors each, out_features per part)");
   TORCH_CHECK(static_cast<int64_t>(qkv_biases.size()) == layers, "decoder_stack: expected one qkv bias entry per layer");
   TORCH_CHECK(hidden.dim() == 2 && slot_mapping.dim() == 1 && slot_mapping.size(0) == hidden.size(0) &&
-                  seq_lens.dim() == 1 && seq_lens.size(0) == hidden.size(0),
-              "decoder_stack: a decode step has one token per sequence (hidden, slot_mapping, seq_lens)");
+                  seq_lens.dim() == 1 && query_start_loc.dim() == 1 &&
+                  query_start_loc.size(0) == seq_lens.size(0) + 1,
+              "decoder_stack: expected hidden [M, H], slot_mapping [M], seq_lens [S], query_start_loc [S + 1]");
 
   const QuantLinears linear(parts_per_linear, formats, weights, out_features);
   const int64_t M = hidden.size(0), q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
-  const at::Tensor query_start_loc = at::arange(M + 1, seq_lens.options());  // one token per sequence
   at::Tensor residual = hidden;
   at::Tensor delta;
   for (int64_t l = 0; l < layers; ++l) {
@@ -131,7 +133,8 @@ TORCH_LIBRARY_FRAGMENT(tokenloom, m) {
   m.def(
       "decoder_stack(Tensor hidden, Tensor[] norms, int[] parts_per_linear, int[] formats, Tensor?[] weights, "
       "int[] out_features, Tensor?[] qkv_biases, Tensor[] k_caches, Tensor[] v_caches, Tensor cos_sin_cache, "
-      "Tensor positions, Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, int num_heads, "
+      "Tensor positions, Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, Tensor query_start_loc, "
+      "int num_heads, "
       "int num_kv_heads, int head_dim, "
       "float eps, float scale) -> Tensor");
 }

@@ -129,7 +129,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """
     if native and q.shape[-1] % 8 == 0 and k_cache.dtype in NATIVE_CACHE_DTYPES:
         return kernels.ops().paged_attention(q.contiguous(), k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                                             _query_start_loc(meta), scale)
+                                             query_start_loc(meta), scale)
     if meta.is_decode_only:
         return _decode_attention(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)
@@ -141,7 +141,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return out
 
 
-def _query_start_loc(meta: AttentionMetadata) -> torch.Tensor:
+def query_start_loc(meta: AttentionMetadata) -> torch.Tensor:
     starts = meta.query_start_loc_tensor
     return torch.tensor(meta.query_start_loc) if starts is None or starts.dtype != torch.int64 else starts
 
