@@ -9,6 +9,8 @@ this says how many are, and where the first difference begins.
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 
 from tokenloom.bench.results import ServeResult
@@ -65,7 +67,7 @@ def compare_texts(first: ServeResult, second: ServeResult) -> TextComparison:
     if differing:
         level, index = differing[0]
         text_a, text_b = a.get((level, index)), b.get((level, index))
-        first_difference = TextDifference(level, index, text_a, text_b, _common_prefix(text_a or "", text_b or ""))
+        first_difference = TextDifference(level, index, text_a, text_b, _common_prefix_len(text_a or "", text_b or ""))
     return TextComparison(num_requests=len(keys), num_identical=len(keys) - len(differing),
                           first_difference=first_difference)
 
@@ -81,13 +83,8 @@ def format_comparison(comparison: TextComparison, first_label: str, second_label
     return "\n".join(lines)
 
 
-def _common_prefix(a: str, b: str) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+def _common_prefix_len(a: str, b: str) -> int:
+    return len(os.path.commonprefix([a, b]))
 
 
 def _around(text: str, offset: int) -> str:

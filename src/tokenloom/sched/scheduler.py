@@ -43,6 +43,12 @@ class Scheduler:
     tokens are appended, stop conditions finish requests and free their blocks
     at once.
 
+    Speculative decoding: a decoding request with draft tokens (``spec_token_ids``,
+    set by the engine's drafter) asks for 1 + k tokens of the budget (the budget may
+    cut the drafts short). ``update()`` appends the accepted drafts and the token
+    after them, in order, until a stop condition holds; the KV of rejected drafts is
+    dropped (computed = tokens - 1) and the blocks that held only it go back.
+
     The engine keeps ``max_model_len <= kv.capacity_tokens``, so a request
     running alone always fits.
     """

@@ -35,6 +35,7 @@ from tokenloom.runner.model_runner import ModelRunner
 from tokenloom.sample import build_sampling_metadata
 from tokenloom.sample.sampler import sample_with_probs
 from tokenloom.sched.output import ScheduledRequest, SchedulerOutput
+from tokenloom.spec_decode.verify import num_accepted
 from tokenloom.transfer import to_host
 
 _DRAFT_SEED_SALT = 0x5DEECE66D  # the draft's random stream is not the target's
@@ -110,7 +111,7 @@ class DraftModelProposer:
             return shadow
         twin = shadow.request
         tokens = twin.all_token_ids[shadow.fed_start:shadow.fed_start + len(shadow.fed)]
-        kept = next((i for i, (a, b) in enumerate(zip(tokens, shadow.fed)) if a != b), len(tokens))
+        kept = num_accepted(tokens, shadow.fed)  # the fed drafts the sequence kept
         # At least the last token is fed again, even when the target did not advance: it samples d1.
         twin.num_computed_tokens = min(twin.num_computed_tokens, shadow.fed_start + kept, twin.num_tokens - 1)
         shadow.fed = ()
