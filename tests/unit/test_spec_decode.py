@@ -3,6 +3,8 @@ rule, rejection sampling and the drafter's caps and policy."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -68,6 +70,23 @@ def test_ngram_needs_at_least_min_tokens_of_match() -> None:
     assert proposer.propose([4], 3) == [] and proposer.propose([1, 2, 1, 2], 0) == []
     with pytest.raises(ValueError):
         NgramProposer(3, 2)
+
+
+def _lookup_by_hand(tokens: list[int], k: int, low: int, high: int) -> list[int]:
+    for n in range(min(high, len(tokens) - 1), low - 1, -1):
+        starts = [s for s in range(len(tokens) - n) if tokens[s:s + n] == tokens[len(tokens) - n:]]
+        if starts:
+            return tokens[starts[-1] + n:starts[-1] + n + k]
+    return []
+
+
+def test_ngram_equals_a_search_by_hand_on_random_sequences() -> None:
+    rng = random.Random(0)
+    for _ in range(3000):
+        tokens = [rng.randrange(rng.choice([2, 3, 5, 20])) for _ in range(rng.randint(1, 40))]
+        low = rng.randint(1, 4)
+        high, k = rng.randint(low, 6), rng.randint(1, 6)
+        assert NgramProposer(low, high).propose(tokens, k) == _lookup_by_hand(tokens, k, low, high), tokens
 
 
 def test_num_accepted_stops_at_the_first_disagreement() -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 
 class NgramProposer:
@@ -28,15 +27,22 @@ class NgramProposer:
     def propose(self, token_ids: Sequence[int], num_drafts: int) -> list[int]:
         """Up to ``num_drafts`` tokens to follow ``token_ids`` (fewer near the end of a match,
         none without one)."""
-        if num_drafts < 1:
+        if num_drafts < 1 or len(token_ids) < 2:
             return []
         tokens = np.asarray(token_ids, dtype=np.int64)
         length = len(tokens)
-        for n in range(min(self.max_n, length - 1), self.min_n - 1, -1):
-            # Windows starting before the suffix itself: [0, length - n).
-            windows = sliding_window_view(tokens[:length - 1], n)  # [length - n, n]
-            hits = np.flatnonzero((windows == tokens[length - n:]).all(axis=1))
-            if hits.size:
-                start = int(hits[-1]) + n
-                return tokens[start:start + num_drafts].tolist()
-        return []
+        # Earlier positions holding the last token: where a match can end. One pass over
+        # the sequence; the rest works on these few candidates.
+        ends = np.flatnonzero(tokens[:-1] == tokens[-1])
+        if ends.size == 0:
+            return []
+        matched = np.ones(ends.size, dtype=np.int64)  # match length at each end, up to max_n
+        for j in range(1, min(self.max_n, length - 1)):
+            before = ends - j
+            same = (before >= 0) & (tokens[np.maximum(before, 0)] == tokens[length - 1 - j])
+            matched += (matched == j) & same
+        best = int(matched.max())
+        if best < self.min_n:
+            return []
+        start = int(ends[np.flatnonzero(matched >= best)[-1]]) + 1  # the most recent longest match
+        return tokens[start:start + num_drafts].tolist()
