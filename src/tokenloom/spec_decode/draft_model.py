@@ -3,9 +3,10 @@
 It runs on the engine's thread, with its own ModelRunner and its own paged KV
 cache. Each target sequence has a shadow sequence here that shares its prompt
 and output token lists; only the draft's block table and computed count are
-its own. One ``propose`` is one catch-up forward (the tokens the draft has not
-seen: a new sequence's prompt, then the tokens the last step accepted) that
-samples the first draft, then one decode forward per further draft::
+its own. One ``propose`` is a catch-up (the tokens the draft has not seen: a new
+sequence's prompt, then the tokens the last step accepted; forwards within the
+token budget) that samples the first draft, then one decode forward per further
+draft::
 
     target tokens    ... t[N-1]                    (N known tokens)
     catch-up         feed t[c .. N-1]        -> d1
@@ -85,12 +86,11 @@ class DraftModelProposer:
         active = [(s, cap) for s, cap in zip(shadows, caps) if cap > 0]
         drafts: dict[str, list[int]] = {s.request.request_id: [] for s, _ in active}
         probs: dict[str, list[torch.Tensor]] = {s.request.request_id: [] for s, _ in active}
-        step = self._catch_up([s for s, _ in active])
-        for r in range(max((cap for _, cap in active), default=0)):
-            if r > 0:
-                step = [self._scheduled(s, (drafts[s.request.request_id][-1],), drafts[s.request.request_id][:-1])
-                        for s, cap in active if cap > r]
-            self._sample(step, drafts, probs)
+        for step in self._catch_up([s for s, _ in active]):
+            self._sample(step, drafts, probs)  # d1
+        for r in range(1, max((cap for _, cap in active), default=0)):
+            self._sample([self._scheduled(s, (drafts[s.request.request_id][-1],), drafts[s.request.request_id][:-1])
+                          for s, cap in active if cap > r], drafts, probs)
         self._probs = {rid: torch.stack(rows) for rid, rows in probs.items() if rows}
         for s, cap in active:
             own = drafts[s.request.request_id]
@@ -123,25 +123,26 @@ class DraftModelProposer:
         twin = shadow.request
         return cap > 0 and self.kv.allocate_slots(twin, twin.num_tokens - twin.num_computed_tokens + cap - 1)
 
-    def _catch_up(self, shadows: list[_Shadow]) -> list[ScheduledRequest]:
-        """Feed what the draft has not seen, in forwards of at most the token budget; the
-        chunks that reach a sequence's end (they sample its first draft) are returned."""
-        remaining = {s.request.request_id: s.request.num_tokens - s.request.num_computed_tokens for s in shadows}
-        while True:
-            budget, chunks = self.max_num_batched_tokens, []
-            for s in shadows:
-                twin = s.request
-                n = min(remaining[twin.request_id], budget)
-                if n == remaining[twin.request_id] or n == 0:
-                    continue
-                chunks.append(self._chunk(twin, n))  # a prompt longer than the budget: no sample yet
-                remaining[twin.request_id] -= n
-                twin.num_computed_tokens += n
-                budget -= n
-            if not chunks:
-                break
-            self.runner.forward(self._step(chunks))
-        return [self._chunk(s.request, remaining[s.request.request_id]) for s in shadows]
+    def _catch_up(self, shadows: list[_Shadow]) -> list[list[ScheduledRequest]]:
+        """Feed what the draft has not seen, in forwards of at most the token budget (a
+        sequence with more runs its head first, sampling nothing); returns the steps of
+        the chunks that reach each sequence's end, packed within the budget (they sample d1)."""
+        budget = self.max_num_batched_tokens
+        for s in shadows:
+            twin = s.request
+            while twin.num_tokens - twin.num_computed_tokens > budget:
+                self.runner.forward(self._step([self._chunk(twin, budget)]))
+                twin.num_computed_tokens += budget
+        steps: list[list[ScheduledRequest]] = []
+        used = budget
+        for s in shadows:
+            chunk = self._chunk(s.request, s.request.num_tokens - s.request.num_computed_tokens)
+            if used + chunk.num_new_tokens > budget:
+                steps.append([])
+                used = 0
+            steps[-1].append(chunk)
+            used += chunk.num_new_tokens
+        return steps
 
     def _chunk(self, twin: Request, n: int) -> ScheduledRequest:
         start = twin.num_computed_tokens
