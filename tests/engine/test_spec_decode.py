@@ -201,3 +201,34 @@ def test_draft_model_with_another_vocabulary_is_refused(tiny_checkpoint, tmp_pat
     path = save_hf_model(AutoModelForCausalLM.from_config(config), tmp_path / "hf", tokenizer=make_tiny_tokenizer(300))
     with pytest.raises(ValueError, match="another vocabulary"):
         make_llm(tiny_checkpoint.hf_dir, speculative_config=draft_config(path))
+
+
+def test_draft_model_under_preemption_and_with_a_grammar(plain, tiny_checkpoint, other_draft):
+    tight = make_llm(tiny_checkpoint.hf_dir, speculative_config=draft_config(tiny_checkpoint.hf_dir),
+                     num_kv_blocks=24, max_model_len=96)
+    got = token_ids(generate_checked(tight, PROMPTS, GREEDY))
+    assert got == token_ids(plain.generate(PROMPTS, GREEDY, use_tqdm=False))
+    assert tight.engine.stats.snapshot().num_preemptions_total > 0, "the scenario must force preemption"
+    llm = make_llm(tiny_checkpoint.hf_dir, speculative_config=draft_config(other_draft))
+    params = SamplingParams(temperature=0, max_tokens=30, structured_outputs=StructuredOutputsParams(
+        regex=r"([0-9] ){3,12}"))
+    got = generate_checked(llm, ["1 2 3 1 2 3 1", "hello"], params)
+    assert token_ids(got) == token_ids(plain.generate(["1 2 3 1 2 3 1", "hello"], params, use_tqdm=False))
+
+
+def test_prompt_logprobs_and_an_abort_mid_speculation(plain, ngram):
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, prompt_logprobs=1, logprobs=1)
+    got = generate_checked(ngram, PROMPTS[:2], params)
+    want = plain.generate(PROMPTS[:2], params, use_tqdm=False)
+    for g, w in zip(got, want):
+        assert g.outputs[0].token_ids == w.outputs[0].token_ids
+        assert [None if e is None else e.keys() for e in g.prompt_logprobs] == \
+            [None if e is None else e.keys() for e in w.prompt_logprobs]
+    engine = ngram.engine
+    engine.add_request("gone", PROMPTS[0], GREEDY)
+    for _ in range(6):
+        engine.step()
+    assert engine.scheduler.get_request("gone").num_output_tokens > 1
+    engine.abort_request("gone")
+    engine.check_integrity()
+    assert engine.kv_manager.usage == 0 and not engine.has_unfinished_requests()
