@@ -232,3 +232,17 @@ def test_prompt_logprobs_and_an_abort_mid_speculation(plain, ngram):
     engine.abort_request("gone")
     engine.check_integrity()
     assert engine.kv_manager.usage == 0 and not engine.has_unfinished_requests()
+
+
+def test_a_draft_models_cache_shares_the_kv_budget(tiny_checkpoint, other_draft):
+    """Target and draft hold the same number of tokens, and both fit in --kv-cache-memory."""
+    from tokenloom.engine.memory import GiB, kv_bytes_per_token
+
+    plain_llm = LLM(str(tiny_checkpoint.hf_dir), kv_cache_memory=0.01, block_size=4)
+    llm = LLM(str(tiny_checkpoint.hf_dir), kv_cache_memory=0.01, block_size=4,
+              speculative_config=draft_config(other_draft))
+    target, draft = llm.engine.arch, llm.engine.drafter.draft_model.runner.arch
+    per_token = (kv_bytes_per_token(target, target.head_dim * 4) + kv_bytes_per_token(draft, draft.head_dim * 4))
+    assert llm.engine.config.cache.num_blocks == int(0.01 * GiB) // (per_token * 4)
+    assert llm.engine.config.cache.num_blocks < plain_llm.engine.config.cache.num_blocks
+    assert llm.engine.drafter.draft_model.kv.num_blocks == llm.engine.config.cache.num_blocks

@@ -91,8 +91,10 @@ class LLMEngine:
         self.tokenizer, (model, arch), path = _load_tokenizer_and_model(config.model, dtype, device)
         self.arch = arch
         kv_dtype = _kv_cache_dtype(config.cache.kv_cache_dtype, model, dtype)
-        self.config = _resolve_config(config, arch, kv_dtype, _weights_bytes(model),
-                                      lambda: _auto_kv_cache_memory(config, model, arch, kv_dtype, device))
+        draft = _load_draft_model(config, self.tokenizer, arch, dtype, device)
+        self.config = _resolve_config(config, arch, kv_dtype, _weights_bytes(model) + (draft.weights_bytes if draft else 0),
+                                      lambda: _auto_kv_cache_memory(config, model, arch, kv_dtype, device),
+                                      None if draft is None else (draft.arch, draft.kv_dtype))
         cache = self.config.cache
         self.kv_manager = KVCacheManager(cache.num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(self.config.scheduler, self.kv_manager)
@@ -103,7 +105,7 @@ class LLMEngine:
         self.stats = StatsCollector()
         self.eos_token_ids = tuple(dict.fromkeys(self.tokenizer.eos_token_ids + arch.eos_token_ids))
         self.structured = StructuredOutputManager(self.tokenizer, arch.vocab_size, self.eos_token_ids)
-        self.drafter = _build_drafter(self.config, self.tokenizer, arch, device)
+        self.drafter = _build_drafter(self.config, draft, device)
         # Constrained user requests whose grammar is not yet known to compile (request id -> sequences).
         self._compiling: dict[str, tuple[Request, ...]] = {}
         self.debug = os.environ.get("TOKENLOOM_DEBUG") == "1"
@@ -285,37 +287,52 @@ class LLMEngine:
             self.check_integrity()
 
 
-def _build_drafter(config: EngineConfig, tokenizer: Tokenizer, arch: ModelArchConfig,
-                   device: torch.device) -> Drafter | None:
+@dataclass(frozen=True, slots=True)
+class _DraftModel:
+    """A draft model for speculative decoding, loaded before the KV cache is sized: its
+    cache takes a share of the KV budget (as many tokens as the target's)."""
+
+    model: torch.nn.Module
+    arch: ModelArchConfig
+    kv_dtype: torch.dtype
+    name: str
+    weights_bytes: int
+
+
+def _load_draft_model(config: EngineConfig, tokenizer: Tokenizer, arch: ModelArchConfig, dtype: torch.dtype,
+                      device: torch.device) -> _DraftModel | None:
+    """The draft model of ``--speculative-config`` (None without one), in the target's dtype
+    and quantization. Its vocabulary must be the target's."""
     spec = config.speculative
-    if spec is None:
+    if spec is None or spec.method != "draft_model":
         return None
-    draft_model = _load_draft_model(config, tokenizer, arch, device) if spec.method == "draft_model" else None
-    logger.info("speculative decoding: %s, %d draft tokens per step%s, off above %s running sequences",
-                spec.method, spec.num_speculative_tokens,
-                f" (n-gram {spec.prompt_lookup_min}..{spec.prompt_lookup_max})" if spec.method == "ngram"
-                else f" from {spec.model}", spec.disable_by_batch_size)
-    return Drafter(spec, config.scheduler.max_model_len, draft_model)
-
-
-def _load_draft_model(config: EngineConfig, tokenizer: Tokenizer, arch: ModelArchConfig,
-                      device: torch.device) -> DraftModelProposer:
-    """The draft model, in the target's dtype and quantization, with a KV cache of as many
-    blocks as the target's (a smaller model: fewer bytes). Its vocabulary must be the target's."""
-    spec = config.speculative
-    dtype = _DTYPES[config.model.dtype]
     draft_config = dataclasses.replace(config.model, model=spec.model, load_format="auto")
     draft_tokenizer, (model, draft_arch), path = _load_tokenizer_and_model(draft_config, dtype, device)
     if draft_arch.vocab_size != arch.vocab_size or draft_tokenizer.backend.get_vocab() != tokenizer.backend.get_vocab():
         raise ValueError(f"speculative config: draft model {path.name} has another vocabulary than the target "
                          f"({draft_arch.vocab_size} vs {arch.vocab_size} ids, or different tokens); "
                          "a draft model must share the target's tokenizer")
-    cache, sched = config.cache, config.scheduler
-    kv_dtype = _kv_cache_dtype(cache.kv_cache_dtype, model, dtype)
-    logger.info("draft model %s: %d layers, hidden %d, %d KV blocks", path.name, draft_arch.num_hidden_layers,
-                draft_arch.hidden_size, cache.num_blocks)
-    return DraftModelProposer(model, draft_arch, cache.num_blocks, cache.block_size, kv_dtype, device,
-                              sched.max_num_seqs, sched.max_model_len, sched.max_num_batched_tokens)
+    kv_dtype = _kv_cache_dtype(config.cache.kv_cache_dtype, model, dtype)
+    return _DraftModel(model, draft_arch, kv_dtype, path.name, _weights_bytes(model))
+
+
+def _build_drafter(config: EngineConfig, draft: _DraftModel | None, device: torch.device) -> Drafter | None:
+    spec = config.speculative
+    if spec is None:
+        return None
+    proposer = None
+    if draft is not None:
+        cache, sched = config.cache, config.scheduler
+        logger.info("draft model %s: %d layers, hidden %d, %d KV blocks (%.2f GiB)", draft.name,
+                    draft.arch.num_hidden_layers, draft.arch.hidden_size, cache.num_blocks,
+                    _kv_cache_bytes(draft.arch, cache, draft.kv_dtype, cache.num_blocks) / GiB)
+        proposer = DraftModelProposer(draft.model, draft.arch, cache.num_blocks, cache.block_size, draft.kv_dtype,
+                                      device, sched.max_num_seqs, sched.max_model_len, sched.max_num_batched_tokens)
+    logger.info("speculative decoding: %s, %d draft tokens per step%s, off above %s running sequences",
+                spec.method, spec.num_speculative_tokens,
+                f" (n-gram {spec.prompt_lookup_min}..{spec.prompt_lookup_max})" if spec.method == "ngram"
+                else f" from {spec.model}", spec.disable_by_batch_size)
+    return Drafter(spec, config.scheduler.max_model_len, proposer)
 
 
 def _weights_bytes(model: torch.nn.Module) -> int:
@@ -379,19 +396,24 @@ def build_engine_config(model: str = "smollm2-135m", *, dtype: str = "auto", dev
 
 
 def _resolve_config(config: EngineConfig, arch: ModelArchConfig, dtype: torch.dtype,
-                    weights_bytes: int, auto_kv_cache_memory: Callable[[], float]) -> EngineConfig:
+                    weights_bytes: int, auto_kv_cache_memory: Callable[[], float],
+                    draft: tuple[ModelArchConfig, torch.dtype] | None = None) -> EngineConfig:
     """Fill in what depends on the model: the number of KV blocks and max_model_len.
     A cache size the user asked for (blocks or GiB) wins over ``auto_kv_cache_memory()``
     and must fit in the memory the weights left; so must a GPU's derived one (another
-    process may hold part of the GPU)."""
+    process may hold part of the GPU). A draft model's cache (``draft``: its shape and
+    cache dtype) holds as many tokens as the target's, from the same budget."""
     cache = config.cache
     num_blocks = cache.num_blocks
     device_type = torch.device(config.model.device).type
+    caches = [(arch, dtype), *([draft] if draft is not None else [])]
     if num_blocks is None:
         budget = cache.kv_cache_memory or auto_kv_cache_memory()
-        num_blocks = num_kv_blocks(arch, _kv_row_bytes(arch, dtype), cache.block_size, budget)
+        bytes_per_token = sum(kv_bytes_per_token(a, _kv_row_bytes(a, d)) for a, d in caches)
+        num_blocks = num_kv_blocks(bytes_per_token, cache.block_size, budget)
     if cache.num_blocks is not None or cache.kv_cache_memory is not None or device_type == "cuda":
-        check_kv_cache_fits(_kv_cache_bytes(arch, cache, dtype, num_blocks), weights_bytes, device_type)
+        check_kv_cache_fits(sum(_kv_cache_bytes(a, cache, d, num_blocks) for a, d in caches), weights_bytes,
+                            device_type)
     max_len = resolve_max_model_len(config.model.max_model_len, arch.max_position_embeddings,
                                     num_blocks * cache.block_size)
     return dataclasses.replace(

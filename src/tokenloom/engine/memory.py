@@ -125,9 +125,10 @@ def kv_bytes_per_token(arch: ModelArchConfig, row_bytes: int) -> int:
     return 2 * arch.num_hidden_layers * arch.num_key_value_heads * row_bytes
 
 
-def num_kv_blocks(arch: ModelArchConfig, row_bytes: int, block_size: int,
-                  kv_cache_memory_gib: float) -> int:
-    per_block = kv_bytes_per_token(arch, row_bytes) * block_size
+def num_kv_blocks(bytes_per_token: int, block_size: int, kv_cache_memory_gib: float) -> int:
+    """Blocks of ``block_size`` tokens in the budget; ``bytes_per_token`` covers every cache
+    a token occupies (the target's, and a draft model's with speculative decoding)."""
+    per_block = bytes_per_token * block_size
     num_blocks = int(kv_cache_memory_gib * GiB) // per_block
     if num_blocks < 1:
         raise ValueError(
