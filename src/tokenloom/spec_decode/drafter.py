@@ -4,10 +4,10 @@ sequence its drafts for the next one.
 A sequence may take at most ``num_speculative_tokens`` drafts, fewer when its drafts
 have been failing (``worthwhile_drafts``), and never more than could be kept: a step
 adds the accepted drafts plus one token, so the drafts stop short of ``max_tokens``
-and of ``max_model_len``. A constrained sequence (structured
-output) keeps only the drafts its grammar allows. When more than
-``disable_by_batch_size`` sequences run, nobody speculates: the step is then
-compute-bound, and verifying 1 + k rows costs about 1 + k decodes.
+and of ``max_model_len``. A constrained sequence (structured output) keeps only the
+drafts its grammar allows. When more than ``disable_by_batch_size`` sequences run,
+nobody speculates: the step is then compute-bound, and verifying 1 + k rows costs
+about 1 + k decodes.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import torch
 from tokenloom.config import MAX_SPECULATIVE_TOKENS, SpeculativeConfig
 from tokenloom.request import Request
 from tokenloom.spec_decode.ngram import NgramProposer
-
 
 # A draft is worth a verify row when it adds at least this many tokens in expectation.
 MIN_DRAFT_GAIN = 0.3
