@@ -31,7 +31,8 @@ class LLM:
     load_format ("dummy": random weights in the model's shape, which may be a shipped
     shape such as "llama-3.1-8b"), max_model_len, block_size, kv_cache_memory,
     num_kv_blocks, gpu_memory_utilization, max_num_batched_tokens, max_num_seqs,
-    enable_prefix_caching (on by default), seed.
+    enable_prefix_caching (on by default), seed, speculative_config (vLLM's dict, e.g.
+    ``{"method": "ngram", "num_speculative_tokens": 5}``; off by default).
     """
 
     def __init__(self, model: str = "smollm2-135m", **options: Any) -> None:
