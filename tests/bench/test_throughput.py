@@ -39,3 +39,13 @@ def test_bench_throughput_runs_a_dummy_shape_and_records_how_it_ran(tmp_path, ca
     assert (result["load_format"], result["device"], result["dtype"], result["quantization"]) == \
         ("dummy", *resolved)  # the auto device and dtype as they were resolved
     assert (result["num_prompts"], result["output_tokens"]) == (2, 6)
+
+
+def test_bench_throughput_takes_a_speculative_config(tmp_path, capsys):
+    shape = write_shape(tmp_path / "tiny.json")
+    base = ["bench", "throughput", "--model", str(shape), "--load-format", "dummy", "--num-prompts", "2",
+            "--input-len", "8", "--output-len", "3", "--kv-cache-memory", "0.05"]
+    assert main([*base, "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}']) == 0
+    assert "decode:" in capsys.readouterr().out
+    assert main([*base, "--speculative-config", '{"method": "ngram"}']) == 2
+    assert "'num_speculative_tokens' is required" in capsys.readouterr().err

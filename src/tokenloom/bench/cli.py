@@ -124,6 +124,8 @@ def _add_throughput_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=256, help="(default: %(default)s)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="(default: %(default)s)")
     p.add_argument("--kv-cache-memory", type=float, default=None, help="GiB (default: the engine's)")
+    p.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help="speculative decoding, as `tokenloom serve --speculative-config` (default: off)")
     p.add_argument("--output-json", type=Path, default=None, help="also write the figures here")
 
 
@@ -204,8 +206,13 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
 
     from tokenloom.entrypoints.load_args import load_options
 
-    llm = LLM(args.model, **load_options(args), max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory)
+    try:
+        llm = LLM(args.model, **load_options(args), max_num_seqs=args.max_num_seqs,
+                  max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
+                  speculative_config=args.speculative_config)
+    except ValueError as exc:
+        print(f"tokenloom bench: {exc}", file=sys.stderr)
+        return 2
     result = run_throughput(llm, args.num_prompts, args.input_len, args.output_len, args.seed)
     print(format_throughput(result))
     if args.output_json:
