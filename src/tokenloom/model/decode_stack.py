@@ -67,7 +67,7 @@ class DecodeStack:
                    [t for p in flat for t in p.gemm.tensors()], [p.shape[0] for p in flat], biases,
                    first.num_heads, first.num_kv_heads, first.head_dim, model.norm.eps, first.scale)
 
-    def applies(self, kv_caches: list[KVCache], meta: AttentionMetadata) -> bool:
+    def applies(self, kv_caches: list[KVCache]) -> bool:
         return kv_caches[0][0].dtype in NATIVE_CACHE_DTYPES
 
     def __call__(self, hidden: torch.Tensor, rope: RopeInputs, kv_caches: list[KVCache],

@@ -125,7 +125,7 @@ class LlamaModel(nn.Module):
         rope = self.rotary_emb.inputs(positions)  # shared by every layer
         delta, residual = self.embed_tokens(input_ids), None  # [num_tokens, hidden_size]
         stack = self.decode_stack
-        if stack is not None and stack.applies(kv_caches, attn_metadata):
+        if stack is not None and stack.applies(kv_caches):
             return stack(delta, rope, kv_caches, attn_metadata)
         for layer, kv_cache in zip(self.layers, kv_caches):
             delta, residual = layer(delta, residual, rope, kv_cache, attn_metadata)
@@ -166,8 +166,8 @@ class LlamaForCausalLM(nn.Module):
 
     def use_ops(self, ops: TorchOps) -> None:
         """Route every layer through ``ops`` (``layers/backend.py``); with the native
-        CPU kernels, decode steps also take the native decoder stack where every
-        layer is quantized. Call it after the quantized copies are attached (the
+        CPU kernels, steps also take the native decoder stack where every layer is
+        quantized. Call it after the quantized copies are attached (the
         loader does)."""
         self.ops = ops
         for module in self.modules():

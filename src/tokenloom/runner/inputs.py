@@ -54,6 +54,7 @@ class ModelInputs:
     attn_metadata: AttentionMetadata
     sample_rows: torch.Tensor  # [num_sample_rows] int64: rows whose logits are sampled
     sampled: tuple[ScheduledRequest, ...]  # the sequences that sample, each over num_sample_rows rows
+    sample_starts: tuple[int, ...]  # where each of ``sampled`` begins among the sample rows
     sample_seqs: tuple[SamplingSequence, ...]  # aligned with sample_rows
     prompt_logprobs: tuple[PromptLogprobsSlice, ...]
 
@@ -66,6 +67,7 @@ def prepare_inputs(out: SchedulerOutput, block_size: int, device: torch.device,
     starts = [0]
     sample_rows: list[int] = []
     sampled: list[ScheduledRequest] = []
+    sample_starts: list[int] = []
     sample_seqs: list[SamplingSequence] = []
     prompt_slices: list[PromptLogprobsSlice] = []
     for sr in out.scheduled:
@@ -76,6 +78,7 @@ def prepare_inputs(out: SchedulerOutput, block_size: int, device: torch.device,
         slots.extend(sr.block_ids[p // block_size] * block_size + p % block_size for p in span)
         starts.append(len(input_ids))
         if sr.sample:
+            sample_starts.append(len(sample_rows))
             sample_rows.extend(range(len(input_ids) - sr.num_sample_rows, len(input_ids)))
             sampled.append(sr)
             sample_seqs.extend(_sample_seqs(sr))
@@ -102,6 +105,7 @@ def prepare_inputs(out: SchedulerOutput, block_size: int, device: torch.device,
         attn_metadata=meta,
         sample_rows=sample_rows_t,
         sampled=tuple(sampled),
+        sample_starts=tuple(sample_starts),
         sample_seqs=tuple(sample_seqs),
         prompt_logprobs=tuple(prompt_slices),
     )

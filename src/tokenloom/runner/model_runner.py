@@ -20,7 +20,7 @@ from tokenloom.runner.host_allocator import keep_freed_memory
 from tokenloom.runner.inputs import ModelInputs, PromptLogprobsSlice, prepare_inputs
 from tokenloom.sample import Sampler, SamplerOutput, build_sampling_metadata, compute_prompt_logprobs
 from tokenloom.sample.metadata import AllowedTokens, DraftSamples
-from tokenloom.sched.output import ModelOutput, SampledToken, ScheduledRequest, SchedulerOutput
+from tokenloom.sched.output import ModelOutput, SampledToken, SchedulerOutput
 from tokenloom.spec_decode.verify import num_accepted
 from tokenloom.transfer import host_to_device, to_device, to_host
 
@@ -64,7 +64,7 @@ class ModelRunner:
         prompt_logprobs = {s.request_id: self._prompt_logprobs(hidden, s) for s in inputs.prompt_logprobs}
         return ModelOutput(
             request_ids=tuple(sr.request_id for sr in inputs.sampled),
-            sampled=_accepted_tokens(inputs.sampled, rows),
+            sampled=_accepted_tokens(inputs, rows),
             prompt_logprobs=prompt_logprobs,
         )
 
@@ -94,7 +94,7 @@ class ModelRunner:
     def _allowed_tokens(self, inputs: ModelInputs, grammar: GrammarBitmask | None) -> AllowedTokens | None:
         if grammar is None or not grammar.request_ids:
             return None
-        first_row = dict(zip((sr.request_id for sr in inputs.sampled), _first_sample_rows(inputs.sampled)))
+        first_row = dict(zip((sr.request_id for sr in inputs.sampled), inputs.sample_starts))
         seen: Counter[str] = Counter()
         rows = []
         for request_id in grammar.request_ids:  # a sequence's bitmask rows follow its sample rows
@@ -118,14 +118,6 @@ class ModelRunner:
         return entries
 
 
-def _first_sample_rows(sampled: tuple[ScheduledRequest, ...]) -> list[int]:
-    """Where each sampling sequence's rows start among the step's sample rows."""
-    starts = [0]
-    for sr in sampled[:-1]:
-        starts.append(starts[-1] + sr.num_sample_rows)
-    return starts
-
-
 def _draft_samples(inputs: ModelInputs, draft_probs: Mapping[str, torch.Tensor] | None) -> DraftSamples | None:
     """The random sample rows that verify a draft model's tokens, with their q rows."""
     if not draft_probs:
@@ -133,7 +125,7 @@ def _draft_samples(inputs: ModelInputs, draft_probs: Mapping[str, torch.Tensor] 
     rows: list[int] = []
     token_ids: list[int] = []
     probs = []
-    for sr, start in zip(inputs.sampled, _first_sample_rows(inputs.sampled)):
+    for sr, start in zip(inputs.sampled, inputs.sample_starts):
         q = draft_probs.get(sr.request_id)
         if q is None or not sr.spec_token_ids or sr.sampling_params.greedy:
             continue
@@ -144,14 +136,15 @@ def _draft_samples(inputs: ModelInputs, draft_probs: Mapping[str, torch.Tensor] 
     return DraftSamples(rows, token_ids, torch.cat(probs)) if rows else None
 
 
-def _accepted_tokens(sampled: tuple[ScheduledRequest, ...],
-                     rows: tuple[SampledToken, ...]) -> tuple[tuple[SampledToken, ...], ...]:
+def _accepted_tokens(inputs: ModelInputs, rows: tuple[SampledToken, ...]) -> tuple[tuple[SampledToken, ...], ...]:
     """Each sequence's tokens of the step: its accepted drafts and the target's token after them."""
     tokens = []
-    for sr, start in zip(sampled, _first_sample_rows(sampled)):
+    for sr, start in zip(inputs.sampled, inputs.sample_starts):
+        if not sr.spec_token_ids:
+            tokens.append(rows[start:start + 1])
+            continue
         own = rows[start:start + sr.num_sample_rows]
-        accepted = num_accepted([t.token_id for t in own], sr.spec_token_ids)
-        tokens.append(own[:accepted + 1])
+        tokens.append(own[:num_accepted([t.token_id for t in own], sr.spec_token_ids) + 1])
     return tuple(tokens)
 
 
