@@ -134,6 +134,42 @@ class SchedulerConfig:
             raise ValueError("max_model_len must be >= 1")
 
 
+@dataclass(frozen=True, slots=True)
+class ParallelConfig:
+    """Tensor parallelism (vLLM's flags): one model split over ``tensor_parallel_size``
+    ranks, one per process (``parallel/layout.py``; ``engine/tensor_parallel.py``).
+
+    On one machine the engine starts the other ranks itself. Across ``nnodes``
+    machines each runs ``tensor_parallel_size / nnodes`` ranks and all meet at
+    ``distributed_init_method`` (``tcp://HOST:PORT`` of node 0); node 0 serves,
+    the others (``node_rank`` 1..) only compute. Under torchrun (``WORLD_SIZE`` and
+    ``RANK`` in the environment) torchrun starts the ranks and ``env://`` joins them.
+    """
+
+    tensor_parallel_size: int = 1
+    distributed_init_method: str | None = None  # None: a free port on 127.0.0.1, or env:// under torchrun
+    nnodes: int = 1
+    node_rank: int = 0
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.tensor_parallel_size // self.nnodes
+
+    def validate(self) -> None:
+        size, nodes = self.tensor_parallel_size, self.nnodes
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {size!r}")
+        if nodes < 1 or size % nodes:
+            raise ValueError(f"nnodes ({nodes}) must be >= 1 and divide tensor_parallel_size ({size})")
+        if not 0 <= self.node_rank < nodes:
+            raise ValueError(f"node_rank must be in [0, {nodes - 1}], got {self.node_rank}")
+        if nodes > 1 and self.distributed_init_method is None:
+            raise ValueError("more than one node needs distributed_init_method (tcp://HOST:PORT of node 0)")
+        method = self.distributed_init_method
+        if method is not None and not method.startswith(("tcp://", "env://")):
+            raise ValueError(f"distributed_init_method must be tcp://HOST:PORT or env://, got {method!r}")
+
+
 SPECULATIVE_METHODS = ("ngram", "draft_model")
 MAX_SPECULATIVE_TOKENS = 16
 # Speculation stops paying once a step's rows are compute-bound: verifying 1 + k rows
@@ -224,11 +260,13 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     speculative: SpeculativeConfig | None = None
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self) -> None:
         self.model.validate()
         self.cache.validate()
         self.scheduler.validate()
+        self.parallel.validate()
         if self.speculative is not None:
             self.speculative.validate()
 

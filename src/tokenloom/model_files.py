@@ -75,6 +75,12 @@ def find_alias(name: str) -> ModelAlias | None:
     return next((alias for alias in MODEL_ALIASES if alias.matches(name)), None)
 
 
+def resolve_model_path(name_or_path: str, load_format: str) -> Path:
+    """The file or directory a model option names: a shape (or a checkpoint's config) for
+    ``load_format="dummy"`` (``resolve_model_shape``), else the model (``resolve_model``)."""
+    return resolve_model_shape(name_or_path) if load_format == "dummy" else resolve_model(name_or_path)
+
+
 def resolve_model(name_or_path: str) -> Path:
     """A local model path (a ``.gguf`` file or a Hugging Face directory).
 

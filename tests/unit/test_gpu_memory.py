@@ -61,19 +61,19 @@ def never() -> float:
 @pytest.mark.parametrize("cache, num_blocks", [({"num_blocks": 7}, 7),
                                                ({"kv_cache_memory": 0.001}, int(0.001 * GiB) // (16 * BYTES_PER_TOKEN))])
 def test_a_size_the_user_gave_wins_over_the_automatic_one(cache, num_blocks):
-    resolved = llm_engine._resolve_config(config_with(**cache), ARCH, torch.float32, 0, never)
+    resolved = llm_engine._resolve_config(config_with(**cache), ARCH, 0, never, [(ARCH, torch.float32)])
     assert resolved.cache.num_blocks == num_blocks
 
 
 def test_without_a_size_the_automatic_budget_sets_the_blocks():
-    resolved = llm_engine._resolve_config(config_with(), ARCH, torch.float32, 0, lambda: 0.002)
+    resolved = llm_engine._resolve_config(config_with(), ARCH, 0, lambda: 0.002, [(ARCH, torch.float32)])
     assert resolved.cache.num_blocks == int(0.002 * GiB) // (16 * BYTES_PER_TOKEN)
 
 
 def test_on_the_cpu_the_automatic_budget_is_the_share_of_free_ram(monkeypatch):
     monkeypatch.setattr(llm_engine, "default_kv_cache_memory", lambda: 1.5)
     monkeypatch.setattr(llm_engine, "profile_forward", lambda *a: pytest.fail("profiled on the CPU"))
-    assert llm_engine._auto_kv_cache_memory(config_with(), None, ARCH, torch.float32, torch.device("cpu")) == 1.5
+    assert llm_engine._auto_kv_cache_memory(config_with(), None, ARCH, torch.float32, torch.device("cpu"), None) == 1.5
 
 
 def test_on_cuda_the_automatic_budget_comes_from_the_profile(monkeypatch):
@@ -81,5 +81,41 @@ def test_on_cuda_the_automatic_budget_comes_from_the_profile(monkeypatch):
     monkeypatch.setattr(llm_engine, "profile_forward", lambda *a: profile)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     config = config_with(gpu_memory_utilization=0.5)
-    budget = llm_engine._auto_kv_cache_memory(config, None, ARCH, torch.bfloat16, torch.device("cuda"))
+    budget = llm_engine._auto_kv_cache_memory(config, None, ARCH, torch.bfloat16, torch.device("cuda"), None)
     assert budget == 38.0  # 0.5 x 100 - 12
+
+
+class FakeRanks:
+    """Rank 0's TensorParallel as the budget sees it: every rank's profile."""
+
+    def __init__(self, others: list[GpuMemoryProfile]) -> None:
+        self.others = others
+
+    def profile(self, request, own):
+        return [own(), *self.others]
+
+
+def test_with_tensor_parallel_gpus_the_tightest_rank_sets_the_budget(monkeypatch):
+    mine = GpuMemoryProfile(total_bytes=100 * GiB, weights_bytes=10 * GiB, peak_bytes=12 * GiB, non_torch_bytes=0)
+    busier = dataclasses.replace(mine, peak_bytes=20 * GiB)  # another process holds part of that GPU
+    monkeypatch.setattr(llm_engine, "profile_forward", lambda *a: mine)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    config = config_with(gpu_memory_utilization=0.5)
+    budget = llm_engine._auto_kv_cache_memory(config, None, ARCH, torch.bfloat16, torch.device("cuda"),
+                                              FakeRanks([busier, mine]))
+    assert budget == 30.0  # 0.5 x 100 - 20
+
+
+def with_ranks(config: EngineConfig, size: int, device: str) -> EngineConfig:
+    return dataclasses.replace(config, parallel=dataclasses.replace(config.parallel, tensor_parallel_size=size),
+                               model=dataclasses.replace(config.model, device=device))
+
+
+def test_tensor_parallel_ranks_share_the_hosts_kv_budget_but_each_gpu_has_its_own():
+    arch = dataclasses.replace(ARCH, num_attention_heads=9, num_key_value_heads=3)  # ranks hold 1 and 2 kv heads
+    on_cpu = llm_engine._kv_caches(with_ranks(config_with(), 2, "cpu"), arch, torch.float32, None)
+    assert [a.num_key_value_heads for a, _ in on_cpu] == [1, 2]  # both in the host's memory: 3 heads in all
+    on_cuda = llm_engine._kv_caches(with_ranks(config_with(), 2, "cuda"), arch, torch.float32, None)
+    assert [a.num_key_value_heads for a, _ in on_cuda] == [2]  # each GPU its own; the fuller one decides
+    resolved = llm_engine._resolve_config(config_with(kv_cache_memory=0.001), arch, 0, never, on_cpu)
+    assert resolved.cache.num_blocks == int(0.001 * GiB) // (16 * 2 * 2 * 3 * 16 * 4)

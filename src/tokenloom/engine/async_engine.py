@@ -97,10 +97,12 @@ class AsyncLLMEngine:
         self._run()
 
     def shutdown(self) -> None:
+        """Stop the loop, then the engine (its tensor-parallel ranks, where it has them)."""
         self._stopping = True
         self._inbox.put(None)
         if self._thread is not None:
             self._loop_done.wait(timeout=30)
+        self.engine.shutdown()
 
     @property
     def is_alive(self) -> bool:
@@ -155,6 +157,7 @@ class AsyncLLMEngine:
     def _loop(self) -> None:
         try:
             while not self._stopping:
+                self.engine.check_health()  # a dead tensor-parallel rank fails the loop within a turn
                 busy = self.engine.has_unfinished_requests()
                 if not self._drain_inbox(block=not busy):
                     break

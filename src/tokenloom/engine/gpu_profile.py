@@ -16,10 +16,11 @@ from tokenloom.sched.output import ScheduledRequest, SchedulerOutput
 
 
 def profile_forward(config: EngineConfig, model: torch.nn.Module, arch: ModelArchConfig,
-                     kv_dtype: torch.dtype, device: torch.device) -> GpuMemoryProfile:
+                     kv_dtype: torch.dtype, device: torch.device, peer: bool = False) -> GpuMemoryProfile:
     """One forward of the largest step (``max_num_batched_tokens``: a step of dummy prompts,
     sampling included) through a runner with a cache just big enough for it. That small
-    cache is freed afterwards, so it is left out of the figures."""
+    cache is freed afterwards, so it is left out of the figures. ``peer``: a
+    tensor-parallel rank other than 0, profiling in lockstep with rank 0 (no sampling)."""
     num_tokens, block_size = config.scheduler.max_num_batched_tokens, config.cache.block_size
     batch = partial(profile_batch, max_num_seqs=config.scheduler.max_num_seqs, block_size=block_size,
                     max_len=arch.max_position_embeddings)
@@ -28,7 +29,8 @@ def profile_forward(config: EngineConfig, model: torch.nn.Module, arch: ModelArc
     runner = ModelRunner(model, arch, num_blocks, block_size, kv_dtype, device, config.scheduler.max_num_seqs,
                          arch.max_position_embeddings)
     cache_bytes = torch.cuda.memory_allocated(device) - before
-    return profile_gpu_memory(lambda n: runner.execute(batch(n)), num_tokens, device, scratch_bytes=cache_bytes)
+    step = runner.run_peer_step if peer else runner.execute
+    return profile_gpu_memory(lambda n: step(batch(n)), num_tokens, device, scratch_bytes=cache_bytes)
 
 
 def profile_batch(num_tokens: int, max_num_seqs: int, block_size: int, max_len: int) -> SchedulerOutput:

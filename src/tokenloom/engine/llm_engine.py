@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import os
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,12 +31,14 @@ from tokenloom.config import (
     EngineConfig,
     ModelArchConfig,
     ModelConfig,
+    ParallelConfig,
     SchedulerConfig,
     SpeculativeConfig,
     parse_speculative_config,
     resolve_device_defaults,
 )
 from tokenloom.engine.gpu_profile import profile_forward
+from tokenloom.engine.tensor_parallel import ProfileRequest, RankReport, TensorParallel, rank_device
 from tokenloom.engine.memory import (
     GiB,
     check_kv_cache_fits,
@@ -51,8 +55,11 @@ from tokenloom.gguf_file import GGUFFile
 from tokenloom.kv_cache.manager import KVCacheManager
 from tokenloom.model.layers.attention import kv_row_width
 from tokenloom.model.loader import load_model
-from tokenloom.model.loader.gguf import load_gguf_model
-from tokenloom.model_files import resolve_model, resolve_model_shape, shape_tokenizer
+from tokenloom.model.footprint import weights_bytes
+from tokenloom.model.loader.gguf import load_gguf_model, read_gguf_config
+from tokenloom.model_files import resolve_model_path, shape_tokenizer
+from tokenloom.parallel.group import SINGLE, TPGroup
+from tokenloom.parallel.layout import tp_shard
 from tokenloom.request import Request, RequestOutput, RequestStatus
 from tokenloom.runner.model_runner import ModelRunner
 from tokenloom.sampling_params import InvalidParameter, SamplingParams
@@ -83,24 +90,45 @@ class PreparedRequest:
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         config.validate()
-        started = time.perf_counter()
         config = _resolve_devices(config)
+        self.tp: TensorParallel | None = None
+        try:
+            self._build(config)
+        except BaseException:
+            self.shutdown(graceful=False)
+            raise
+
+    def _build(self, config: EngineConfig) -> None:
+        started = time.perf_counter()
         device = torch.device(config.model.device)
+        if config.parallel.tensor_parallel_size > 1:
+            device = rank_device(config, 0)
+            self.tp = TensorParallel(config, device)
+            weakref.finalize(self, self.tp.stop)  # no rank outlives a forgotten engine
         dtype = _DTYPES[config.model.dtype]
         torch.manual_seed(config.model.seed)
-        self.tokenizer, (model, arch), path = _load_tokenizer_and_model(config.model, dtype, device)
+        group = self.tp.group if self.tp is not None else SINGLE
+        self.tokenizer, (model, arch), path = _load_tokenizer_and_model(config.model, dtype, device, group)
+        reports = [RankReport(0, str(device), weights_bytes(model))]
+        if self.tp is not None:
+            reports = self.tp.check_reports(reports[0])
         self.arch = arch
         kv_dtype = _kv_cache_dtype(config.cache.kv_cache_dtype, model, dtype)
         draft = _load_draft_model(config, self.tokenizer, arch, dtype, device)
-        self.config = _resolve_config(config, arch, kv_dtype, _weights_bytes(model) + (draft.weights_bytes if draft else 0),
-                                      lambda: _auto_kv_cache_memory(config, model, arch, kv_dtype, device),
-                                      None if draft is None else (draft.arch, draft.kv_dtype))
+        caches = _kv_caches(config, arch, kv_dtype, draft)
+        self.config = _resolve_config(config, arch, sum(r.weights_bytes for r in reports) + (
+                                          draft.weights_bytes if draft else 0),
+                                      lambda: _auto_kv_cache_memory(config, model, arch, kv_dtype, device, self.tp),
+                                      caches)
         cache = self.config.cache
         self.kv_manager = KVCacheManager(cache.num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(self.config.scheduler, self.kv_manager)
         sched = self.config.scheduler
+        if self.tp is not None:
+            self.tp.start_runners(self.config, kv_dtype)
         self.runner = ModelRunner(model, arch, cache.num_blocks, cache.block_size, kv_dtype, device,
-                                  sched.max_num_seqs, sched.max_model_len)
+                                  sched.max_num_seqs, sched.max_model_len,
+                                  broadcast=None if self.tp is None else self.tp.group.broadcast_object)
         self.outputs = OutputProcessor(self.tokenizer)
         self.stats = StatsCollector()
         self.eos_token_ids = tuple(dict.fromkeys(self.tokenizer.eos_token_ids + arch.eos_token_ids))
@@ -117,6 +145,8 @@ class LLMEngine:
                     _kv_cache_bytes(arch, cache, kv_dtype, cache.num_blocks) / GiB,
                     str(kv_dtype).removeprefix("torch."), self.config.scheduler.max_model_len,
                     "on" if cache.enable_prefix_caching else "off")
+        if self.tp is not None:
+            _log_tensor_parallel(arch, reports, cache, kv_dtype)
 
     @classmethod
     def from_options(cls, model: str = "smollm2-135m", **options) -> LLMEngine:
@@ -195,6 +225,17 @@ class LLMEngine:
 
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()
+
+    def check_health(self) -> None:
+        """RuntimeError when the engine can no longer step (a tensor-parallel rank died)."""
+        if self.tp is not None:
+            self.tp.check_health()
+
+    def shutdown(self, graceful: bool = True) -> None:
+        """End the tensor-parallel ranks (nothing to do on one rank); the engine cannot
+        step afterwards."""
+        if self.tp is not None:
+            self.tp.stop(graceful)
 
     # -- structured output ---------------------------------------------------
 
@@ -313,7 +354,7 @@ def _load_draft_model(config: EngineConfig, tokenizer: Tokenizer, arch: ModelArc
                          f"({draft_arch.vocab_size} vs {arch.vocab_size} ids, or different tokens); "
                          "a draft model must share the target's tokenizer")
     kv_dtype = _kv_cache_dtype(config.cache.kv_cache_dtype, model, dtype)
-    return _DraftModel(model, draft_arch, kv_dtype, path.name, _weights_bytes(model))
+    return _DraftModel(model, draft_arch, kv_dtype, path.name, weights_bytes(model))
 
 
 def _build_drafter(config: EngineConfig, draft: _DraftModel | None, device: torch.device) -> Drafter | None:
@@ -335,15 +376,6 @@ def _build_drafter(config: EngineConfig, draft: _DraftModel | None, device: torc
     return Drafter(spec, config.scheduler.max_model_len, proposer)
 
 
-def _weights_bytes(model: torch.nn.Module) -> int:
-    """What the model's weights occupy: its tensors (tied or shared ones counted once)
-    and the quantized blocks the native kernels run on."""
-    tensors = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-               for t in [*model.parameters(), *model.buffers()] if t.device.type != "meta"}
-    quantized = [getattr(m, "quantized", None) for m in model.modules()] + [getattr(model, "logits_quantized", None)]
-    return sum(tensors.values()) + sum(q.nbytes for q in quantized if q is not None)
-
-
 def _kv_cache_dtype(choice: str, model: torch.nn.Module, dtype: torch.dtype) -> torch.dtype:
     if choice != "auto":
         return _KV_CACHE_DTYPES[choice]
@@ -359,19 +391,22 @@ def _resolve_devices(config: EngineConfig) -> EngineConfig:
     return dataclasses.replace(config, model=model)
 
 
-def _load_tokenizer_and_model(config: ModelConfig, dtype: torch.dtype, device: torch.device):
-    """(tokenizer, (model, arch), the path they came from). A GGUF file is opened and
-    its header parsed once for both. Dummy weights take the shape's own tokenizer or,
-    for a bare shape, the default model's shipped with the shapes."""
+def _load_tokenizer_and_model(config: ModelConfig, dtype: torch.dtype, device: torch.device,
+                              group: TPGroup = SINGLE):
+    """(tokenizer, (model, arch), the path they came from); the model is rank 0's part of it
+    under tensor parallelism. A GGUF file is opened and its header parsed once for both.
+    Dummy weights take the shape's own tokenizer or, for a bare shape, the default
+    model's shipped with the shapes."""
+    path = resolve_model_path(config.model, config.load_format)
     if config.load_format == "dummy":
-        path = resolve_model_shape(config.model)
         return (Tokenizer.from_path(shape_tokenizer(path)),
-                load_model(path, dtype, device, config.quantization, "dummy", config.seed), path)
-    path = resolve_model(config.model)
+                load_model(path, dtype, device, config.quantization, "dummy", config.seed, group), path)
     if path.suffix == ".gguf" and path.is_file():
         file = GGUFFile(path)
-        return Tokenizer.from_gguf_file(file), load_gguf_model(file, dtype, device, config.quantization), path
-    return Tokenizer.from_path(path), load_model(path, dtype, device, config.quantization), path
+        shard = tp_shard(read_gguf_config(file), group.size, group.rank)
+        return (Tokenizer.from_gguf_file(file),
+                load_gguf_model(file, dtype, device, config.quantization, shard, group), path)
+    return Tokenizer.from_path(path), load_model(path, dtype, device, config.quantization, group=group), path
 
 
 def build_engine_config(model: str = "smollm2-135m", *, dtype: str = "auto", device: str = "auto",
@@ -381,9 +416,12 @@ def build_engine_config(model: str = "smollm2-135m", *, dtype: str = "auto", dev
                         gpu_memory_utilization: float = 0.9,
                         max_num_batched_tokens: int = 2048, max_num_seqs: int = 256,
                         enable_prefix_caching: bool = True,
-                        speculative_config: str | dict | SpeculativeConfig | None = None) -> EngineConfig:
+                        speculative_config: str | dict | SpeculativeConfig | None = None,
+                        tensor_parallel_size: int = 1, distributed_init_method: str | None = None,
+                        nnodes: int = 1, node_rank: int = 0) -> EngineConfig:
     """The engine's options as keyword arguments (LLM(...) and the CLI use this).
-    ``speculative_config``: vLLM's JSON object (or its text), see ``SpeculativeConfig``."""
+    ``speculative_config``: vLLM's JSON object (or its text), see ``SpeculativeConfig``;
+    the tensor-parallel options: see ``ParallelConfig``."""
     return EngineConfig(
         model=ModelConfig(model=model, dtype=dtype, device=device, quantization=quantization,
                           load_format=load_format, max_model_len=max_model_len, seed=seed),
@@ -392,21 +430,22 @@ def build_engine_config(model: str = "smollm2-135m", *, dtype: str = "auto", dev
                           enable_prefix_caching=enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs),
         speculative=parse_speculative_config(speculative_config),
+        parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size,
+                                distributed_init_method=distributed_init_method, nnodes=nnodes, node_rank=node_rank),
     )
 
 
-def _resolve_config(config: EngineConfig, arch: ModelArchConfig, dtype: torch.dtype,
-                    weights_bytes: int, auto_kv_cache_memory: Callable[[], float],
-                    draft: tuple[ModelArchConfig, torch.dtype] | None = None) -> EngineConfig:
+def _resolve_config(config: EngineConfig, arch: ModelArchConfig, weights_bytes: int,
+                    auto_kv_cache_memory: Callable[[], float],
+                    caches: list[tuple[ModelArchConfig, torch.dtype]]) -> EngineConfig:
     """Fill in what depends on the model: the number of KV blocks and max_model_len.
     A cache size the user asked for (blocks or GiB) wins over ``auto_kv_cache_memory()``
     and must fit in the memory the weights left; so must a GPU's derived one (another
-    process may hold part of the GPU). A draft model's cache (``draft``: its shape and
-    cache dtype) holds as many tokens as the target's, from the same budget."""
+    process may hold part of the GPU). Each of ``caches`` (shape and cache dtype:
+    ``_kv_caches``) holds as many tokens as the others, from the same budget."""
     cache = config.cache
     num_blocks = cache.num_blocks
     device_type = torch.device(config.model.device).type
-    caches = [(arch, dtype), *([draft] if draft is not None else [])]
     if num_blocks is None:
         budget = cache.kv_cache_memory or auto_kv_cache_memory()
         bytes_per_token = sum(kv_bytes_per_token(a, _kv_row_bytes(a, d)) for a, d in caches)
@@ -431,18 +470,49 @@ def _kv_cache_bytes(arch: ModelArchConfig, cache: CacheConfig, dtype: torch.dtyp
     return num_blocks * cache.block_size * kv_bytes_per_token(arch, _kv_row_bytes(arch, dtype))
 
 
+def _kv_caches(config: EngineConfig, arch: ModelArchConfig, kv_dtype: torch.dtype,
+               draft: _DraftModel | None) -> list[tuple[ModelArchConfig, torch.dtype]]:
+    """The KV caches a token takes room in, as (shape, cache dtype): on the CPU every
+    tensor-parallel rank's (its own kv heads; the ranks share the machine's memory), on
+    CUDA the largest rank's (each GPU holds one); and the draft model's."""
+    size = config.parallel.tensor_parallel_size
+    per_rank = [dataclasses.replace(arch, num_key_value_heads=tp_shard(arch, size, r).num_kv_heads)
+                for r in range(size)]
+    if torch.device(config.model.device).type == "cuda":
+        per_rank = [max(per_rank, key=lambda a: a.num_key_value_heads)]
+    return [(a, kv_dtype) for a in per_rank] + ([(draft.arch, draft.kv_dtype)] if draft is not None else [])
+
+
 def _auto_kv_cache_memory(config: EngineConfig, model: torch.nn.Module, arch: ModelArchConfig,
-                          kv_dtype: torch.dtype, device: torch.device) -> float:
+                          kv_dtype: torch.dtype, device: torch.device, tp: TensorParallel | None) -> float:
     """The KV budget in GiB when the user gave none: a share of free RAM on the CPU; on
-    CUDA, ``gpu_memory_utilization`` of the GPU less a profiled forward's peak."""
+    CUDA, ``gpu_memory_utilization`` of the GPU less a profiled forward's peak (the
+    smallest over the tensor-parallel ranks' GPUs)."""
     if device.type != "cuda":
         return default_kv_cache_memory()
-    profile = profile_forward(config, model, arch, kv_dtype, device)
+    own = functools.partial(profile_forward, config, model, arch, kv_dtype, device)
+    profiles = [own()] if tp is None else tp.profile(ProfileRequest(config, kv_dtype), own)
     torch.cuda.empty_cache()  # the profile's activations and cache go back before the real cache is made
-    kv_bytes = gpu_kv_cache_bytes(profile, config.cache.gpu_memory_utilization)
+    utilization = config.cache.gpu_memory_utilization
+    profile = min(profiles, key=lambda p: gpu_kv_cache_bytes(p, utilization))
+    kv_bytes = gpu_kv_cache_bytes(profile, utilization)
     logger.info("GPU memory: %.2f GiB weights, %.2f GiB activation peak (%d tokens), %.2f GiB outside torch; "
                 "KV cache %.2f GiB (%.2f x %.1f GiB in all)", profile.weights_bytes / GiB,
                 profile.activation_bytes / GiB, config.scheduler.max_num_batched_tokens,
                 profile.non_torch_bytes / GiB, kv_bytes / GiB, config.cache.gpu_memory_utilization,
                 profile.total_bytes / GiB)
     return kv_bytes / GiB
+
+
+def _log_tensor_parallel(arch: ModelArchConfig, reports: list[RankReport], cache: CacheConfig,
+                         kv_dtype: torch.dtype) -> None:
+    """The layout: each rank's device, heads, intermediate and vocabulary rows, weights and KV cache."""
+    size = len(reports)
+    for report in reports:
+        shard = tp_shard(arch, size, report.rank)
+        rank_arch = dataclasses.replace(arch, num_key_value_heads=shard.num_kv_heads)
+        logger.info("tensor parallel rank %d/%d on %s: q heads %d-%d, kv heads %d-%d, intermediate rows %d-%d, "
+                    "vocabulary %d-%d; weights %.2f GiB, KV cache %.2f GiB", report.rank, size, report.device,
+                    shard.q_heads[0], shard.q_heads[1] - 1, shard.kv_heads[0], shard.kv_heads[1] - 1,
+                    shard.intermediate[0], shard.intermediate[1] - 1, shard.vocab[0], shard.vocab[1] - 1,
+                    report.weights_bytes / GiB, _kv_cache_bytes(rank_arch, cache, kv_dtype, cache.num_blocks) / GiB)

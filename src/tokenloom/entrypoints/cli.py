@@ -44,11 +44,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_bench(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        config = engine_config_from_args(args, parser)
+        if config.parallel.tensor_parallel_size > 1 and _run_as_worker(config):
+            return 0
         if args.command == "serve":
-            return _serve(args, parser)
+            return _serve(args, parser, config)
         from tokenloom.entrypoints.chat_cli import run_chat
 
-        return run_chat(engine_config_from_args(args, parser), args)
+        return run_chat(config, args)
     except (ValueError, OSError) as exc:
         # Startup failures a user can fix: no such model, not a model file, an unreadable or
         # truncated file, an unknown architecture, a KV cache larger than the memory, a port in
@@ -106,6 +109,16 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    "5, \"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2} or {\"method\": \"draft_model\", "
                    "\"model\": PATH_OR_ALIAS, \"num_speculative_tokens\": 4}; optional \"disable_by_batch_size\" "
                    "(default 4: no speculation when more sequences run, where on a CPU it stops paying); off when not given")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split the model over this many ranks (processes; one GPU each on CUDA), Megatron style; "
+                   "on one machine the engine starts them itself (default: %(default)s)")
+    p.add_argument("--distributed-init-method", default=None, metavar="URL",
+                   help="where the ranks meet: tcp://HOST:PORT of node 0 (needed with --nnodes > 1) or env:// "
+                   "(torchrun); default: a free port on 127.0.0.1")
+    p.add_argument("--nnodes", type=int, default=1,
+                   help="machines the ranks span; each runs tensor-parallel-size / nnodes of them (default: %(default)s)")
+    p.add_argument("--node-rank", type=int, default=0,
+                   help="this machine's place among --nnodes: 0 serves, the others only compute (default: %(default)s)")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="log verbosity (default: %(default)s)")
 
 
@@ -148,7 +161,8 @@ def engine_config_from_args(args: argparse.Namespace, parser: argparse.ArgumentP
         **load_options(args), seed=args.seed, max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype, block_size=args.block_size,
-        speculative_config=args.speculative_config)
+        speculative_config=args.speculative_config, tensor_parallel_size=args.tensor_parallel_size,
+        distributed_init_method=args.distributed_init_method, nnodes=args.nnodes, node_rank=args.node_rank)
     if args.no_prefix_caching:
         if "enable_prefix_caching" not in inspect.signature(build_engine_config).parameters:
             parser.error("--no-prefix-caching: this build has no prefix cache to turn off")
@@ -171,13 +185,27 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         log_stats_interval_s=args.log_stats_interval, tool_call_parser=args.tool_call_parser)
 
 
-def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def _run_as_worker(config: EngineConfig) -> bool:
+    """A process that is not tensor-parallel rank 0 (a node other than 0, or torchrun's
+    ranks 1..) computes for rank 0 until it stops; True once it has."""
+    from tokenloom.engine.tensor_parallel import placement, run_rank_process
+
+    here = placement(config)
+    if here.rank == 0:
+        return False
+    logging.getLogger("tokenloom.server").info(
+        "tensor-parallel rank %d of %d: computing for rank 0 at %s", here.rank,
+        config.parallel.tensor_parallel_size, here.init_method)
+    run_rank_process(config, here)
+    return True
+
+
+def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser, engine_config: EngineConfig) -> int:
     server_config = server_config_from_args(args)
     try:
         server_config.validate()
     except ValueError as exc:
         parser.error(str(exc))
-    engine_config = engine_config_from_args(args, parser)
     from tokenloom.engine.async_engine import AsyncLLMEngine
     from tokenloom.engine.llm_engine import LLMEngine
     from tokenloom.entrypoints.openai.app import build_app, run_server

@@ -24,18 +24,22 @@ from tokenloom.model.layers.linear import Linear, MergedLinear, apply_linear
 from tokenloom.model.layers.norm import RMSNorm
 from tokenloom.model.layers.quantization import QuantizedWeight
 from tokenloom.model.layers.rotary import RopeInputs, RotaryEmbedding
+from tokenloom.parallel.group import SINGLE, TPGroup
+from tokenloom.parallel.layout import TPShard, single_shard, tp_shard
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
 class LlamaAttention(nn.Module):
-    """Grouped-query self-attention over the paged KV cache."""
+    """Grouped-query self-attention over the paged KV cache: this rank's heads
+    (``shard``), their partial o_proj products summed over the ranks."""
 
-    def __init__(self, config: ModelArchConfig, dtype: torch.dtype,
-                 device: torch.device | str) -> None:
+    def __init__(self, config: ModelArchConfig, dtype: torch.dtype, device: torch.device | str,
+                 shard: TPShard, group: TPGroup) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        self.num_heads = shard.num_heads
+        self.num_kv_heads = shard.num_kv_heads
+        self.group = group
         self.head_dim = config.head_dim
         self.scale = self.head_dim ** -0.5
         q_size = self.num_heads * self.head_dim
@@ -55,16 +59,18 @@ class LlamaAttention(nn.Module):
         k_cache, v_cache = kv_cache
         self.ops.write_kv(k_cache, v_cache, k, v, attn_metadata.slot_mapping)
         out = self.ops.attention(q, k_cache, v_cache, attn_metadata, self.scale)  # [n, H, D]
-        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+        return self.group.all_reduce(self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim)))
 
 
 class LlamaMLP(nn.Module):
-    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))`` with gate/up fused."""
+    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))`` with gate/up fused; this
+    rank's intermediate rows (``shard``), their partial down products summed over the ranks."""
 
-    def __init__(self, config: ModelArchConfig, dtype: torch.dtype,
-                 device: torch.device | str) -> None:
+    def __init__(self, config: ModelArchConfig, dtype: torch.dtype, device: torch.device | str,
+                 shard: TPShard, group: TPGroup) -> None:
         super().__init__()
-        size = config.intermediate_size
+        size = shard.intermediate_size
+        self.group = group
         self.gate_up_proj = MergedLinear(config.hidden_size, {"gate": size, "up": size}, False,
                                          dtype, device)
         self.down_proj = Linear(size, config.hidden_size, False, dtype, device)
@@ -72,7 +78,7 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * intermediate]
-        return self.down_proj(self.ops.silu_and_mul(gate_up))
+        return self.group.all_reduce(self.down_proj(self.ops.silu_and_mul(gate_up)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -83,14 +89,14 @@ class LlamaDecoderLayer(nn.Module):
     the block's output being ``residual + delta``.
     """
 
-    def __init__(self, config: ModelArchConfig, dtype: torch.dtype,
-                 device: torch.device | str) -> None:
+    def __init__(self, config: ModelArchConfig, dtype: torch.dtype, device: torch.device | str,
+                 shard: TPShard, group: TPGroup) -> None:
         super().__init__()
         eps = config.rms_norm_eps
         self.input_layernorm = RMSNorm(config.hidden_size, eps, dtype, device)
-        self.self_attn = LlamaAttention(config, dtype, device)
+        self.self_attn = LlamaAttention(config, dtype, device, shard, group)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype, device)
-        self.mlp = LlamaMLP(config, dtype, device)
+        self.mlp = LlamaMLP(config, dtype, device, shard, group)
 
     def forward(self, delta: torch.Tensor, residual: torch.Tensor | None, rope: RopeInputs,
                 kv_cache: KVCache, attn_metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,10 +113,11 @@ class LlamaModel(nn.Module):
     """Embedding, decoder layers and final norm (no LM head)."""
 
     def __init__(self, config: ModelArchConfig, dtype: torch.dtype, device: torch.device | str,
-                 rope_freq_factors: torch.Tensor | None = None) -> None:
+                 rope_freq_factors: torch.Tensor | None, shard: TPShard, group: TPGroup) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype, device)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, dtype, device)
+        self.embed_tokens = VocabEmbedding(shard.vocab_size, config.hidden_size, dtype, device,
+                                           shard.vocab[0], group)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, dtype, device, shard, group)
                                     for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings,
@@ -142,15 +149,26 @@ class LlamaForCausalLM(nn.Module):
     selected hidden rows into float32 logits. Parameters are allocated
     uninitialized in ``dtype`` on ``device``; a loader fills them.
     ``rope_freq_factors`` carries a GGUF ``rope_freqs.weight`` tensor.
+
+    With tensor parallelism (``shard`` of ``group``'s ranks, ``parallel/layout.py``) the
+    model holds this rank's part of every layer, runs in lockstep with the other
+    ranks and ``compute_logits`` gives the full logits on rank 0.
     """
 
     def __init__(self, config: ModelArchConfig, dtype: torch.dtype, device: torch.device | str,
-                 rope_freq_factors: torch.Tensor | None = None) -> None:
+                 rope_freq_factors: torch.Tensor | None = None, shard: TPShard | None = None,
+                 group: TPGroup = SINGLE) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, dtype, device, rope_freq_factors)
+        self.shard = single_shard(config) if shard is None else shard
+        if (self.shard.rank, self.shard.size) != (group.rank, group.size):
+            raise ValueError(f"shard of rank {self.shard.rank}/{self.shard.size} on a group's rank "
+                             f"{group.rank}/{group.size}")
+        self.group = group
+        self._vocab_widths = tuple(tp_shard(config, group.size, r).vocab_size for r in range(group.size))
+        self.model = LlamaModel(config, dtype, device, rope_freq_factors, self.shard, group)
         self.lm_head = (None if config.tie_word_embeddings
-                        else Linear(config.hidden_size, config.vocab_size, False, dtype, device))
+                        else Linear(config.hidden_size, self.shard.vocab_size, False, dtype, device))
         # The LM head's quantized copy (of the embedding when tied); set after loading.
         self.logits_quantized: QuantizedWeight | None = None
         self.ops = TorchOps()  # the layers' backend: use_ops
@@ -160,9 +178,13 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, kv_caches, attn_metadata)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [n, hidden_size] -> logits [n, vocab_size] float32."""
+        """hidden [n, hidden_size] -> logits [n, vocab_size] float32 (on rank 0 of several:
+        the other ranks get their own vocabulary columns)."""
         weight = self.logits_weight()
-        return apply_linear(hidden, weight, None, self.logits_quantized).float()
+        logits = apply_linear(hidden, weight, None, self.logits_quantized).float()
+        if self.group.size == 1:
+            return logits
+        return self.group.gather_logits(logits, self._vocab_widths)
 
     def use_ops(self, ops: TorchOps) -> None:
         """Route every layer through ``ops`` (``layers/backend.py``); with the native
@@ -173,7 +195,9 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if hasattr(module, "ops"):
                 module.ops = ops
-        self.model.decode_stack = DecodeStack.build(self.model) if isinstance(ops, CpuNativeOps) else None
+        # The native stack runs every layer in one call: no room for the ranks' all-reduces.
+        native = isinstance(ops, CpuNativeOps) and self.group.size == 1
+        self.model.decode_stack = DecodeStack.build(self.model) if native else None
 
     def logits_weight(self) -> torch.Tensor:
         """The dense [vocab_size, hidden_size] LM head (the embedding when tied)."""

@@ -2,12 +2,17 @@
 
 It owns the KV cache tensors (one (k, v) pair per layer) and the sampler; it
 knows which rows to sample but nothing of stop conditions or text.
+
+Under tensor parallelism every rank has a runner over its part of the model and
+of the KV cache (its own kv heads, the same block ids). Rank 0's runner hands each
+step's ``SchedulerOutput`` to the others (``broadcast``) before its forward; theirs
+run the same forward (``run_peer_step``) and sample nothing.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -31,9 +36,11 @@ if TYPE_CHECKING:
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, arch: ModelArchConfig, num_blocks: int,
                  block_size: int, kv_cache_dtype: torch.dtype, device: torch.device,
-                 max_num_seqs: int = 256, max_model_len: int | None = None) -> None:
+                 max_num_seqs: int = 256, max_model_len: int | None = None,
+                 broadcast: Callable[[SchedulerOutput], object] | None = None) -> None:
         self.model = model
         self.arch = arch
+        self.broadcast = broadcast
         self.block_size = block_size
         self.device = device
         self.sampler = Sampler()
@@ -42,7 +49,7 @@ class ModelRunner:
         self.block_table = BlockTable(2 * max_num_seqs, -(-max_len // block_size), device)
         if self.device.type == "cpu":
             keep_freed_memory()  # activations are reused from step to step, not faulted in again
-        shape = (num_blocks, block_size, arch.num_key_value_heads, kv_row_width(arch.head_dim, kv_cache_dtype))
+        shape = (num_blocks, block_size, model.shard.num_kv_heads, kv_row_width(arch.head_dim, kv_cache_dtype))
         # Not zeroed: attention reads only slots written by this step or earlier ones
         # (the padded PyTorch decode path zeroes its padding itself). Zeroing the
         # default 4 GiB took 1.5 s of a 10 s startup.
@@ -61,7 +68,8 @@ class ModelRunner:
         inputs, hidden, result = self.forward_and_sample(out, grammar, draft_probs)
         rows = () if result is None else _to_sampled_tokens(
             result, [s.sampling_params.logprobs for s in inputs.sample_seqs])  # the step's one wait
-        prompt_logprobs = {s.request_id: self._prompt_logprobs(hidden, s) for s in inputs.prompt_logprobs}
+        prompt_logprobs = {s.request_id: self._prompt_logprobs(s, logits)
+                           for s, logits in zip(inputs.prompt_logprobs, self._prompt_logits(inputs, hidden))}
         return ModelOutput(
             request_ids=tuple(sr.request_id for sr in inputs.sampled),
             sampled=_accepted_tokens(inputs, rows),
@@ -84,6 +92,8 @@ class ModelRunner:
     def forward(self, out: SchedulerOutput) -> tuple[ModelInputs, torch.Tensor, torch.Tensor | None]:
         """Inputs, hidden states [num_tokens, hidden_size] and the sample rows' logits
         [num_sample_rows, vocab_size] (None: nothing samples). Under ``torch.inference_mode()``."""
+        if self.broadcast is not None:
+            self.broadcast(out)
         inputs = prepare_inputs(out, self.block_size, self.device, self.block_table)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches,
                             inputs.attn_metadata)  # [num_tokens, hidden_size]
@@ -105,12 +115,22 @@ class ModelRunner:
             return AllowedTokens(None, bitmask)
         return AllowedTokens(to_device(rows, torch.int64, self.device), bitmask)
 
-    def _prompt_logprobs(self, hidden: torch.Tensor, s: PromptLogprobsSlice) -> list[PositionLogprobs | None]:
+    @torch.inference_mode()
+    def run_peer_step(self, out: SchedulerOutput) -> None:
+        """A tensor-parallel worker's step: every forward and logits exchange that rank 0's
+        ``execute`` makes, in its order; sampling is rank 0's alone."""
+        inputs, hidden, _ = self.forward(out)
+        self._prompt_logits(inputs, hidden)
+
+    def _prompt_logits(self, inputs: ModelInputs, hidden: torch.Tensor) -> list[torch.Tensor | None]:
+        """The logits [n, vocab] of each prompt-logprobs slice's rows (None: it has none)."""
+        return [self.model.compute_logits(hidden[s.row_start:s.row_start + len(s.target_ids)])
+                if s.target_ids else None for s in inputs.prompt_logprobs]
+
+    def _prompt_logprobs(self, s: PromptLogprobsSlice, logits: torch.Tensor | None) -> list[PositionLogprobs | None]:
         entries: list[PositionLogprobs | None] = [None] if s.include_first_none else []
-        if not s.target_ids:
+        if logits is None:
             return entries
-        rows = hidden[s.row_start:s.row_start + len(s.target_ids)]
-        logits = self.model.compute_logits(rows)  # [n, vocab]
         targets = to_device(s.target_ids, torch.int64, self.device)
         ids, logprobs, ranks = (t.tolist() for t in to_host(compute_prompt_logprobs(logits, targets,
                                                                                       s.num_logprobs)))

@@ -13,26 +13,31 @@ from tokenloom.model.llama import LlamaForCausalLM
 from tokenloom.model.loader.dummy import load_dummy_model
 from tokenloom.model.loader.gguf import load_gguf_model, read_gguf_config
 from tokenloom.model.loader.safetensors import load_hf_model, read_hf_config
+from tokenloom.parallel.group import SINGLE, TPGroup
+from tokenloom.parallel.layout import tp_shard
 
 __all__ = ["LOAD_FORMATS", "QUANTIZATION_MODES", "load_model", "read_arch_config"]
 
 
 def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str,
                quantization: str = "none", load_format: str = "auto",
-               seed: int = 0) -> tuple[LlamaForCausalLM, ModelArchConfig]:
+               seed: int = 0, group: TPGroup = SINGLE) -> tuple[LlamaForCausalLM, ModelArchConfig]:
     """Build the model for ``path`` and fill its weights in ``dtype`` on ``device``;
     ``quantization`` is one of ``QUANTIZATION_MODES`` (see ``loader/quantize.py``).
     ``load_format="dummy"``: random weights drawn from ``seed`` (``loader/dummy.py``)
     in the shape ``read_arch_config(path)`` gives; no weight file is read (nor a GGUF's
-    llama3 rope factors, a tensor: random weights make no use of long-context rotary)."""
+    llama3 rope factors, a tensor: random weights make no use of long-context rotary).
+    ``group``: the tensor-parallel ranks; this process builds and reads only its rank's part."""
     path = Path(path)
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
+    arch = read_arch_config(path)
+    shard = tp_shard(arch, group.size, group.rank)
     if load_format == "dummy":
-        return load_dummy_model(read_arch_config(path), dtype, device, quantization, seed)
+        return load_dummy_model(arch, dtype, device, quantization, seed, shard, group)
     if _is_gguf(path):
-        return load_gguf_model(path, dtype, device, quantization)
-    return load_hf_model(_hf_directory(path), dtype, device, quantization)
+        return load_gguf_model(path, dtype, device, quantization, shard, group)
+    return load_hf_model(_hf_directory(path), dtype, device, quantization, shard, group)
 
 
 def read_arch_config(path: str | Path) -> ModelArchConfig:

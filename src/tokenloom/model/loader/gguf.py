@@ -16,10 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import gguf
+import numpy as np
 import torch
 
 from tokenloom.config import ModelArchConfig, RopeScaling
-from tokenloom.gguf_file import GGUFFile
+from tokenloom.gguf_file import GGUFFile, GGUFTensor
 from tokenloom.model.llama import LlamaForCausalLM
 from tokenloom.model.layers.backend import select_ops
 from tokenloom.model.layers.quantization import QuantizedWeight
@@ -28,6 +30,8 @@ from tokenloom.model.loader.names import GGUF_ROPE_FREQS, ParamTarget, gguf_para
 from tokenloom.model.loader.quantize import PackedParts, apply_quantization
 from tokenloom.model.loader.weights import load_weights
 from tokenloom.model.registry import get_model_class
+from tokenloom.parallel.group import SINGLE, TPGroup
+from tokenloom.parallel.layout import TPShard, single_shard, take
 
 _PERMUTED_ARCHS = ("llama", "mistral")
 _EOS_KEYS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
@@ -68,19 +72,23 @@ def read_gguf_config(file: GGUFFile) -> ModelArchConfig:
 
 
 def load_gguf_model(source: Path | GGUFFile, dtype: torch.dtype, device: torch.device | str,
-                    quantization: str = "none") -> tuple[LlamaForCausalLM, ModelArchConfig]:
+                    quantization: str = "none", shard: TPShard | None = None,
+                    group: TPGroup = SINGLE) -> tuple[LlamaForCausalLM, ModelArchConfig]:
     """Build and fill the model of a GGUF file. A caller that also reads the
     tokenizer from the file can pass it open (the vocabulary is parsed once).
-    ``quantization``: see ``loader/quantize.py``."""
+    ``quantization``: see ``loader/quantize.py``. With tensor parallelism, only
+    ``shard``'s part of each tensor is read (quantized blocks split on block boundaries)."""
     file = source if isinstance(source, GGUFFile) else GGUFFile(source)
     config = read_gguf_config(file)
+    shard = single_shard(config) if shard is None else shard
     model_class = get_model_class(config.architecture)
-    model = model_class(config, dtype, device, rope_freq_factors=_rope_freq_factors(file))
+    model = model_class(config, dtype, device, rope_freq_factors=_rope_freq_factors(file), shard=shard,
+                        group=group)
     packed: PackedParts = {}
     keep_blocks = quantization != "none"
 
     def weights() -> Iterator[tuple[ParamTarget, torch.Tensor | QuantizedWeight]]:
-        for target, weight, blocks in _iter_weights(file, config, dtype, device, keep_blocks):
+        for target, weight, blocks in _iter_weights(file, config, dtype, device, keep_blocks, shard):
             if blocks is not None:
                 packed[(target.param_name, target.shard)] = blocks
             yield target, weight
@@ -99,25 +107,27 @@ def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 def _iter_weights(file: GGUFFile, config: ModelArchConfig, dtype: torch.dtype,
-                  device: torch.device | str, keep_blocks: bool,
+                  device: torch.device | str, keep_blocks: bool, shard: TPShard,
                   ) -> Iterator[tuple[ParamTarget, torch.Tensor | QuantizedWeight, QuantizedWeight | None]]:
-    """(target, weight, the quantized blocks the kernels take if ``keep_blocks``). The
-    weight is dense, or, for a projection with blocks, the blocks themselves: no
-    dense copy is made of what the kernels will run (see ``load_weights``)."""
-    heads_of_shard = {"q": config.num_attention_heads, "k": config.num_key_value_heads}
+    """(target, weight, the quantized blocks the kernels take if ``keep_blocks``), of
+    ``shard``'s part of each tensor. The weight is dense, or, for a projection with
+    blocks, the blocks themselves: no dense copy is made of what the kernels will
+    run (see ``load_weights``)."""
+    heads_of_shard = {"q": shard.num_heads, "k": shard.num_kv_heads}  # the heads this rank holds
     permuted = config.architecture in _PERMUTED_ARCHS
     for tensor in file.tensors:
         target = gguf_param_target(tensor.name)
         if target is None:
             continue
-        shape, qtype = tensor.shape, tensor.tensor_type
+        data, shape = _shard_data(tensor, shard.param_slice(target.param_name, target.shard))
+        qtype = tensor.tensor_type
         projection = _is_projection(target)
-        blocks = quantized_blocks(tensor.data, qtype, shape) if keep_blocks else None
+        blocks = quantized_blocks(data, qtype, shape) if keep_blocks else None
         weight = None
         if blocks is not None and not projection:  # the embedding: its values, from the blocks already read
             weight = blocks.dequantize().to(device=device, dtype=dtype)
         elif blocks is None:
-            weight = dequantize_tensor(tensor.data, qtype, shape, dtype, device)
+            weight = dequantize_tensor(data, qtype, shape, dtype, device)
             if keep_blocks:
                 blocks = requantized_blocks(qtype, shape, weight)
         if permuted and target.shard in heads_of_shard:
@@ -127,6 +137,24 @@ def _iter_weights(file: GGUFFile, config: ModelArchConfig, dtype: torch.dtype,
                 rows = unpermute_qk(torch.arange(shape[0]), heads_of_shard[target.shard])
                 blocks = blocks.select_rows(rows)
         yield target, blocks if blocks is not None and projection else weight, blocks
+
+
+def _shard_data(tensor: GGUFTensor, cut: tuple[int, int, int] | None) -> tuple[np.ndarray, tuple[int, ...]]:
+    """The file's data and shape of a tensor's rows or columns ``cut`` (dim, start, stop);
+    a quantized matrix's columns split only on its blocks' boundaries."""
+    if cut is None:
+        return tensor.data, tensor.shape
+    dim, start, stop = cut
+    shape = list(tensor.shape)
+    shape[dim] = stop - start
+    block, type_size = gguf.GGML_QUANT_SIZES[tensor.tensor_type]
+    if dim == 0 or block == 1:  # rows, or a plain type's elements
+        return np.ascontiguousarray(take(tensor.data, cut)), tuple(shape)
+    if start % block or stop % block:
+        raise ValueError(f"{tensor.name} ({tensor.tensor_type.name}, blocks of {block}) cannot be split across "
+                         f"tensor-parallel ranks at columns {start}..{stop}: not on a block boundary; "
+                         "use fewer ranks")
+    return np.ascontiguousarray(tensor.data[:, start // block * type_size:stop // block * type_size]), tuple(shape)
 
 
 def _is_projection(target: ParamTarget) -> bool:

@@ -17,6 +17,8 @@ from tokenloom.model.loader.names import ParamTarget, hf_param_target
 from tokenloom.model.loader.quantize import apply_quantization
 from tokenloom.model.loader.weights import load_weights
 from tokenloom.model.registry import get_model_class
+from tokenloom.parallel.group import SINGLE, TPGroup
+from tokenloom.parallel.layout import TPShard, single_shard, take
 
 
 def read_hf_config(source: Path) -> ModelArchConfig:
@@ -55,20 +57,26 @@ def read_hf_config(source: Path) -> ModelArchConfig:
 
 
 def load_hf_model(directory: Path, dtype: torch.dtype, device: torch.device | str,
-                  quantization: str = "none") -> tuple[LlamaForCausalLM, ModelArchConfig]:
+                  quantization: str = "none", shard: TPShard | None = None,
+                  group: TPGroup = SINGLE) -> tuple[LlamaForCausalLM, ModelArchConfig]:
     """``quantization``: see ``loader/quantize.py`` (a float checkpoint has no
-    blocks of its own, so "auto" keeps it dense)."""
+    blocks of its own, so "auto" keeps it dense). With tensor parallelism only
+    ``shard``'s part of each tensor is read (safetensors slices)."""
     config = read_hf_config(directory)
     return build_float_model(config, dtype, device, quantization,
-                             lambda model: load_weights(model, _iter_weights(directory)))
+                             lambda model: load_weights(model, _iter_weights(directory, model.shard)),
+                             shard, group)
 
 
 def build_float_model(config: ModelArchConfig, dtype: torch.dtype, device: torch.device | str,
                       quantization: str, fill: Callable[[LlamaForCausalLM], object],
+                      shard: TPShard | None = None, group: TPGroup = SINGLE,
                       ) -> tuple[LlamaForCausalLM, ModelArchConfig]:
-    """The model of ``config``, its parameters filled by ``fill`` with float values
-    (a checkpoint's, or random ones), then made ready to run as any float checkpoint."""
-    model = get_model_class(config.architecture)(config, dtype, device)
+    """The model of ``config`` (``shard``'s part of it), its parameters filled by
+    ``fill`` with float values (a checkpoint's, or random ones), then made ready to
+    run as any float checkpoint."""
+    shard = single_shard(config) if shard is None else shard
+    model = get_model_class(config.architecture)(config, dtype, device, shard=shard, group=group)
     fill(model)
     apply_quantization(model, quantization, {})
     model.use_ops(select_ops(torch.device(device), dtype))
@@ -140,10 +148,13 @@ def _safetensors_files(directory: Path) -> list[Path]:
     return files
 
 
-def _iter_weights(directory: Path) -> Iterator[tuple[ParamTarget, torch.Tensor]]:
+def _iter_weights(directory: Path, shard: TPShard) -> Iterator[tuple[ParamTarget, torch.Tensor]]:
+    """Each tensor's part that ``shard`` holds, read by slice (nothing more is read)."""
     for path in _safetensors_files(directory):
         with safe_open(path, framework="pt", device="cpu") as checkpoint:
             for name in checkpoint.keys():
                 target = hf_param_target(name)
-                if target is not None:
-                    yield target, checkpoint.get_tensor(name)
+                if target is None:
+                    continue
+                cut = shard.param_slice(target.param_name, target.shard)
+                yield target, (checkpoint.get_tensor(name) if cut is None else take(checkpoint.get_slice(name), cut))
