@@ -227,12 +227,12 @@ _KQUANT_SCALES = {QType.Q4_K: ((0, 2), 6e-5), QType.Q5_K: ((0, 2), 3e-5), QType.
 
 
 def write_random_kquant_gguf(path: str | Path, seed: int = 0, default: QType = QType.Q4_K,
-                             types: dict[str, QType] | None = None) -> Path:
+                             types: dict[str, QType] | None = None, tokenizer: Tokenizer | None = None) -> Path:
     """A Llama (hidden 256: K-quant super-blocks hold 256 weights) whose matrices are random
     K-quant blocks, ``types`` by tensor kind (default ``Q4_K_M_TYPES``), else ``default``.
     gguf can read K-quants but not write them, so the blocks are random bytes with sane
     f16 scales; the model is as random as the other tiny ones, and the dense reference
-    is the file itself, dequantized."""
+    is the file itself, dequantized. ``tokenizer``: written into the file, as write_gguf does."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     types = Q4_K_M_TYPES if types is None else types
@@ -245,8 +245,13 @@ def write_random_kquant_gguf(path: str | Path, seed: int = 0, default: QType = Q
     rng = np.random.default_rng(seed)
     writer = gguf.GGUFWriter(Path(path), "llama")
     _write_metadata(writer, config, default)
-    writer.add_bos_token_id(config.bos_token_id)
-    writer.add_eos_token_id(config.eos_token_id)
+    if tokenizer is None:
+        writer.add_bos_token_id(config.bos_token_id)
+        writer.add_eos_token_id(config.eos_token_id)
+    else:
+        from tests.helpers.tiny_tokenizer import write_gguf_tokenizer_metadata
+
+        write_gguf_tokenizer_metadata(writer, tokenizer, None)
     for name, array in _gguf_tensors(model, "llama"):
         if array.ndim == 1:
             writer.add_tensor(name, array.astype(np.float32))

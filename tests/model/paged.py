@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -85,7 +86,7 @@ def run_step(model: LlamaForCausalLM, kv_caches: list[tuple[torch.Tensor, torch.
 def prefill_logits(model: LlamaForCausalLM, token_ids: list[int], block_size: int = 4,
                    chunks: list[int] | None = None) -> torch.Tensor:
     """Logits ``[len(token_ids), vocab]`` of a whole prompt, fed in ``chunks``."""
-    config = model.config
+    config = dataclasses.replace(model.config, num_key_value_heads=model.shard.num_kv_heads)  # this rank's heads
     num_blocks = -(-len(token_ids) // block_size)
     # Scattered, descending block ids: block order must come from the table alone.
     table = [2 * num_blocks - 1 - 2 * i for i in range(num_blocks)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -69,6 +70,30 @@ def test_speculative_config_flag(capsys):
         engine_config_from_args(parser.parse_args(
             ["serve", "--speculative-config", '{"method": "medusa", "num_speculative_tokens": 3}']), parser)
     assert "method must be one of ('ngram', 'draft_model'), got 'medusa'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["-tp", "0"], "tensor_parallel_size must be an integer >= 1, got 0"),
+    (["-tp", "3", "--nnodes", "2"], r"nnodes \(2\) must be >= 1 and divide tensor_parallel_size \(3\)"),
+    (["-tp", "2", "--nnodes", "2"], "more than one node needs distributed_init_method"),
+    (["-tp", "2", "--node-rank", "1"], r"node_rank must be in \[0, 0\], got 1"),
+    (["-tp", "2", "--distributed-init-method", "udp://h:1"], "must be tcp://HOST:PORT or env://"),
+])
+def test_tensor_parallel_flags_are_checked_with_the_config(capsys, flags, message):
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        engine_config_from_args(parser.parse_args(["serve", "m.gguf", *flags]), parser)
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_tensor_parallel_flags_map_to_the_parallel_config():
+    parser = build_parser()
+    assert engine_config_from_args(parser.parse_args(["serve"]), parser).parallel.tensor_parallel_size == 1
+    args = parser.parse_args(["serve", "m.gguf", "--tensor-parallel-size", "4", "--nnodes", "2", "--node-rank", "1",
+                              "--distributed-init-method", "tcp://10.0.0.1:29500"])
+    parallel = engine_config_from_args(args, parser).parallel
+    assert (parallel.tensor_parallel_size, parallel.nnodes, parallel.node_rank, parallel.distributed_init_method,
+            parallel.ranks_per_node) == (4, 2, 1, "tcp://10.0.0.1:29500", 2)
 
 
 def test_device_flags_default_to_auto_and_map_to_configs():

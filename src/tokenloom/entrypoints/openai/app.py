@@ -127,7 +127,8 @@ def _add_service_routes(app: FastAPI, serving: OpenAIServing, config: ServerConf
     @app.get("/health")
     async def health() -> Response:
         if not engine.is_alive:
-            raise engine_unavailable("the engine loop is not running")
+            reason = "" if engine.error is None else f": {engine.error}"
+            raise engine_unavailable(f"the engine loop is not running{reason}")
         stalled_s = time.monotonic() - engine.last_step_time
         if stalled_s > config.health_stall_s:
             raise engine_unavailable(f"the engine loop has not turned for {stalled_s:.0f}s")
