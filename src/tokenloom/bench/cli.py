@@ -126,6 +126,8 @@ def _add_throughput_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory", type=float, default=None, help="GiB (default: the engine's)")
     p.add_argument("--speculative-config", default=None, metavar="JSON",
                    help="speculative decoding, as `tokenloom serve --speculative-config` (default: off)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="ranks the model is split over, as `tokenloom serve -tp` (default: %(default)s)")
     p.add_argument("--output-json", type=Path, default=None, help="also write the figures here")
 
 
@@ -209,7 +211,7 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
     try:
         llm = LLM(args.model, **load_options(args), max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
-                  speculative_config=args.speculative_config)
+                  speculative_config=args.speculative_config, tensor_parallel_size=args.tensor_parallel_size)
     except ValueError as exc:
         print(f"tokenloom bench: {exc}", file=sys.stderr)
         return 2
@@ -220,7 +222,9 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
         figures = {k: (None if v != v else v) for k, v in dataclasses.asdict(result).items()}  # NaN -> null
         args.output_json.write_text(json.dumps({
             "model": args.model, "load_format": resolved.load_format, "device": resolved.device,
-            "dtype": resolved.dtype, "quantization": resolved.quantization, **figures}, indent=1) + "\n")
+            "dtype": resolved.dtype, "quantization": resolved.quantization,
+            "tensor_parallel_size": args.tensor_parallel_size, **figures}, indent=1) + "\n")
+    llm.engine.shutdown()
     return 0
 
 
