@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.engine.test_engine import make_llm, token_ids
 from tests.engine.test_spec_decode import NGRAM, PROMPTS, generate_checked
@@ -95,6 +96,35 @@ def test_features_above_the_runner_work_on_two_ranks(tiny_checkpoint):
         for x, y in zip(a, b):
             assert x.keys() == y.keys()
             assert all(abs(x[t].logprob - y[t].logprob) < 1e-4 for t in x)
+
+
+def test_a_draft_model_drafts_whole_on_rank_0_for_a_split_target(tiny_checkpoint, single):
+    """The target drafting for itself: every draft is right, on 2 ranks as on 1."""
+    spec = {"method": "draft_model", "model": str(tiny_checkpoint.hf_dir), "num_speculative_tokens": 3,
+            "disable_by_batch_size": None}
+    llm = make_llm(tiny_checkpoint.hf_dir, tensor_parallel_size=2, speculative_config=spec)
+    try:
+        assert token_ids(generate_checked(llm, PROMPTS, GREEDY_32)) == \
+            token_ids(single.generate(PROMPTS, GREEDY_32, use_tqdm=False))
+        stats = llm.engine.stats.snapshot()
+        assert stats.spec_decode_accepted_tokens_total == stats.spec_decode_draft_tokens_total > 0
+        assert llm.engine.drafter.draft_model.runner.model.group.size == 1
+    finally:
+        llm.engine.shutdown()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_two_gpus_over_nccl_give_the_greedy_tokens_of_one(tiny_checkpoint):
+    options = {"device": "cuda", "dtype": "float32"}
+    one = make_llm(tiny_checkpoint.hf_dir, **options)
+    expected = token_ids(one.generate(PROMPTS, GREEDY_32, use_tqdm=False))
+    split = make_llm(tiny_checkpoint.hf_dir, tensor_parallel_size=2, **options)
+    try:
+        assert str(split.engine.runner.device) == "cuda:0"
+        assert token_ids(split.generate(PROMPTS, GREEDY_32, use_tqdm=False)) == expected
+    finally:
+        split.engine.shutdown()
 
 
 def test_an_abort_mid_run_frees_every_block_on_two_ranks(tiny_checkpoint):

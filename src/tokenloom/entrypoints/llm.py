@@ -32,7 +32,10 @@ class LLM:
     shape such as "llama-3.1-8b"), max_model_len, block_size, kv_cache_memory,
     num_kv_blocks, gpu_memory_utilization, max_num_batched_tokens, max_num_seqs,
     enable_prefix_caching (on by default), seed, speculative_config (vLLM's dict, e.g.
-    ``{"method": "ngram", "num_speculative_tokens": 5}``; off by default).
+    ``{"method": "ngram", "num_speculative_tokens": 5}``; off by default),
+    tensor_parallel_size (the model split over that many ranks, processes the engine
+    starts; with nnodes, node_rank and distributed_init_method across machines).
+    ``llm.engine.shutdown()`` ends the ranks at once (they also end with the process).
     """
 
     def __init__(self, model: str = "smollm2-135m", **options: Any) -> None:
