@@ -26,19 +26,24 @@ GREEDY_32 = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
 SMALL_CACHE = {"num_kv_blocks": 40, "block_size": 4}
 
 
+def _state_and_parent(pid: int) -> tuple[str, int] | None:
+    """A process's state letter and parent pid from /proc (None: it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return fields[0], int(fields[1])
+
+
+def running(pid: int) -> bool:
+    info = _state_and_parent(pid)
+    return info is not None and info[0] != "Z"
+
+
 def child_pids() -> set[int]:
     """This process's live children (from /proc), zombies excluded."""
-    children = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            fields = stat.rsplit(")", 1)[1].split()
-            if int(fields[1]) == os.getpid() and fields[0] != "Z":
-                children.add(int(entry))
-    return children
+    return {int(e) for e in os.listdir("/proc") if e.isdigit() and running(int(e))
+            and (_state_and_parent(int(e)) or ("", 0))[1] == os.getpid()}
 
 
 def wait_for_no_children(before: set[int], timeout: float = 15.0) -> None:
@@ -161,6 +166,20 @@ def test_a_dead_rank_is_a_clear_error_and_leaves_no_process(tiny_checkpoint):
         engine.step()  # the exchange with the dead rank fails at once, rather than hanging
     engine.shutdown()
     wait_for_no_children(before)
+
+
+def test_ranks_end_with_rank_0s_process_however_it_ends(tiny_checkpoint):
+    script = ("import time; from tokenloom import LLM; "
+              f"llm = LLM({str(tiny_checkpoint.hf_dir)!r}, num_kv_blocks=64, block_size=4, tensor_parallel_size=2); "
+              "print(llm.engine.tp.ranks.processes[1].pid, flush=True); time.sleep(120)")
+    rank_0 = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    rank_1 = int(rank_0.stdout.readline())
+    rank_0.kill()  # SIGKILL: no shutdown, no atexit
+    rank_0.wait()
+    deadline = time.monotonic() + 10
+    while running(rank_1):
+        assert time.monotonic() < deadline, "rank 1 outlived rank 0"
+        time.sleep(0.05)
 
 
 def test_a_model_that_cannot_be_split_is_refused_naming_the_tensor(tmp_path):

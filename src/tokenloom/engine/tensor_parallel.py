@@ -5,7 +5,7 @@ module starts the others, runs their loop and watches them.
 
     rank 0 (engine, scheduler, sampler)          rank r > 0 (a worker: this module)
     -----------------------------------          -----------------------------------
-    start_local_ranks() ---- spawn ---->         run_worker(): join the group,
+    LocalRanks: python -c, config on stdin --->  run_worker(): join the group,
     join the group                               load rank r's part of the model
     load rank 0's part                           ...
     gather_object(startup reports) <-----------  its report (weights, or the error)
@@ -17,18 +17,17 @@ module starts the others, runs their loop and watches them.
 
 A rank that dies takes the others' next exchange down with it ("Connection closed
 by peer"), and rank 0's watcher notices a local rank's exit at once, so the
-server reports the failure (``/health`` 503) rather than hanging. Local ranks also
-die with their parent (``PR_SET_PDEATHSIG``), so no process outlives the engine.
+server reports the failure (``/health`` 503) rather than hanging. A local rank
+also ends when its stdin, the pipe rank 0's process holds open, reaches its end:
+rank 0's process is gone (however it went), so no rank outlives it.
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import logging
-import pickle
 import os
-import signal
+import pickle
 import socket
 import subprocess
 import sys
@@ -138,7 +137,7 @@ class LocalRanks:
                                    pass_fds=(write_end,))
         os.close(write_end)
         process.stdin.write(pickle.dumps((config, place)))
-        process.stdin.close()
+        process.stdin.flush()  # and held open: the rank's lifeline (worker_main)
         self.processes[rank] = process
         self._error_pipes[rank] = read_end
 
@@ -157,6 +156,7 @@ class LocalRanks:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+            process.stdin.close()
         for fd in self._error_pipes.values():
             os.close(fd)
         self._error_pipes = {}
@@ -298,9 +298,10 @@ _WORKER_MAIN = "import sys; from tokenloom.engine.tensor_parallel import worker_
 
 def worker_main(error_fd: int) -> None:
     """A local rank's process: its config and place from stdin, run_worker, and on failure
-    the error on ``error_fd`` for rank 0 and exit code 1."""
-    _die_with_parent()
+    the error on ``error_fd`` for rank 0 and exit code 1. It also exits when stdin ends:
+    the process that started it is gone."""
     config, here = pickle.load(sys.stdin.buffer)
+    threading.Thread(target=_exit_at_end_of, args=(sys.stdin.buffer,), name="tokenloom-lifeline", daemon=True).start()
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s %(levelname)s tp{here.rank} %(name)s: %(message)s")
     with os.fdopen(error_fd, "w") as errors:
         try:
@@ -311,11 +312,10 @@ def worker_main(error_fd: int) -> None:
             sys.exit(1)
 
 
-def _die_with_parent() -> None:
-    """Linux: the kernel kills this process when the one that started it exits."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+def _exit_at_end_of(lifeline) -> None:
+    while lifeline.read(4096):
+        pass
+    os._exit(1)
 
 
 def _free_port() -> int:
