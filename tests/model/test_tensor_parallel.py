@@ -46,8 +46,8 @@ def checkpoints(tmp_path_factory):
     return get
 
 
-def whole_logits(path, quantization: str = "none") -> torch.Tensor:
-    model, _ = load_model(path, torch.float32, "cpu", quantization)
+def whole_logits(path, quantization: str = "none", load_format: str = "auto") -> torch.Tensor:
+    model, _ = load_model(path, torch.float32, "cpu", quantization, load_format, seed=3)
     with torch.inference_mode():
         return prefill_logits(model, PROMPT, block_size=4, chunks=[9, 3, 1])
 
@@ -60,6 +60,15 @@ def test_split_logits_equal_the_whole_models(checkpoints, kind, kv_heads, size):
         got = tensor_parallel_logits(path, size, PROMPT)
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
         assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+def test_dummy_weights_on_two_ranks_are_the_one_rank_models(checkpoints):
+    """Each rank draws every parameter whole from the seed and keeps its part (Qwen2: the
+    fused q/k/v bias too)."""
+    hf_dir, _, _ = checkpoints("qwen2", 2)
+    expected = whole_logits(hf_dir / "config.json", load_format="dummy")
+    got = tensor_parallel_logits(hf_dir / "config.json", 2, PROMPT, load_format="dummy")
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
 def test_quantized_gguf_splits_on_block_boundaries(checkpoints):

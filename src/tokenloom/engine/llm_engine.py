@@ -56,7 +56,7 @@ from tokenloom.kv_cache.manager import KVCacheManager
 from tokenloom.model.layers.attention import kv_row_width
 from tokenloom.model.loader import load_model
 from tokenloom.model.footprint import weights_bytes
-from tokenloom.model.loader.gguf import load_gguf_model, read_gguf_config
+from tokenloom.model.loader.gguf import load_gguf_model
 from tokenloom.model_files import resolve_model_path, shape_tokenizer
 from tokenloom.parallel.group import SINGLE, TPGroup
 from tokenloom.parallel.layout import tp_shard
@@ -403,9 +403,7 @@ def _load_tokenizer_and_model(config: ModelConfig, dtype: torch.dtype, device: t
                 load_model(path, dtype, device, config.quantization, "dummy", config.seed, group), path)
     if path.suffix == ".gguf" and path.is_file():
         file = GGUFFile(path)
-        shard = tp_shard(read_gguf_config(file), group.size, group.rank)
-        return (Tokenizer.from_gguf_file(file),
-                load_gguf_model(file, dtype, device, config.quantization, shard, group), path)
+        return Tokenizer.from_gguf_file(file), load_gguf_model(file, dtype, device, config.quantization, group), path
     return Tokenizer.from_path(path), load_model(path, dtype, device, config.quantization, group=group), path
 
 

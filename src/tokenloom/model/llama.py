@@ -25,7 +25,7 @@ from tokenloom.model.layers.norm import RMSNorm
 from tokenloom.model.layers.quantization import QuantizedWeight
 from tokenloom.model.layers.rotary import RopeInputs, RotaryEmbedding
 from tokenloom.parallel.group import SINGLE, TPGroup
-from tokenloom.parallel.layout import TPShard, single_shard, tp_shard
+from tokenloom.parallel.layout import TPShard, tp_shard
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -150,20 +150,16 @@ class LlamaForCausalLM(nn.Module):
     uninitialized in ``dtype`` on ``device``; a loader fills them.
     ``rope_freq_factors`` carries a GGUF ``rope_freqs.weight`` tensor.
 
-    With tensor parallelism (``shard`` of ``group``'s ranks, ``parallel/layout.py``) the
-    model holds this rank's part of every layer, runs in lockstep with the other
+    With tensor parallelism (``group``'s ranks) the model holds this rank's part of
+    every layer (``shard``, see ``parallel/layout.py``), runs in lockstep with the other
     ranks and ``compute_logits`` gives the full logits on rank 0.
     """
 
     def __init__(self, config: ModelArchConfig, dtype: torch.dtype, device: torch.device | str,
-                 rope_freq_factors: torch.Tensor | None = None, shard: TPShard | None = None,
-                 group: TPGroup = SINGLE) -> None:
+                 rope_freq_factors: torch.Tensor | None = None, group: TPGroup = SINGLE) -> None:
         super().__init__()
         self.config = config
-        self.shard = single_shard(config) if shard is None else shard
-        if (self.shard.rank, self.shard.size) != (group.rank, group.size):
-            raise ValueError(f"shard of rank {self.shard.rank}/{self.shard.size} on a group's rank "
-                             f"{group.rank}/{group.size}")
+        self.shard = tp_shard(config, group.size, group.rank)
         self.group = group
         self._vocab_widths = tuple(tp_shard(config, group.size, r).vocab_size for r in range(group.size))
         self.model = LlamaModel(config, dtype, device, rope_freq_factors, self.shard, group)

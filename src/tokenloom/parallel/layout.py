@@ -94,11 +94,6 @@ def take(tensor, cut: tuple[int, int, int] | None):
     return tensor[start:stop] if dim == 0 else tensor[:, start:stop]
 
 
-def single_shard(arch: ModelArchConfig) -> TPShard:
-    """The whole model, on one rank."""
-    return tp_shard(arch, 1, 0)
-
-
 def tp_shard(arch: ModelArchConfig, size: int, rank: int) -> TPShard:
     """What rank ``rank`` of ``size`` holds; ValueError where the model cannot be split so."""
     if size < 1 or not 0 <= rank < size:

@@ -14,7 +14,6 @@ from tokenloom.model.loader.dummy import load_dummy_model
 from tokenloom.model.loader.gguf import load_gguf_model, read_gguf_config
 from tokenloom.model.loader.safetensors import load_hf_model, read_hf_config
 from tokenloom.parallel.group import SINGLE, TPGroup
-from tokenloom.parallel.layout import tp_shard
 
 __all__ = ["LOAD_FORMATS", "QUANTIZATION_MODES", "load_model", "read_arch_config"]
 
@@ -31,13 +30,11 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str,
     path = Path(path)
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
-    arch = read_arch_config(path)
-    shard = tp_shard(arch, group.size, group.rank)
     if load_format == "dummy":
-        return load_dummy_model(arch, dtype, device, quantization, seed, shard, group)
+        return load_dummy_model(read_arch_config(path), dtype, device, quantization, seed, group)
     if _is_gguf(path):
-        return load_gguf_model(path, dtype, device, quantization, shard, group)
-    return load_hf_model(_hf_directory(path), dtype, device, quantization, shard, group)
+        return load_gguf_model(path, dtype, device, quantization, group)
+    return load_hf_model(_hf_directory(path), dtype, device, quantization, group)
 
 
 def read_arch_config(path: str | Path) -> ModelArchConfig:

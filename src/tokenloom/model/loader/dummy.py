@@ -24,13 +24,12 @@ DUMMY_WEIGHT_STD = 0.02
 
 
 def load_dummy_model(config: ModelArchConfig, dtype: torch.dtype, device: torch.device | str,
-                     quantization: str = "none", seed: int = 0, shard: TPShard | None = None,
+                     quantization: str = "none", seed: int = 0,
                      group: TPGroup = SINGLE) -> tuple[LlamaForCausalLM, ModelArchConfig]:
     """``quantization``: see ``loader/quantize.py`` (random weights have no blocks of
     their own, so "auto" keeps them dense, as for a safetensors checkpoint). Under
-    tensor parallelism each rank holds its ``shard`` of the very weights one rank would."""
-    return build_float_model(config, dtype, device, quantization, lambda model: fill_random(model, seed),
-                             shard, group)
+    tensor parallelism each rank holds its part of the very weights one rank would."""
+    return build_float_model(config, dtype, device, quantization, lambda model: fill_random(model, seed), group)
 
 
 @torch.inference_mode()

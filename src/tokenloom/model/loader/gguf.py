@@ -31,7 +31,7 @@ from tokenloom.model.loader.quantize import PackedParts, apply_quantization
 from tokenloom.model.loader.weights import load_weights
 from tokenloom.model.registry import get_model_class
 from tokenloom.parallel.group import SINGLE, TPGroup
-from tokenloom.parallel.layout import TPShard, single_shard, take
+from tokenloom.parallel.layout import TPShard, take
 
 _PERMUTED_ARCHS = ("llama", "mistral")
 _EOS_KEYS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
@@ -72,23 +72,20 @@ def read_gguf_config(file: GGUFFile) -> ModelArchConfig:
 
 
 def load_gguf_model(source: Path | GGUFFile, dtype: torch.dtype, device: torch.device | str,
-                    quantization: str = "none", shard: TPShard | None = None,
-                    group: TPGroup = SINGLE) -> tuple[LlamaForCausalLM, ModelArchConfig]:
+                    quantization: str = "none", group: TPGroup = SINGLE) -> tuple[LlamaForCausalLM, ModelArchConfig]:
     """Build and fill the model of a GGUF file. A caller that also reads the
     tokenizer from the file can pass it open (the vocabulary is parsed once).
-    ``quantization``: see ``loader/quantize.py``. With tensor parallelism, only
-    ``shard``'s part of each tensor is read (quantized blocks split on block boundaries)."""
+    ``quantization``: see ``loader/quantize.py``. With tensor parallelism, only this
+    rank's part of each tensor is read (quantized blocks split on block boundaries)."""
     file = source if isinstance(source, GGUFFile) else GGUFFile(source)
     config = read_gguf_config(file)
-    shard = single_shard(config) if shard is None else shard
-    model_class = get_model_class(config.architecture)
-    model = model_class(config, dtype, device, rope_freq_factors=_rope_freq_factors(file), shard=shard,
-                        group=group)
+    model = get_model_class(config.architecture)(config, dtype, device, rope_freq_factors=_rope_freq_factors(file),
+                                                 group=group)
     packed: PackedParts = {}
     keep_blocks = quantization != "none"
 
     def weights() -> Iterator[tuple[ParamTarget, torch.Tensor | QuantizedWeight]]:
-        for target, weight, blocks in _iter_weights(file, config, dtype, device, keep_blocks, shard):
+        for target, weight, blocks in _iter_weights(file, config, dtype, device, keep_blocks, model.shard):
             if blocks is not None:
                 packed[(target.param_name, target.shard)] = blocks
             yield target, weight

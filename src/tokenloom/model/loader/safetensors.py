@@ -18,7 +18,7 @@ from tokenloom.model.loader.quantize import apply_quantization
 from tokenloom.model.loader.weights import load_weights
 from tokenloom.model.registry import get_model_class
 from tokenloom.parallel.group import SINGLE, TPGroup
-from tokenloom.parallel.layout import TPShard, single_shard, take
+from tokenloom.parallel.layout import TPShard, take
 
 
 def read_hf_config(source: Path) -> ModelArchConfig:
@@ -57,26 +57,22 @@ def read_hf_config(source: Path) -> ModelArchConfig:
 
 
 def load_hf_model(directory: Path, dtype: torch.dtype, device: torch.device | str,
-                  quantization: str = "none", shard: TPShard | None = None,
-                  group: TPGroup = SINGLE) -> tuple[LlamaForCausalLM, ModelArchConfig]:
+                  quantization: str = "none", group: TPGroup = SINGLE) -> tuple[LlamaForCausalLM, ModelArchConfig]:
     """``quantization``: see ``loader/quantize.py`` (a float checkpoint has no
-    blocks of its own, so "auto" keeps it dense). With tensor parallelism only
-    ``shard``'s part of each tensor is read (safetensors slices)."""
+    blocks of its own, so "auto" keeps it dense). With tensor parallelism only this
+    rank's part of each tensor is read (safetensors slices)."""
     config = read_hf_config(directory)
     return build_float_model(config, dtype, device, quantization,
-                             lambda model: load_weights(model, _iter_weights(directory, model.shard)),
-                             shard, group)
+                             lambda model: load_weights(model, _iter_weights(directory, model.shard)), group)
 
 
 def build_float_model(config: ModelArchConfig, dtype: torch.dtype, device: torch.device | str,
                       quantization: str, fill: Callable[[LlamaForCausalLM], object],
-                      shard: TPShard | None = None, group: TPGroup = SINGLE,
-                      ) -> tuple[LlamaForCausalLM, ModelArchConfig]:
-    """The model of ``config`` (``shard``'s part of it), its parameters filled by
-    ``fill`` with float values (a checkpoint's, or random ones), then made ready to
-    run as any float checkpoint."""
-    shard = single_shard(config) if shard is None else shard
-    model = get_model_class(config.architecture)(config, dtype, device, shard=shard, group=group)
+                      group: TPGroup = SINGLE) -> tuple[LlamaForCausalLM, ModelArchConfig]:
+    """The model of ``config`` (this rank's part of it, under tensor parallelism), its
+    parameters filled by ``fill`` with float values (a checkpoint's, or random ones),
+    then made ready to run as any float checkpoint."""
+    model = get_model_class(config.architecture)(config, dtype, device, group=group)
     fill(model)
     apply_quantization(model, quantization, {})
     model.use_ops(select_ops(torch.device(device), dtype))
