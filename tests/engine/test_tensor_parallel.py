@@ -69,6 +69,7 @@ def test_two_ranks_give_the_greedy_tokens_of_one(tiny_checkpoint, single, fmt):
             token_ids(single.generate(PROMPTS, GREEDY_32, use_tqdm=False))
     finally:
         split.engine.shutdown()
+    assert [p.returncode for p in split.engine.tp.ranks.processes.values()] == [0]  # a clean exit on stop
     wait_for_no_children(before)
 
 

@@ -301,7 +301,7 @@ def worker_main(error_fd: int) -> None:
     the error on ``error_fd`` for rank 0 and exit code 1. It also exits when stdin ends:
     the process that started it is gone."""
     config, here = pickle.load(sys.stdin.buffer)
-    threading.Thread(target=_exit_at_end_of, args=(sys.stdin.buffer,), name="tokenloom-lifeline", daemon=True).start()
+    threading.Thread(target=_exit_at_end_of, args=(sys.stdin.fileno(),), name="tokenloom-lifeline", daemon=True).start()
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s %(levelname)s tp{here.rank} %(name)s: %(message)s")
     with os.fdopen(error_fd, "w") as errors:
         try:
@@ -312,8 +312,10 @@ def worker_main(error_fd: int) -> None:
             sys.exit(1)
 
 
-def _exit_at_end_of(lifeline) -> None:
-    while lifeline.read(4096):
+def _exit_at_end_of(fd: int) -> None:
+    """Read the raw pipe (not ``sys.stdin.buffer``, whose lock a daemon thread must not
+    hold when the interpreter finalizes) until its end, then leave."""
+    while os.read(fd, 4096):
         pass
     os._exit(1)
 
