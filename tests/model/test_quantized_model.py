@@ -19,6 +19,7 @@ from tests.model.conftest import PROMPT
 from tests.model.paged import prefill_logits
 from tokenloom import kernels
 from tokenloom.model.layers.linear import Linear
+from tokenloom.model.footprint import weights_bytes
 from tokenloom.model.loader import load_model
 
 QType = gguf.GGMLQuantizationType
@@ -160,6 +161,15 @@ def test_a_q4_k_m_file_runs_on_the_kernels_with_the_files_weights(tmp_path):
     assert torch.equal(auto.logits_quantized.dequantize(), dense.logits_weight())
     # No dense copy of what the kernels run: the projections' and the untied head's weights are empty.
     assert layer.mlp.down_proj.weight.numel() == 0 and auto.lm_head.weight.numel() == 0
+    # Nor of the embedding: lookups read the file's Q4_K rows, the same values as the dense table.
+    ids = torch.tensor(PROMPT)
+    assert auto.model.embed_tokens.weight.numel() == 0 and auto.model.embed_tokens.quantized.kind == "q4_k"
+    assert torch.equal(auto.model.embed_tokens(ids), dense.model.embed_tokens(ids))
+    # And each weight is held once, as GEMM tiles (the blocks they came from are dropped):
+    # at most Q6_K's 6.5625 bits per weight, where blocks and tiles together took twice that.
+    assert not layer.mlp.down_proj.quantized.has_blocks and not auto.logits_quantized.has_blocks
+    num_weights = sum(p.numel() for p in dense.parameters())
+    assert weights_bytes(auto) * 8 / num_weights < 6.6
     ours, theirs = prefill_logits(auto, PROMPT), prefill_logits(dense, PROMPT)
     # int8 activations and weights move the logits by a few percent of their size.
     assert (ours - theirs).norm() < 0.05 * theirs.norm()

@@ -86,6 +86,27 @@ def test_k_quant_rows_select_and_concatenate_exactly(qtype):
     assert torch.equal(b.select_rows(perm).dequantize(), b.dequantize()[perm])
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4", "q4_k", "q6_k"])
+@pytest.mark.parametrize("n", [24, 13])  # 13: the last tile has 3 zero columns of padding
+def test_the_tiles_alone_give_back_the_blocks_exactly(kind, n):
+    """A loaded model keeps only the GEMM tiles (``without_blocks``); they are a
+    permutation of the blocks, so the blocks come back bit for bit."""
+    if kind in ("q4_k", "q6_k"):
+        qtype = QType.Q4_K if kind == "q4_k" else QType.Q6_K
+        blocks = quantized_blocks(_kquant(qtype, n, 512, seed=n)[0], qtype, (n, 512))
+    else:
+        blocks = quantize(_weight(n, 512, seed=n), kind)
+    tiles_only = blocks.with_gemm_tiles().without_blocks()
+    assert not tiles_only.has_blocks and tiles_only.shape == blocks.shape
+    assert tiles_only.nbytes == sum(t.numel() * t.element_size() for t in tiles_only.gemm.tensors() if t is not None)
+    restored = tiles_only.restored()
+    for original, back in zip(blocks._tensors(), restored._tensors()):
+        assert (original is None and back is None) or (back.dtype == original.dtype and torch.equal(back, original))
+    assert torch.equal(tiles_only.dequantize(), blocks.dequantize())
+    rows = torch.tensor([2, 0, n - 1])
+    assert torch.equal(tiles_only.select_rows(rows).dequantize(), blocks.dequantize()[rows])
+
+
 @needs_kernels
 def test_parts_of_two_kinds_stack_as_one_gemm_per_run_of_a_kind():
     (q_data, q_file), (k_data, k_file), (v_data, v_file) = (

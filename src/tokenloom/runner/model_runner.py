@@ -21,7 +21,7 @@ from tokenloom.config import ModelArchConfig
 from tokenloom.model.layers.attention import kv_row_width
 from tokenloom.request import Logprob, PositionLogprobs
 from tokenloom.runner.block_table import BlockTable
-from tokenloom.runner.host_allocator import keep_freed_memory
+from tokenloom.runner.host_allocator import keep_freed_memory, release_freed_memory
 from tokenloom.runner.inputs import ModelInputs, PromptLogprobsSlice, prepare_inputs
 from tokenloom.sample import Sampler, SamplerOutput, build_sampling_metadata, compute_prompt_logprobs
 from tokenloom.sample.metadata import AllowedTokens, DraftSamples
@@ -48,6 +48,7 @@ class ModelRunner:
         # Rows for more sequences than one step holds: n > 1 siblings and preempted ones come and go.
         self.block_table = BlockTable(2 * max_num_seqs, -(-max_len // block_size), device)
         if self.device.type == "cpu":
+            release_freed_memory()  # what loading freed (blocks, once their tiles were built) goes back
             keep_freed_memory()  # activations are reused from step to step, not faulted in again
         shape = (num_blocks, block_size, model.shard.num_kv_heads, kv_row_width(arch.head_dim, kv_cache_dtype))
         # Not zeroed: attention reads only slots written by this step or earlier ones

@@ -100,6 +100,7 @@ class QuantizedWeight:
     super_scales: torch.Tensor | None = None
     super_mins: torch.Tensor | None = None
     gemm: GemmTiles | None = None  # what ``matmul`` runs on (with_gemm_tiles)
+    has_blocks: bool = True  # False: the tiles alone (without_blocks)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -115,14 +116,56 @@ class QuantizedWeight:
     def _tensors(self) -> list[torch.Tensor | None]:
         return [self.qweight, self.scales, self.mins, self.super_scales, self.super_mins]
 
+    def held_tensors(self) -> list[torch.Tensor]:
+        """Every tensor this weight holds: the blocks and, when built, the GEMM tiles."""
+        tensors = (self._tensors() if self.has_blocks else []) + (self.gemm.tensors() if self.gemm is not None else [])
+        return [t for t in tensors if t is not None]
+
+    def without_blocks(self) -> QuantizedWeight:
+        """The GEMM tiles alone, all ``matmul`` reads: the blocks they were built from are
+        dropped (they hold the same bytes again), so a loaded model holds its quantized
+        weights once. The tiles are a permutation of the blocks, so ``dequantize`` and
+        ``select_rows`` still work, on blocks rebuilt for the call (``restored``)."""
+        if self.gemm is None:
+            raise ValueError("without_blocks() would leave nothing to multiply by: build the GEMM tiles first")
+        # Zero-stride stand-ins of one element keep each tensor's shape (``shape`` reads it).
+        stubs = [None if t is None else t.new_zeros(()).expand(t.shape) for t in self._tensors()]
+        return QuantizedWeight(self.kind, *stubs, gemm=self.gemm, has_blocks=False)
+
+    def restored(self) -> QuantizedWeight:
+        """This weight with its blocks: rebuilt from the GEMM tiles, exactly, if they were dropped."""
+        if self.has_blocks:
+            return self
+        n, k = self.shape
+        nb, g = k // BLOCK, self.gemm
+        num_tiles = g.tiles.shape[0]
+        rows = lambda t: t.transpose(1, 2).reshape(num_tiles * 8, t.shape[1])[:n].contiguous()  # noqa: E731 (by_tile undone)
+        if self.kind == "int8":
+            q = g.tiles.view(num_tiles, nb, 8, 8, 4).permute(0, 3, 1, 2, 4).reshape(num_tiles * 8, k)[:n]
+            return QuantizedWeight("int8", q.contiguous(), rows(g.scales), None)
+        nibbles = _untiled_nibbles(g.tiles[..., :128])[:n]  # [n, K/32, 32]: int4, q4_k; q6_k's low bits
+        if self.kind == "int4":
+            return QuantizedWeight("int4", _packed_nibbles(nibbles), rows(g.scales), rows(g.mins))
+        if self.kind == "q4_k":
+            return QuantizedWeight("q4_k", _packed_nibbles(nibbles), rows(g.tiles[..., 128:136]),
+                                   rows(g.tiles[..., 136:144]), rows(g.super_scales), rows(-g.super_mins))
+        high = g.tiles[..., 128:].reshape(num_tiles, nb, 2, 8, 4).permute(0, 3, 1, 2, 4)  # [tile, column, block, g, r]
+        shifts = torch.tensor([[4, 6], [0, 2]], dtype=torch.uint8).view(2, 2, 1)
+        top = (high[..., None, None, :] >> shifts) & 3  # [tile, column, block, g, pp, h, r]
+        q = nibbles | (top.reshape(num_tiles * 8, nb, BLOCK)[:n] << 4)
+        scales = g.scales.view(num_tiles, nb, 2, 8).permute(0, 3, 1, 2).reshape(num_tiles * 8, nb * 2)[:n]
+        return QuantizedWeight("q6_k", q.reshape(n, k).contiguous(), scales.contiguous(), None,
+                               rows(g.super_scales))
+
     @property
     def nbytes(self) -> int:
         """Memory held: the blocks and, when built, the GEMM tiles."""
-        tensors = self._tensors() + (self.gemm.tensors() if self.gemm is not None else [])
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return sum(t.numel() * t.element_size() for t in self.held_tensors())
 
     def with_gemm_tiles(self) -> QuantizedWeight:
         """This weight with its ``GemmTiles`` too."""
+        if self.gemm is not None:
+            return self
         n, k = self.shape
         nb, num_tiles = k // BLOCK, -(-n // 8)
         pad = num_tiles * 8 - n  # zero columns: weight 0, scale 0, min 0
@@ -158,6 +201,8 @@ class QuantizedWeight:
 
     def dequantize(self) -> torch.Tensor:
         """The f32 weight these blocks stand for, [N, K]."""
+        if not self.has_blocks:
+            return self.restored().dequantize()
         n, k = self.shape
         if self.kind == "int8":
             return (self.qweight.float().view(n, k // BLOCK, BLOCK) * self.scales.float()[..., None]).view(n, k)
@@ -175,7 +220,7 @@ class QuantizedWeight:
     def select_rows(self, index: torch.Tensor) -> QuantizedWeight:
         """Rows ``index`` of the weight (a permutation or subset), exactly; without
         GEMM tiles (``with_gemm_tiles`` builds them for the result)."""
-        rows = [None if t is None else t[index].contiguous() for t in self._tensors()]
+        rows = [None if t is None else t[index].contiguous() for t in self.restored()._tensors()]
         return QuantizedWeight(self.kind, *rows)
 
 
@@ -199,6 +244,9 @@ class StackedWeight:
     def gemm(self) -> tuple[GemmTiles, ...] | None:
         return None if any(p.gemm is None for p in self.parts) else tuple(p.gemm for p in self.parts)
 
+    def held_tensors(self) -> list[torch.Tensor]:
+        return [t for p in self.parts for t in p.held_tensors()]
+
     @property
     def nbytes(self) -> int:
         return sum(p.nbytes for p in self.parts)
@@ -208,6 +256,9 @@ class StackedWeight:
 
     def with_gemm_tiles(self) -> StackedWeight:
         return StackedWeight(tuple(p.with_gemm_tiles() for p in self.parts))
+
+    def without_blocks(self) -> StackedWeight:
+        return StackedWeight(tuple(p.without_blocks() for p in self.parts))
 
     def dequantize(self) -> torch.Tensor:
         return torch.cat([p.dequantize() for p in self.parts])
@@ -234,13 +285,26 @@ def _nibble_tiles(nibbles: torch.Tensor, num_tiles: int) -> torch.Tensor:
     return packed.permute(0, 2, 3, 1, 4).contiguous().view(num_tiles, nb, 128)
 
 
+def _untiled_nibbles(tiles: torch.Tensor) -> torch.Tensor:
+    """``_nibble_tiles`` undone: [num_tiles, K/32, 128] tile bytes -> [8 num_tiles, K/32, 32] values."""
+    num_tiles, nb = tiles.shape[:2]
+    packed = tiles.reshape(num_tiles, nb, 4, 8, 4).permute(0, 3, 1, 2, 4)  # [tile, column, block, group, r]
+    return torch.stack([packed & 0x0F, packed >> 4], dim=-2).reshape(num_tiles * 8, nb, BLOCK)
+
+
+def _packed_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
+    """[N, K/32, 32] values below 16 -> the int4 blocks' bytes [N, K/2] (byte j: weights j, j + 16)."""
+    n, nb, _ = nibbles.shape
+    return (nibbles[..., :BLOCK // 2] | (nibbles[..., BLOCK // 2:] << 4)).reshape(n, nb * BLOCK // 2).contiguous()
+
+
 def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
     """Stack same-kind weights along N (a fused q/k/v or gate/up projection);
     without GEMM tiles, as ``select_rows``."""
     kind = parts[0].kind
     if any(p.kind != kind for p in parts):
         raise ValueError("cannot fuse weights quantized differently")
-    columns = zip(*(p._tensors() for p in parts))
+    columns = zip(*(p.restored()._tensors() for p in parts))
     return QuantizedWeight(kind, *(None if c[0] is None else torch.cat(c) for c in columns))
 
 

@@ -107,9 +107,10 @@ def _iter_weights(file: GGUFFile, config: ModelArchConfig, dtype: torch.dtype,
                   device: torch.device | str, keep_blocks: bool, shard: TPShard,
                   ) -> Iterator[tuple[ParamTarget, torch.Tensor | QuantizedWeight, QuantizedWeight | None]]:
     """(target, weight, the quantized blocks the kernels take if ``keep_blocks``), of
-    ``shard``'s part of each tensor. The weight is dense, or, for a projection with
-    blocks, the blocks themselves: no dense copy is made of what the kernels will
-    run (see ``load_weights``)."""
+    ``shard``'s part of each tensor. The weight is dense, or the blocks themselves for
+    a projection with blocks and for an embedding stored in a kind the kernels take
+    (lookups then read its rows from the blocks): no dense copy is made of what
+    runs on blocks (see ``load_weights``)."""
     heads_of_shard = {"q": shard.num_heads, "k": shard.num_kv_heads}  # the heads this rank holds
     permuted = config.architecture in _PERMUTED_ARCHS
     for tensor in file.tensors:
@@ -121,9 +122,7 @@ def _iter_weights(file: GGUFFile, config: ModelArchConfig, dtype: torch.dtype,
         projection = _is_projection(target)
         blocks = quantized_blocks(data, qtype, shape) if keep_blocks else None
         weight = None
-        if blocks is not None and not projection:  # the embedding: its values, from the blocks already read
-            weight = blocks.dequantize().to(device=device, dtype=dtype)
-        elif blocks is None:
+        if blocks is None:
             weight = dequantize_tensor(data, qtype, shape, dtype, device)
             if keep_blocks:
                 blocks = requantized_blocks(qtype, shape, weight)
@@ -133,7 +132,8 @@ def _iter_weights(file: GGUFFile, config: ModelArchConfig, dtype: torch.dtype,
             if blocks is not None:
                 rows = unpermute_qk(torch.arange(shape[0]), heads_of_shard[target.shard])
                 blocks = blocks.select_rows(rows)
-        yield target, blocks if blocks is not None and projection else weight, blocks
+        # Requantized blocks stand in for a projection only: an embedding keeps the file's values.
+        yield target, blocks if blocks is not None and (projection or weight is None) else weight, blocks
 
 
 def _shard_data(tensor: GGUFTensor, cut: tuple[int, int, int] | None) -> tuple[np.ndarray, tuple[int, ...]]:
