@@ -195,3 +195,13 @@ def test_startup_errors_are_one_clear_line(tmp_path, tiny_checkpoint):
 def test_a_kv_cache_larger_than_the_memory_is_refused_with_both_numbers(tiny_checkpoint):
     line = _startup_failure("serve", str(tiny_checkpoint.hf_dir), "--kv-cache-memory", "100000")
     assert "100000.0 GiB" in line and "GiB of memory is available" in line and "--kv-cache-memory" in line
+
+
+def test_tensor_parallel_ranks_that_cannot_meet_are_one_clear_line(tiny_checkpoint):
+    with socket.socket() as taken:  # the rendezvous port is in use by something else
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        line = _startup_failure("serve", str(tiny_checkpoint.hf_dir), "-tp", "2", "--distributed-init-method",
+                                f"tcp://127.0.0.1:{port}")
+    assert f"the tensor-parallel ranks could not meet at tcp://127.0.0.1:{port}" in line and "in use" in line

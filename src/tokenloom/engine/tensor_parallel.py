@@ -288,6 +288,8 @@ class TensorParallel:
         while thread.is_alive():
             self.check_health()
             thread.join(timeout=0.1)
+        if isinstance(joined[0], RuntimeError):  # torch.distributed's DistNetworkError, DistStoreError, ...
+            raise OSError(f"the tensor-parallel ranks could not meet at {here.init_method}: {joined[0]}") from joined[0]
         if isinstance(joined[0], BaseException):
             raise joined[0]
         return joined[0]
