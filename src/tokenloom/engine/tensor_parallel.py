@@ -180,7 +180,7 @@ def run_worker(config: EngineConfig, here: RankPlacement) -> None:
     device = rank_device(config, here.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    group = ProcessTPGroup(here.init_method, here.rank, config.parallel.tensor_parallel_size, device)
+    group = join_group(here, config.parallel.tensor_parallel_size, device)
     try:
         m = config.model
         torch.manual_seed(m.seed)
@@ -279,7 +279,7 @@ class TensorParallel:
 
         def join() -> None:
             try:
-                joined.append(ProcessTPGroup(here.init_method, 0, self.size, device))
+                joined.append(join_group(here, self.size, device))
             except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
                 joined.append(exc)
 
@@ -288,11 +288,18 @@ class TensorParallel:
         while thread.is_alive():
             self.check_health()
             thread.join(timeout=0.1)
-        if isinstance(joined[0], RuntimeError):  # torch.distributed's DistNetworkError, DistStoreError, ...
-            raise OSError(f"the tensor-parallel ranks could not meet at {here.init_method}: {joined[0]}") from joined[0]
         if isinstance(joined[0], BaseException):
             raise joined[0]
         return joined[0]
+
+
+def join_group(here: RankPlacement, size: int, device: torch.device) -> ProcessTPGroup:
+    """This process's place in the group; OSError (one clear line at startup) where the
+    ranks cannot meet: a port in use, node 0 out of reach within the timeout."""
+    try:
+        return ProcessTPGroup(here.init_method, here.rank, size, device)
+    except RuntimeError as exc:  # torch.distributed's DistNetworkError, DistStoreError, ...
+        raise OSError(f"the tensor-parallel ranks could not meet at {here.init_method}: {exc}") from exc
 
 
 _WORKER_MAIN = "import sys; from tokenloom.engine.tensor_parallel import worker_main; worker_main(int(sys.argv[1]))"
