@@ -165,16 +165,19 @@ class LocalRanks:
         code = process.wait()
         if self._stopping or self.failure is not None:
             return
-        with open(self._error_pipes[rank], closefd=False) as pipe:
-            error = pipe.read().strip()
+        try:
+            with open(self._error_pipes[rank], closefd=False) as pipe:
+                error = pipe.read().strip()
+        except (OSError, KeyError):  # shut down meanwhile: the pipe is closed
+            error = ""
         self.failure = (f"tensor-parallel rank {rank} (pid {process.pid}) exited with code {code}"
                         + (f": {error.splitlines()[-1]}" if error else ""))
         logger.error("%s", self.failure)
 
 
 def run_worker(config: EngineConfig, here: RankPlacement) -> None:
-    """A rank other than 0, until rank 0 says stop (or goes away). ``config`` has its
-    device, dtype and quantization resolved (rank 0's)."""
+    """A rank other than 0, until rank 0 says stop (or goes away). Its "auto" device,
+    dtype and quantization resolve as rank 0's do (a local rank gets them resolved)."""
     config = dataclasses.replace(config, model=resolve_device_defaults(config.model, torch.cuda.is_available()))
     split_threads(config)
     device = rank_device(config, here.local_rank)
