@@ -474,8 +474,7 @@ def _kv_caches(config: EngineConfig, arch: ModelArchConfig, kv_dtype: torch.dtyp
     tensor-parallel rank's (its own kv heads; the ranks share the machine's memory), on
     CUDA the largest rank's (each GPU holds one); and the draft model's."""
     size = config.parallel.tensor_parallel_size
-    per_rank = [dataclasses.replace(arch, num_key_value_heads=tp_shard(arch, size, r).num_kv_heads)
-                for r in range(size)]
+    per_rank = [_rank_arch(arch, size, r) for r in range(size)]
     if torch.device(config.model.device).type == "cuda":
         per_rank = [max(per_rank, key=lambda a: a.num_key_value_heads)]
     return [(a, kv_dtype) for a in per_rank] + ([(draft.arch, draft.kv_dtype)] if draft is not None else [])
@@ -508,9 +507,14 @@ def _log_tensor_parallel(arch: ModelArchConfig, reports: list[RankReport], cache
     size = len(reports)
     for report in reports:
         shard = tp_shard(arch, size, report.rank)
-        rank_arch = dataclasses.replace(arch, num_key_value_heads=shard.num_kv_heads)
         logger.info("tensor parallel rank %d/%d on %s: q heads %d-%d, kv heads %d-%d, intermediate rows %d-%d, "
                     "vocabulary %d-%d; weights %.2f GiB, KV cache %.2f GiB", report.rank, size, report.device,
                     shard.q_heads[0], shard.q_heads[1] - 1, shard.kv_heads[0], shard.kv_heads[1] - 1,
                     shard.intermediate[0], shard.intermediate[1] - 1, shard.vocab[0], shard.vocab[1] - 1,
-                    report.weights_bytes / GiB, _kv_cache_bytes(rank_arch, cache, kv_dtype, cache.num_blocks) / GiB)
+                    report.weights_bytes / GiB,
+                    _kv_cache_bytes(_rank_arch(arch, size, report.rank), cache, kv_dtype, cache.num_blocks) / GiB)
+
+
+def _rank_arch(arch: ModelArchConfig, size: int, rank: int) -> ModelArchConfig:
+    """``arch`` as one tensor-parallel rank's KV cache sees it: its own kv heads."""
+    return dataclasses.replace(arch, num_key_value_heads=tp_shard(arch, size, rank).num_kv_heads)
