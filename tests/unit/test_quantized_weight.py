@@ -66,15 +66,15 @@ def _kquant(qtype: QType, n: int, k: int, seed: int = 0) -> tuple[np.ndarray, to
 
 @pytest.mark.parametrize(("qtype", "kind"), [(QType.Q4_K, "q4_k"), (QType.Q6_K, "q6_k")])
 def test_k_quant_blocks_hold_exactly_the_files_weights(qtype, kind):
-    data, file_weights = _kquant(qtype, 24, 512)
-    blocks = quantized_blocks(data, qtype, (24, 512))
-    assert blocks.kind == kind and blocks.shape == (24, 512)
+    data, file_weights = _kquant(qtype, 32, 512)
+    blocks = quantized_blocks(data, qtype, (32, 512))
+    assert blocks.kind == kind and blocks.shape == (32, 512)
     assert torch.equal(blocks.dequantize(), file_weights)  # value for value, as llama.cpp computes them
-    assert torch.equal(dequantize_tensor(data, qtype, (24, 512), torch.float32, "cpu"), file_weights)
+    assert torch.equal(dequantize_tensor(data, qtype, (32, 512), torch.float32, "cpu"), file_weights)
     # What the GEMMs read per weight: Q6_K's 6.5625 bits; Q4_K's 4.5 and its 6-bit scales
     # and mins a byte each (4.625).
     tiles = blocks.with_gemm_tiles().gemm.tensors()
-    bits = sum(t.numel() * t.element_size() for t in tiles if t is not None) * 8 / (24 * 512)
+    bits = sum(t.numel() * t.element_size() for t in tiles if t is not None) * 8 / (32 * 512)
     assert bits == {"q4_k": 4.625, "q6_k": 6.5625}[kind]
 
 
@@ -126,7 +126,7 @@ def test_parts_of_two_kinds_stack_as_one_gemm_per_run_of_a_kind():
 def test_q6_k_gemm_tiles_hold_low_nibbles_then_top_bits_per_half_block():
     data, _ = _kquant(QType.Q6_K, 13, 512)
     q = quantized_blocks(data, QType.Q6_K, (13, 512))
-    tiles = q.with_gemm_tiles().gemm
+    tiles = q.with_gemm_tiles().gemm.by_tile()
     assert tiles.tiles.shape == (2, 16, 192) and tiles.scales.shape == (2, 16, 16) and tiles.scales.dtype == torch.int8
     assert tiles.super_scales.shape == (2, 2, 8) and tiles.mins is None and tiles.super_mins is None
     values = q.qweight.view(13, 16, 32)  # [n, block, weight] in 0..63
@@ -230,7 +230,7 @@ def test_a_quantized_copy_takes_every_batch_and_no_copy_means_the_dense_weight()
 def test_gemm_tiles_lay_out_8_columns_x_4_weights_per_32_bit_lane():
     w = _weight(13, 64)  # 13 columns: the second tile is padded with 3 zero columns
     q = quantize(w, "int4")
-    tiles = q.with_gemm_tiles().gemm
+    tiles = q.with_gemm_tiles().gemm.by_tile()
     assert tiles.tiles.shape == (2, 2, 128) and tiles.scales.shape == tiles.mins.shape == (2, 2, 8)
     nibbles = torch.cat([q.qweight.view(13, 2, 16) & 0x0F, q.qweight.view(13, 2, 16) >> 4], -1)  # [n, b, 32]
     for n, b, p, r in [(0, 0, 0, 0), (5, 1, 2, 3), (12, 1, 3, 1), (9, 0, 1, 2)]:
@@ -240,9 +240,29 @@ def test_gemm_tiles_lay_out_8_columns_x_4_weights_per_32_bit_lane():
     assert (tiles.tiles[1, :, 20:32] == 0).all() and (tiles.scales[1, :, 5:] == 0).all()  # padded columns
 
 
+@pytest.mark.parametrize("kind", ["int4", "int8", "q4_k", "q6_k"])
+def test_gemm_tiles_are_stored_as_pairs_side_by_side_per_block(kind):
+    if kind in ("q4_k", "q6_k"):
+        qtype = QType.Q4_K if kind == "q4_k" else QType.Q6_K
+        q = quantized_blocks(_kquant(qtype, 40, 512)[0], qtype, (40, 512))
+    else:
+        q = quantize(_weight(40, 64), kind)
+    paired, by_tile = q.with_gemm_tiles().gemm, q.with_gemm_tiles().gemm.by_tile()
+    for stored, tiles in zip(paired.tensors(), by_tile.tensors()):
+        if stored is None:
+            assert tiles is None
+            continue
+        assert tiles.shape[0] == 6 and stored.shape == (3, tiles.shape[1], 2 * tiles.shape[2])  # 40 columns: 48
+        width = tiles.shape[2]
+        for pair, x in [(0, 0), (1, tiles.shape[1] - 1), (2, tiles.shape[1] // 2)]:
+            assert torch.equal(stored[pair, x, :width], tiles[2 * pair, x])
+            assert torch.equal(stored[pair, x, width:], tiles[2 * pair + 1, x])
+    assert (by_tile.tiles[5] == 0).all()  # columns 40-47: a whole padded tile
+
+
 def test_int8_gemm_tiles_lay_out_8_columns_x_4_weights_per_32_bit_lane():
     q = quantize(_weight(13, 64), "int8")
-    tiles = q.with_gemm_tiles().gemm
+    tiles = q.with_gemm_tiles().gemm.by_tile()
     assert tiles.tiles.shape == (2, 2, 256) and tiles.tiles.dtype == torch.int8 and tiles.mins is None
     assert tiles.scales.shape == (2, 2, 8)
     blocks = q.qweight.view(13, 2, 32)

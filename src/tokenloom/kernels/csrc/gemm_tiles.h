@@ -39,11 +39,11 @@ void q4_gemm_tile(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w,
       for (int j = 0; j < NR; ++j)
         for (int c = 0; c < C; ++c) acc[i][j][c] = _mm256_setzero_si256();
     constexpr int64_t stride = Scales::kBlockBytes;
-    for (int j = 0; j < NR; ++j) prefetch_ahead(w.q + ((t + j) * nb + b) * stride, stride);
+    prefetch_ahead(w, t, b, stride);
     for (int p = 0; p < 4; ++p) {
       __m256i raw[NR];
       for (int j = 0; j < NR; ++j)
-        raw[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.q + ((t + j) * nb + b) * stride + 32 * p));
+        raw[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.q + at_pair(t + j, b, nb) * stride + 32 * p));
       for (int half = 0; half < 2; ++half) {  // low nibbles: weights 8p..8p+3, high: 8p+4..8p+7
         __m256i wq[NR];
         for (int j = 0; j < NR; ++j) wq[j] = _mm256_and_si256(half ? _mm256_srli_epi16(raw[j], 4) : raw[j], mask);
@@ -89,8 +89,8 @@ void q8_gemm_tile(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w,
     __m256i acc[MR][C];
     for (int i = 0; i < MR; ++i)
       for (int c = 0; c < C; ++c) acc[i][c] = _mm256_setzero_si256();
-    const uint8_t* block = w.q + (t * nb + b) * kQ8TileBytes;
-    prefetch_ahead(block, kQ8TileBytes);
+    const uint8_t* block = w.q + at_pair(t, b, nb) * kQ8TileBytes;
+    prefetch_ahead(w, t, b, kQ8TileBytes);
     for (int p = 0; p < 8; ++p) {
       const __m256i wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * p));
       const __m256i wabs = _mm256_sign_epi8(wq, wq);
@@ -99,7 +99,7 @@ void q8_gemm_tile(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w,
         acc[i][p % C] = Dot::bytes(acc[i][p % C], wabs, _mm256_sign_epi8(xb, wq));
       }
     }
-    const __m256 dw = load_halves(w.scales + (t * nb + b) * kTileCols);
+    const __m256 dw = load_halves(w.scales + at_pair(t, b, nb) * kTileCols);
     for (int i = 0; i < MR; ++i) {
       const __m256 dots = _mm256_mul_ps(_mm256_cvtepi32_ps(sum_chains(acc[i])), _mm256_set1_ps(xr.d[(r + i) * nb + b]));
       out[i][0] = _mm256_fmadd_ps(dots, dw, out[i][0]);
@@ -142,10 +142,10 @@ void q6_gemm_tile(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w,
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* block[NR];
     __m256 d[NR];
+    prefetch_ahead(w, t, b, kQ6TileBytes);
     for (int j = 0; j < NR; ++j) {
-      block[j] = w.q + ((t + j) * nb + b) * kQ6TileBytes;
-      prefetch_ahead(block[j], kQ6TileBytes);
-      d[j] = load_halves(w.super_scales + ((t + j) * (nb / kSuperBlocks) + b / kSuperBlocks) * kTileCols);
+      block[j] = w.q + at_pair(t + j, b, nb) * kQ6TileBytes;
+      d[j] = load_halves(w.super_scales + at_pair(t + j, b / kSuperBlocks, nb / kSuperBlocks) * kTileCols);
     }
     __m256 first[MR][NR];  // the first half-block's scaled dot products
     for (int g = 0; g < 2; ++g) {
@@ -178,7 +178,7 @@ void q6_gemm_tile(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w,
       }
       // Both half-blocks share the block's d_x: scale each by d * sc, then the sum by d_x.
       for (int j = 0; j < NR; ++j) {
-        const int8_t* scales = reinterpret_cast<const int8_t*>(w.sub_scales) + ((t + j) * nb + b) * 2 * kTileCols;
+        const int8_t* scales = reinterpret_cast<const int8_t*>(w.sub_scales) + at_pair(t + j, b, nb) * 2 * kTileCols;
         const __m128i sc8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(scales + g * kTileCols));
         const __m256 scale = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc8)), d[j]);
         for (int i = 0; i < MR; ++i) {
@@ -259,27 +259,19 @@ struct Q8Tile {
   }
 };
 
-// y = x @ W^T over column tiles in pairs (the parallel loop), rows of x in
-// chunks of kRowChunk so that a chunk's int8 rows stay in cache while every
-// tile passes over them.
+// y = x @ W^T over the tile pairs (the parallel loop), rows of x in chunks of
+// kRowChunk so that a chunk's int8 rows stay in cache while every tile passes
+// over them.
 template <template <int, int> class Tile>
-at::Tensor tiled_gemm(const at::Tensor& x, const Tiles& w, int64_t num_tiles, int64_t N) {
+at::Tensor tiled_gemm(const at::Tensor& x, const Tiles& w, int64_t pairs, int64_t N) {
   const int64_t M = x.size(0), K = x.size(1);
   at::Tensor y = at::empty({M, N}, x.options());
   const QuantizedRows xr = quantize_rows(x.data_ptr<float>(), M, K);
   float* yp = y.data_ptr<float>();
-  const int64_t pairs = (num_tiles + 1) / 2;
   for (int64_t r0 = 0; r0 < M; r0 += kRowChunk) {
     const int64_t r1 = std::min(M, r0 + kRowChunk);
     at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t pair = begin; pair < end; ++pair) {
-        const int64_t t = 2 * pair;
-        if (t + 1 < num_tiles) {
-          GemmRows<2, Tile>::run(xr, r0, r1, K, w, t, yp, N);
-        } else {
-          GemmRows<1, Tile>::run(xr, r0, r1, K, w, t, yp, N);
-        }
-      }
+      for (int64_t pair = begin; pair < end; ++pair) GemmRows<2, Tile>::run(xr, r0, r1, K, w, 2 * pair, yp, N);
     });
   }
   return y;

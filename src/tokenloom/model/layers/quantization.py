@@ -49,7 +49,16 @@ _FOUR_BIT = ("int4", "q4_k")  # qweight holds two nibbles per byte
 
 @dataclass(frozen=True, slots=True)
 class GemmTiles:
-    """A weight laid out for the native GEMMs, N padded to a multiple of 8 (zero columns)::
+    """A weight laid out for the native GEMMs, N padded to a multiple of 16 (zero columns).
+
+    Each tensor is a tile layout ``[N/8, X, W]`` (below: tile of 8 columns, block
+    or super-block x, W bytes or values) stored as tile pairs, ``[N/16, X, 2 W]``:
+    tiles 2p and 2p + 1 side by side per x. The kernels take column tiles two at a
+    time and each thread a run of pairs, so that every tensor is read as one
+    forward stream; with the two tiles of a pair apart, a thread read two
+    streams that jumped to a new place every K/32 blocks, and one row's GEMM
+    (a decode step) reached 23-31 GB/s where one stream reaches 30-50
+    (docs/performance.md, "Tile pairs"). ``by_tile`` gives the tile layout back::
 
         tiles  int4: [N/8, K/32, 128] uint8: per 8 columns and block, 4 groups
                  of 32 bytes; byte 4c + r of group p holds column c's weight 8p + r
@@ -76,6 +85,15 @@ class GemmTiles:
     def tensors(self) -> list[torch.Tensor | None]:
         """The weight tensors of ``quant_gemm``, in its order."""
         return [self.tiles, self.scales, self.mins, self.super_scales, self.super_mins]
+
+    @classmethod
+    def in_pairs(cls, *by_tile: torch.Tensor | None) -> GemmTiles:
+        """Tensors in the tile layout [N/8, X, W] (N/8 even), stored as tile pairs."""
+        return cls(*(None if t is None else _paired(t) for t in by_tile))
+
+    def by_tile(self) -> GemmTiles:
+        """The same tensors in the tile layout [N/8, X, W] (copies)."""
+        return GemmTiles(*(None if t is None else _unpaired(t) for t in self.tensors()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +155,7 @@ class QuantizedWeight:
         if self.has_blocks:
             return self
         n, k = self.shape
-        nb, g = k // BLOCK, self.gemm
+        nb, g = k // BLOCK, self.gemm.by_tile()
         num_tiles = g.tiles.shape[0]
         rows = lambda t: t.transpose(1, 2).reshape(num_tiles * 8, t.shape[1])[:n].contiguous()  # noqa: E731 (by_tile undone)
         if self.kind == "int8":
@@ -167,21 +185,22 @@ class QuantizedWeight:
         if self.gemm is not None:
             return self
         n, k = self.shape
-        nb, num_tiles = k // BLOCK, -(-n // 8)
+        nb, num_tiles = k // BLOCK, 2 * -(-n // 16)
         pad = num_tiles * 8 - n  # zero columns: weight 0, scale 0, min 0
         padded = lambda t: torch.cat([t, t.new_zeros(pad, *t.shape[1:])]) if pad else t  # noqa: E731
         by_tile = lambda t: padded(t).view(num_tiles, 8, t.shape[1]).transpose(1, 2).contiguous()  # noqa: E731
         if self.kind == "int8":
             q = padded(self.qweight).view(num_tiles, 8, nb, 8, 4)  # [tile, column, block, group, r]: k = 4 group + r
             tiles = q.permute(0, 2, 3, 1, 4).contiguous().view(num_tiles, nb, 256)
-            return dataclasses.replace(self, gemm=GemmTiles(tiles, by_tile(self.scales)))
+            return dataclasses.replace(self, gemm=GemmTiles.in_pairs(tiles, by_tile(self.scales)))
         if self.kind == "int4":
             tiles = _nibble_tiles(padded(self._nibbles()), num_tiles)
-            return dataclasses.replace(self, gemm=GemmTiles(tiles, by_tile(self.scales), by_tile(self.mins)))
+            return dataclasses.replace(self, gemm=GemmTiles.in_pairs(tiles, by_tile(self.scales), by_tile(self.mins)))
         if self.kind == "q4_k":  # each block's sub-scales and sub-mins follow its nibbles
             blocks = [_nibble_tiles(padded(self._nibbles()), num_tiles), by_tile(self.scales), by_tile(self.mins)]
-            return dataclasses.replace(self, gemm=GemmTiles(torch.cat(blocks, dim=-1), None, None,
-                                                            by_tile(self.super_scales), by_tile(-self.super_mins)))
+            return dataclasses.replace(self, gemm=GemmTiles.in_pairs(torch.cat(blocks, dim=-1), None, None,
+                                                                     by_tile(self.super_scales),
+                                                                     by_tile(-self.super_mins)))
         q = padded(self.qweight).view(-1, nb, BLOCK)
         # [tile, column, block, half-block g, pair pp, half h, r]: weight 16g + 8pp + 4h + r;
         # its top bits at bits 4, 6, 0, 2 for (pp, h) = (0, 0), (0, 1), (1, 0), (1, 1)
@@ -191,8 +210,7 @@ class QuantizedWeight:
         high = high.permute(0, 2, 3, 1, 4).reshape(num_tiles, nb, 64)
         tiles = torch.cat([_nibble_tiles(q & 0x0F, num_tiles), high], dim=-1).contiguous()
         scales = padded(self.scales).view(num_tiles, 8, nb, 2).permute(0, 2, 3, 1).reshape(num_tiles, nb, 16)
-        return dataclasses.replace(self, gemm=GemmTiles(tiles, scales.contiguous(), None,
-                                                        by_tile(self.super_scales)))
+        return dataclasses.replace(self, gemm=GemmTiles.in_pairs(tiles, scales, None, by_tile(self.super_scales)))
 
     def _nibbles(self) -> torch.Tensor:
         n, k = self.shape
@@ -275,6 +293,18 @@ def stack_rows(parts: list[QuantizedWeight]) -> QuantizedWeight | StackedWeight:
             runs.append([part])
     stacked = [run[0] if len(run) == 1 else concat_rows(run) for run in runs]
     return stacked[0] if len(stacked) == 1 else StackedWeight(tuple(stacked))
+
+
+def _paired(t: torch.Tensor) -> torch.Tensor:
+    """[2P, X, W] in the tile layout -> [P, X, 2 W]: tiles 2p and 2p + 1 side by side per x."""
+    tiles, x, w = t.shape
+    return t.reshape(tiles // 2, 2, x, w).transpose(1, 2).reshape(tiles // 2, x, 2 * w).contiguous()
+
+
+def _unpaired(t: torch.Tensor) -> torch.Tensor:
+    """``_paired`` undone."""
+    pairs, x, w2 = t.shape
+    return t.reshape(pairs, x, 2, w2 // 2).transpose(1, 2).reshape(2 * pairs, x, w2 // 2)
 
 
 def _nibble_tiles(nibbles: torch.Tensor, num_tiles: int) -> torch.Tensor:
