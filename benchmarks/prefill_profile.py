@@ -26,6 +26,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256)
     args = parser.parse_args()
     llm = LLM(args.model, enable_prefix_caching=False)
+    # The per-layer path (the same kernels, issued from Python), so that each GEMM is timed
+    # apart; ``decoder_stack`` runs them all in one native call.
+    llm.engine.runner.model.model.decode_stack = None
     prompt = {"prompt_token_ids": [100 + i % 1000 for i in range(args.tokens)]}
     llm.generate([prompt], SamplingParams(max_tokens=1))  # warm-up
 

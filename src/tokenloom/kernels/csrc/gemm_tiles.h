@@ -70,39 +70,43 @@ void q4_gemm_tile(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w,
   store_tile(out, r, t, y, N);
 }
 
-// The same for int8 weights (Q8_0), one column tile at a time: tiles
-// [N/8, K/32, 256] int8, per 8 columns and block 8 groups of 32 bytes, byte
+// The same for int8 weights (Q8_0): tiles [N/8, K/32, 256] int8, per 8 columns and block 8 groups of 32 bytes, byte
 // 4c + r of group p holding column c's weight 4p + r; no mins. maddubs wants
 // one unsigned operand, so it multiplies |w| by x carrying w's sign (llama.cpp's
 // trick for signed x signed). A pair of products (up to 2 x 127 x 127) fills an
 // int16, so each maddubs is widened to int32 at once (madd by ones) rather than
-// summed over the block in int16. One column tile at a time (Q8Tile: AVX-512
-// takes pairs on 512-bit registers instead).
-template <int MR>
+// summed over the block in int16. (Q8Tile: AVX-512 takes pairs on 512-bit
+// registers instead.)
+template <int MR, int NR>
 void q8_gemm_tile(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w, int64_t t, float* y, int64_t N) {
   const int64_t nb = w.nb;
-  __m256 out[MR][1];
-  for (int i = 0; i < MR; ++i) out[i][0] = _mm256_setzero_ps();
+  __m256 out[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) out[i][j] = _mm256_setzero_ps();
   const int8_t* xq = xr.q.data() + r * K;
   constexpr int C = chains<MR>();
   for (int64_t b = 0; b < nb; ++b) {
-    __m256i acc[MR][C];
+    __m256i acc[MR][NR][C];
     for (int i = 0; i < MR; ++i)
-      for (int c = 0; c < C; ++c) acc[i][c] = _mm256_setzero_si256();
-    const uint8_t* block = w.q + at_pair(t, b, nb) * kQ8TileBytes;
+      for (int j = 0; j < NR; ++j)
+        for (int c = 0; c < C; ++c) acc[i][j][c] = _mm256_setzero_si256();
     prefetch_ahead(w, t, b, kQ8TileBytes);
     for (int p = 0; p < 8; ++p) {
-      const __m256i wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * p));
-      const __m256i wabs = _mm256_sign_epi8(wq, wq);
-      for (int i = 0; i < MR; ++i) {
-        const __m256i xb = broadcast4(xq + i * K + b * kBlock + 4 * p);
-        acc[i][p % C] = Dot::bytes(acc[i][p % C], wabs, _mm256_sign_epi8(xb, wq));
+      for (int j = 0; j < NR; ++j) {
+        const __m256i wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.q + at_pair(t + j, b, nb) * kQ8TileBytes + 32 * p));
+        const __m256i wabs = _mm256_sign_epi8(wq, wq);
+        for (int i = 0; i < MR; ++i) {
+          const __m256i xb = broadcast4(xq + i * K + b * kBlock + 4 * p);
+          acc[i][j][p % C] = Dot::bytes(acc[i][j][p % C], wabs, _mm256_sign_epi8(xb, wq));
+        }
       }
     }
-    const __m256 dw = load_halves(w.scales + at_pair(t, b, nb) * kTileCols);
-    for (int i = 0; i < MR; ++i) {
-      const __m256 dots = _mm256_mul_ps(_mm256_cvtepi32_ps(sum_chains(acc[i])), _mm256_set1_ps(xr.d[(r + i) * nb + b]));
-      out[i][0] = _mm256_fmadd_ps(dots, dw, out[i][0]);
+    for (int j = 0; j < NR; ++j) {
+      const __m256 dw = load_halves(w.scales + at_pair(t + j, b, nb) * kTileCols);
+      for (int i = 0; i < MR; ++i) {
+        const __m256 dots = _mm256_mul_ps(_mm256_cvtepi32_ps(sum_chains(acc[i][j])), _mm256_set1_ps(xr.d[(r + i) * nb + b]));
+        out[i][j] = _mm256_fmadd_ps(dots, dw, out[i][j]);
+      }
     }
   }
   store_tile(out, r, t, y, N);
@@ -233,18 +237,15 @@ using Q4Tile = Q4Tiles<Q4Scales>::Tile<MR, NR>;
 template <int MR, int NR>
 using Q4KTile = Q4Tiles<Q4KScales>::Tile<MR, NR>;
 
-// q6_k tiles take two column tiles at once where the ISA has 32 vector registers
-// (Dot::kPairs), else one at a time (16 registers: their int32 accumulators and
-// outputs would not fit; measured slower); int8 ones a pair on 512-bit registers
-// (Dot::kWide), else one at a time.
+// q6_k tiles take both tiles of a pair per block on every ISA, int8 ones on
+// 512-bit registers where the ISA has them (Dot::kWide). One tile at a time, on
+// AVX2's 16 registers, spilled less but read a pair's blocks in two passes:
+// with tile pairs (GemmTiles) that measured 25-45% slower at one row and 6-14%
+// slower at 3-256 rows.
 template <int MR, int NR>
 struct Q6Tile {
   static void run(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w, int64_t t, float* y, int64_t N) {
-    if constexpr (Dot::kPairs) {
-      q6_gemm_tile<MR, NR>(xr, r, K, w, t, y, N);
-    } else {
-      for (int j = 0; j < NR; ++j) q6_gemm_tile<MR, 1>(xr, r, K, w, t + j, y, N);
-    }
+    q6_gemm_tile<MR, NR>(xr, r, K, w, t, y, N);
   }
 };
 
@@ -254,7 +255,7 @@ struct Q8Tile {
     if constexpr (Dot::kWide && NR == 2) {
       q8_gemm_pair_wide<MR>(xr, r, K, w, t, y, N);
     } else {
-      for (int j = 0; j < NR; ++j) q8_gemm_tile<MR>(xr, r, K, w, t + j, y, N);
+      q8_gemm_tile<MR, NR>(xr, r, K, w, t, y, N);
     }
   }
 };

@@ -230,7 +230,6 @@ inline void store_tile(const __m256 (&out)[MR][NR], int64_t r, int64_t t, float*
 
 // The integer dot-product steps of each instruction set (see gemm_tiles.h).
 struct Avx2Dot {
-  static constexpr bool kPairs = false;  // 16 vector registers
   static constexpr bool kWide = false;   // no 512-bit registers
   // maddubs: pairs of u8 x s8 products summed into int16 lanes; a block's 8 steps of
   // nibbles (at most 2 x 15 x 127 each: 30480 in all) stay within int16.
@@ -261,7 +260,6 @@ void q8_gemm_pair_wide(const QuantizedRows& xr, int64_t r, int64_t K, const Tile
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
 struct VnniDot {
-  static constexpr bool kPairs = true;  // AVX-512 VL: 32 vector registers
   static constexpr bool kWide = true;   // 4-bit and int8 tile pairs on 512-bit registers (*_pair_wide)
   static inline __m256i nibbles(__m256i acc, __m256i w, __m256i x) { return _mm256_dpbusd_epi32(acc, w, x); }
   static inline __m256i nibble_sums(__m256i acc) { return acc; }
