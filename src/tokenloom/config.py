@@ -117,16 +117,29 @@ class CacheConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
 
+# The token budget of one step where the user gives none, per device type: vLLM's
+# 2048 on a GPU. On the CPU a step of prompt tokens is compute-bound and slow (a 1B
+# model prefills ~250 tokens/s on 2 cores), and every sequence in the step gets its
+# next token only when the whole step ends: 2048 prompt tokens kept every first
+# token of 8 concurrent 256-token prompts waiting 8 s, and every running stream
+# stalled as long. 512 (llama.cpp's micro-batch) lets prompts finish in turn and
+# streams go on between chunks, at no cost in throughput (docs/performance.md,
+# "A step's token budget on the CPU").
+DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cuda": 2048, "cpu": 512}
+
+
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
-    """One token budget per step; FCFS admission."""
+    """One token budget per step; FCFS admission. ``max_num_batched_tokens`` None: the
+    device's default (``DEFAULT_MAX_NUM_BATCHED_TOKENS``, made concrete by
+    ``resolve_scheduler_defaults``)."""
 
-    max_num_batched_tokens: int = 2048
+    max_num_batched_tokens: int | None = None
     max_num_seqs: int = 256
     max_model_len: int = 2048  # resolved from ModelConfig + model + cache
 
     def validate(self) -> None:
-        if self.max_num_batched_tokens < 1:
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be >= 1")
@@ -285,6 +298,14 @@ def resolve_device_defaults(model: ModelConfig, cuda_available: bool) -> ModelCo
     dtype = model.dtype if model.dtype != "auto" else ("bfloat16" if on_cuda else "float32")
     quantization = "none" if on_cuda and model.quantization == "auto" else model.quantization
     return dataclasses.replace(model, device=device, dtype=dtype, quantization=quantization)
+
+
+def resolve_scheduler_defaults(scheduler: SchedulerConfig, device: str) -> SchedulerConfig:
+    """A new config with the device's token budget where none was given."""
+    if scheduler.max_num_batched_tokens is not None:
+        return scheduler
+    budget = DEFAULT_MAX_NUM_BATCHED_TOKENS["cuda" if device.split(":")[0] == "cuda" else "cpu"]
+    return dataclasses.replace(scheduler, max_num_batched_tokens=budget)
 
 
 def replace(cfg, **changes):

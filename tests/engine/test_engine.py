@@ -57,7 +57,9 @@ def test_batch_equals_one_by_one(llm):
 
 
 def test_chunked_prefill_gives_the_same_tokens(llm, tiny_checkpoint):
+    assert llm.engine.config.scheduler.max_num_batched_tokens == 512  # the CPU's default budget
     chunked = make_llm(tiny_checkpoint.hf_dir, max_num_batched_tokens=5)
+    assert chunked.engine.config.scheduler.max_num_batched_tokens == 5
     assert token_ids(chunked.generate(PROMPTS, GREEDY, use_tqdm=False)) == \
         token_ids(llm.generate(PROMPTS, GREEDY, use_tqdm=False))
 

@@ -1,11 +1,17 @@
 """The "auto" device, dtype and quantization, resolved once (resolve_device_defaults),
-and the validation of the new options."""
+the device's token budget (resolve_scheduler_defaults), and the validation of the new options."""
 
 from __future__ import annotations
 
 import pytest
 
-from tokenloom.config import CacheConfig, ModelConfig, resolve_device_defaults
+from tokenloom.config import (
+    CacheConfig,
+    ModelConfig,
+    SchedulerConfig,
+    resolve_device_defaults,
+    resolve_scheduler_defaults,
+)
 
 
 def test_defaults_are_auto():
@@ -29,6 +35,14 @@ def test_an_explicit_device_decides_the_dtype_whatever_torch_sees():
     assert (cpu.device, cpu.dtype, cpu.quantization) == ("cpu", "float32", "auto")
     cuda1 = resolve_device_defaults(ModelConfig(device="cuda:1"), cuda_available=False)
     assert (cuda1.device, cuda1.dtype, cuda1.quantization) == ("cuda:1", "bfloat16", "none")
+
+
+def test_the_token_budget_is_the_devices_unless_given():
+    assert SchedulerConfig().max_num_batched_tokens is None
+    for device, budget in (("cpu", 512), ("cuda", 2048), ("cuda:1", 2048)):
+        assert resolve_scheduler_defaults(SchedulerConfig(), device).max_num_batched_tokens == budget
+    given = SchedulerConfig(max_num_batched_tokens=4096)
+    assert resolve_scheduler_defaults(given, "cpu") is given
 
 
 def test_explicit_choices_are_kept():

@@ -122,7 +122,8 @@ def _add_throughput_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-len", type=int, default=128, help="(default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts (default: %(default)s)")
     p.add_argument("--max-num-seqs", type=int, default=256, help="(default: %(default)s)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="(default: %(default)s)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="(default: the engine's, 512 on the CPU, 2048 on CUDA)")
     p.add_argument("--kv-cache-memory", type=float, default=None, help="GiB (default: the engine's)")
     p.add_argument("--speculative-config", default=None, metavar="JSON",
                    help="speculative decoding, as `tokenloom serve --speculative-config` (default: off)")

@@ -36,6 +36,7 @@ from tokenloom.config import (
     SpeculativeConfig,
     parse_speculative_config,
     resolve_device_defaults,
+    resolve_scheduler_defaults,
 )
 from tokenloom.engine.gpu_profile import profile_forward
 from tokenloom.engine.tensor_parallel import ProfileRequest, RankReport, TensorParallel, rank_device
@@ -384,11 +385,13 @@ def _kv_cache_dtype(choice: str, model: torch.nn.Module, dtype: torch.dtype) -> 
 
 
 def _resolve_devices(config: EngineConfig) -> EngineConfig:
-    """"auto" device, dtype and quantization made concrete, once (``resolve_device_defaults``)."""
+    """"auto" device, dtype and quantization, and the device's default token budget, made
+    concrete once (``resolve_device_defaults``, ``resolve_scheduler_defaults``)."""
     model = resolve_device_defaults(config.model, torch.cuda.is_available())
     if config.model.device == "auto":
         logger.info("device auto: %s (torch.cuda.is_available() is %s)", model.device, model.device == "cuda")
-    return dataclasses.replace(config, model=model)
+    scheduler = resolve_scheduler_defaults(config.scheduler, model.device)
+    return dataclasses.replace(config, model=model, scheduler=scheduler)
 
 
 def _load_tokenizer_and_model(config: ModelConfig, dtype: torch.dtype, device: torch.device,
@@ -412,7 +415,7 @@ def build_engine_config(model: str = "smollm2-135m", *, dtype: str = "auto", dev
                         max_model_len: int | None = None, seed: int = 0, block_size: int = 16,
                         kv_cache_memory: float | None = None, num_kv_blocks: int | None = None,
                         gpu_memory_utilization: float = 0.9,
-                        max_num_batched_tokens: int = 2048, max_num_seqs: int = 256,
+                        max_num_batched_tokens: int | None = None, max_num_seqs: int = 256,
                         enable_prefix_caching: bool = True,
                         speculative_config: str | dict | SpeculativeConfig | None = None,
                         tensor_parallel_size: int = 1, distributed_init_method: str | None = None,

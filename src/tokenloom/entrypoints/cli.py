@@ -90,8 +90,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None,
                    help="context length (prompt + output); default: the model's, capped by the KV cache")
     p.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one batch (default: %(default)s)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
-                   help="token budget of one engine step (default: %(default)s)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="token budget of one engine step (default: 512 on the CPU, 2048 on CUDA)")
     p.add_argument("--kv-cache-memory", type=float, default=None,
                    help="GiB of memory for the KV cache; default: on the CPU a quarter of free RAM, within "
                    "[0.25, 4], on CUDA what --gpu-memory-utilization leaves")
