@@ -70,8 +70,9 @@ void q4_gemm_tile(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w,
   store_tile(out, r, t, y, N);
 }
 
-// The same for int8 weights (Q8_0): tiles [N/8, K/32, 256] int8, per 8 columns and block 8 groups of 32 bytes, byte
-// 4c + r of group p holding column c's weight 4p + r; no mins. maddubs wants
+// The same for int8 weights (Q8_0): tiles [N/8, K/32, 256] int8, per 8 columns
+// and block 8 groups of 32 bytes, byte 4c + r of group p holding column c's
+// weight 4p + r; no mins. maddubs wants
 // one unsigned operand, so it multiplies |w| by x carrying w's sign (llama.cpp's
 // trick for signed x signed). A pair of products (up to 2 x 127 x 127) fills an
 // int16, so each maddubs is widened to int32 at once (madd by ones) rather than
@@ -93,7 +94,8 @@ void q8_gemm_tile(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w,
     prefetch_ahead(w, t, b, kQ8TileBytes);
     for (int p = 0; p < 8; ++p) {
       for (int j = 0; j < NR; ++j) {
-        const __m256i wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.q + at_pair(t + j, b, nb) * kQ8TileBytes + 32 * p));
+        const uint8_t* group = w.q + at_pair(t + j, b, nb) * kQ8TileBytes + 32 * p;
+        const __m256i wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group));
         const __m256i wabs = _mm256_sign_epi8(wq, wq);
         for (int i = 0; i < MR; ++i) {
           const __m256i xb = broadcast4(xq + i * K + b * kBlock + 4 * p);
@@ -104,7 +106,8 @@ void q8_gemm_tile(const QuantizedRows& xr, int64_t r, int64_t K, const Tiles& w,
     for (int j = 0; j < NR; ++j) {
       const __m256 dw = load_halves(w.scales + at_pair(t + j, b, nb) * kTileCols);
       for (int i = 0; i < MR; ++i) {
-        const __m256 dots = _mm256_mul_ps(_mm256_cvtepi32_ps(sum_chains(acc[i][j])), _mm256_set1_ps(xr.d[(r + i) * nb + b]));
+        const __m256 dots = _mm256_mul_ps(_mm256_cvtepi32_ps(sum_chains(acc[i][j])),
+                                          _mm256_set1_ps(xr.d[(r + i) * nb + b]));
         out[i][j] = _mm256_fmadd_ps(dots, dw, out[i][j]);
       }
     }

@@ -175,7 +175,8 @@ struct Tiles {
 // hardware prefetcher alone brings them.
 constexpr int64_t kPrefetchBlocks = 8;
 inline void prefetch_ahead(const Tiles& w, int64_t t, int64_t b, int64_t block_bytes) {
-  const char* ahead = reinterpret_cast<const char*>(w.q + at_pair(t & ~int64_t{1}, b + kPrefetchBlocks, w.nb) * block_bytes);
+  const uint8_t* pair_ahead = w.q + at_pair(t & ~int64_t{1}, b + kPrefetchBlocks, w.nb) * block_bytes;
+  const char* ahead = reinterpret_cast<const char*>(pair_ahead);
   for (int64_t off = 0; off < 2 * block_bytes; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
 }
 
@@ -370,7 +371,8 @@ void q8_gemm_pair_wide(const QuantizedRows& xr, int64_t r, int64_t K, const Tile
         acc[i][p % C] = _mm512_dpbusd_epi32(acc[i][p % C], wabs, _mm512_mask_sub_epi8(xb, negative, zero, xb));
       }
     }
-    const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.scales + at_pair(t, b, nb) * kTileCols)));
+    const Half* scales = w.scales + at_pair(t, b, nb) * kTileCols;  // the pair's 16, side by side
+    const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales)));
     for (int i = 0; i < MR; ++i) {
       __m512i sum = acc[i][0];
       for (int c = 1; c < C; ++c) sum = _mm512_add_epi32(sum, acc[i][c]);

@@ -157,7 +157,7 @@ class QuantizedWeight:
         n, k = self.shape
         nb, g = k // BLOCK, self.gemm.by_tile()
         num_tiles = g.tiles.shape[0]
-        rows = lambda t: t.transpose(1, 2).reshape(num_tiles * 8, t.shape[1])[:n].contiguous()  # noqa: E731 (by_tile undone)
+        rows = lambda t: t.transpose(1, 2).reshape(num_tiles * 8, t.shape[1])[:n].contiguous()  # noqa: E731 (tiled undone)
         if self.kind == "int8":
             q = g.tiles.view(num_tiles, nb, 8, 8, 4).permute(0, 3, 1, 2, 4).reshape(num_tiles * 8, k)[:n]
             return QuantizedWeight("int8", q.contiguous(), rows(g.scales), None)
@@ -188,19 +188,19 @@ class QuantizedWeight:
         nb, num_tiles = k // BLOCK, 2 * -(-n // 16)
         pad = num_tiles * 8 - n  # zero columns: weight 0, scale 0, min 0
         padded = lambda t: torch.cat([t, t.new_zeros(pad, *t.shape[1:])]) if pad else t  # noqa: E731
-        by_tile = lambda t: padded(t).view(num_tiles, 8, t.shape[1]).transpose(1, 2).contiguous()  # noqa: E731
+        tiled = lambda t: padded(t).view(num_tiles, 8, t.shape[1]).transpose(1, 2).contiguous()  # noqa: E731
         if self.kind == "int8":
             q = padded(self.qweight).view(num_tiles, 8, nb, 8, 4)  # [tile, column, block, group, r]: k = 4 group + r
             tiles = q.permute(0, 2, 3, 1, 4).contiguous().view(num_tiles, nb, 256)
-            return dataclasses.replace(self, gemm=GemmTiles.in_pairs(tiles, by_tile(self.scales)))
+            return dataclasses.replace(self, gemm=GemmTiles.in_pairs(tiles, tiled(self.scales)))
         if self.kind == "int4":
             tiles = _nibble_tiles(padded(self._nibbles()), num_tiles)
-            return dataclasses.replace(self, gemm=GemmTiles.in_pairs(tiles, by_tile(self.scales), by_tile(self.mins)))
+            return dataclasses.replace(self, gemm=GemmTiles.in_pairs(tiles, tiled(self.scales), tiled(self.mins)))
         if self.kind == "q4_k":  # each block's sub-scales and sub-mins follow its nibbles
-            blocks = [_nibble_tiles(padded(self._nibbles()), num_tiles), by_tile(self.scales), by_tile(self.mins)]
+            blocks = [_nibble_tiles(padded(self._nibbles()), num_tiles), tiled(self.scales), tiled(self.mins)]
             return dataclasses.replace(self, gemm=GemmTiles.in_pairs(torch.cat(blocks, dim=-1), None, None,
-                                                                     by_tile(self.super_scales),
-                                                                     by_tile(-self.super_mins)))
+                                                                     tiled(self.super_scales),
+                                                                     tiled(-self.super_mins)))
         q = padded(self.qweight).view(-1, nb, BLOCK)
         # [tile, column, block, half-block g, pair pp, half h, r]: weight 16g + 8pp + 4h + r;
         # its top bits at bits 4, 6, 0, 2 for (pp, h) = (0, 0), (0, 1), (1, 0), (1, 1)
@@ -210,7 +210,7 @@ class QuantizedWeight:
         high = high.permute(0, 2, 3, 1, 4).reshape(num_tiles, nb, 64)
         tiles = torch.cat([_nibble_tiles(q & 0x0F, num_tiles), high], dim=-1).contiguous()
         scales = padded(self.scales).view(num_tiles, 8, nb, 2).permute(0, 2, 3, 1).reshape(num_tiles, nb, 16)
-        return dataclasses.replace(self, gemm=GemmTiles.in_pairs(tiles, scales, None, by_tile(self.super_scales)))
+        return dataclasses.replace(self, gemm=GemmTiles.in_pairs(tiles, scales, None, tiled(self.super_scales)))
 
     def _nibbles(self) -> torch.Tensor:
         n, k = self.shape
