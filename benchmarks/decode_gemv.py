@@ -1,6 +1,6 @@
 """How fast a decode step reads each weight: every quantized GEMM of a model at one row.
 
-    .venv/bin/python benchmarks/decode_gemv.py MODEL [--rounds 3]
+    PYTHONPATH=. .venv/bin/python benchmarks/decode_gemv.py MODEL [--rounds 3]
 
 Loads MODEL as the engine does and multiplies one row by each layer's q/k/v, o,
 gate/up and down projection in model order, then by the LM head, as a decode
@@ -17,12 +17,8 @@ from collections import defaultdict
 
 import torch
 
+from benchmarks.gemm_roofline import weight_bytes  # the repo root is on the path: run from it
 from tokenloom import LLM
-
-
-def weight_bytes(weight) -> int:
-    parts = getattr(weight, "parts", (weight,))
-    return sum(t.numel() * t.element_size() for p in parts for t in p.gemm.tensors() if t is not None)
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ import torch
 from benchmarks.roofline import best_seconds  # the repo root is on the path: run from it
 from tests.helpers.tiny_models import random_kquant
 from tokenloom import kernels
-from tokenloom.model.layers.quantization import QuantizedWeight, quantize
+from tokenloom.model.layers.quantization import QuantizedWeight, StackedWeight, quantize
 from tokenloom.model.loader.dequant import quantized_blocks
 
 QType = gguf.GGMLQuantizationType
@@ -34,8 +34,10 @@ def weight(kind: str, n: int, k: int, seed: int) -> QuantizedWeight:
     return quantized_blocks(random_kquant(np.random.default_rng(seed), (n, k), qtype), qtype, (n, k))
 
 
-def weight_bytes(w: QuantizedWeight) -> int:
-    return sum(t.numel() * t.element_size() for t in w.gemm.tensors() if t is not None)
+def weight_bytes(w: QuantizedWeight | StackedWeight) -> int:
+    """The bytes a GEMM reads: its tiles (every part's, for a stacked weight)."""
+    return sum(t.numel() * t.element_size() for p in getattr(w, "parts", (w,)) for t in p.gemm.tensors()
+               if t is not None)
 
 
 def main() -> None:

@@ -188,7 +188,8 @@ class QuantizedWeight:
         nb, num_tiles = k // BLOCK, 2 * -(-n // 16)
         pad = num_tiles * 8 - n  # zero columns: weight 0, scale 0, min 0
         padded = lambda t: torch.cat([t, t.new_zeros(pad, *t.shape[1:])]) if pad else t  # noqa: E731
-        tiled = lambda t: padded(t).view(num_tiles, 8, t.shape[1]).transpose(1, 2).contiguous()  # noqa: E731
+        # A view: _paired makes the one copy.
+        tiled = lambda t: padded(t).view(num_tiles, 8, t.shape[1]).transpose(1, 2)  # noqa: E731
         if self.kind == "int8":
             q = padded(self.qweight).view(num_tiles, 8, nb, 8, 4)  # [tile, column, block, group, r]: k = 4 group + r
             tiles = q.permute(0, 2, 3, 1, 4).contiguous().view(num_tiles, nb, 256)
@@ -208,7 +209,7 @@ class QuantizedWeight:
         shifts = torch.tensor([[4, 6], [0, 2]], dtype=torch.uint8).view(2, 2, 1)
         high = (top << shifts).sum(dim=(4, 5), dtype=torch.uint8)  # [tile, column, block, g, r]
         high = high.permute(0, 2, 3, 1, 4).reshape(num_tiles, nb, 64)
-        tiles = torch.cat([_nibble_tiles(q & 0x0F, num_tiles), high], dim=-1).contiguous()
+        tiles = torch.cat([_nibble_tiles(q & 0x0F, num_tiles), high], dim=-1)
         scales = padded(self.scales).view(num_tiles, 8, nb, 2).permute(0, 2, 3, 1).reshape(num_tiles, nb, 16)
         return dataclasses.replace(self, gemm=GemmTiles.in_pairs(tiles, scales, None, tiled(self.super_scales)))
 
