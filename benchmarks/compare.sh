@@ -7,6 +7,8 @@
 #   PEERS="tokenloom-json-schema" ...           against itself with every answer held to a JSON schema
 #   PEERS="tokenloom-ngram" ...                 against itself with n-gram speculative decoding
 #                                               (NGRAM_SPEC_CONFIG, vLLM's --speculative-config JSON)
+#   PEERS="tokenloom-offline" ...               against the same workload run offline, no HTTP
+#                                               (`bench throughput --concurrency`): what serving costs
 #
 # Each server is started in turn on 127.0.0.1 (alone, so they never share the
 # CPU), warmed up, driven by `python -m tokenloom.bench serve` with the same
@@ -95,9 +97,21 @@ wait_ready() {
     done
 }
 
+# The same levels and prompts through LLMEngine in this process: no server, no HTTP.
+run_offline() {
+    "$PY" -m tokenloom.bench throughput --model "$MODEL" --concurrency "$CONCURRENCY" --input-len "$INPUT_LEN" \
+        --output-len "$OUTPUT_LEN" --num-prompts "$NUM_PROMPTS" --label tokenloom-offline \
+        --output-json "$OUT_DIR/tokenloom-offline.json" ${TOKENLOOM_OFFLINE_ARGS:-} >"$OUT_DIR/tokenloom-offline.log" 2>&1
+}
+
 results=()
 for engine in tokenloom $PEERS; do
     echo "== $engine" >&2
+    if [[ "$engine" == tokenloom-offline ]]; then
+        run_offline
+        results+=("$OUT_DIR/$engine.json")
+        continue
+    fi
     [[ "$engine" == tokenloom* ]] || "$(peer_script "$engine")" install >/dev/null
     setsid bash -c "exec $(server_command "$engine")" >"$OUT_DIR/$engine.log" 2>&1 &
     server_pid=$!

@@ -59,11 +59,16 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (the before of issue 15)")
+    parser.add_argument("--no-async-scheduling", action="store_true", help="plain steps, no overlap")
     args = parser.parse_args()
     start = time.perf_counter()
     llm = LLM(args.shape, load_format="dummy", device=args.device, dtype="bfloat16", max_num_seqs=256,
-              max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False)
+              max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False,
+              enforce_eager=args.enforce_eager, async_scheduling=False if args.no_async_scheduling else None)
     print(json.dumps({"shape": args.shape, "startup_s": time.perf_counter() - start,
+                      "enforce_eager": args.enforce_eager,
+                      "async_scheduling": llm.engine.config.scheduler.async_scheduling,
                       "backend": llm.engine.runner.model.ops.name,
                       "num_blocks": llm.engine.config.cache.num_blocks}), flush=True)
     for batch in (int(b) for b in args.batches.split(",") if b):

@@ -24,6 +24,9 @@ QUANTIZATION_MODES = ("auto", "none", "int8", "int4")
 # token; rows quantized one by one, see model/layers/attention.py), else the
 # model dtype. fp8: float8 e4m3, cast with no scale (the Triton kernels on CUDA).
 KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16", "int8", "fp8")
+# The largest decode batch captured as a CUDA graph (vLLM's default); larger decode
+# steps run eagerly. See runner/graph_buckets.py.
+DEFAULT_MAX_CUDAGRAPH_BATCH_SIZE = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +67,10 @@ class ModelConfig:
     """What the user asked for: which model, on which device, in which dtype,
     with which weight format (``quantization``), from real or random weights
     (``load_format``). "auto" device and dtype are resolved once, when the engine
-    is built (``resolve_device_defaults``); ``seed`` also seeds dummy weights."""
+    is built (``resolve_device_defaults``); ``seed`` also seeds dummy weights.
+    On CUDA, decode steps of up to ``max_cudagraph_batch_size`` sequences replay
+    CUDA graphs (runner/cuda_graph.py) unless ``enforce_eager``; the CPU never
+    captures."""
 
     model: str = "smollm2-135m"
     dtype: str = "auto"
@@ -73,6 +79,8 @@ class ModelConfig:
     load_format: str = "auto"
     max_model_len: int | None = None  # None: the model's own context length
     seed: int = 0
+    enforce_eager: bool = False
+    max_cudagraph_batch_size: int = DEFAULT_MAX_CUDAGRAPH_BATCH_SIZE
 
     def validate(self) -> None:
         if self.dtype not in DTYPE_CHOICES:
@@ -85,6 +93,8 @@ class ModelConfig:
             raise ValueError("device must be auto or a torch device such as cpu or cuda")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.max_cudagraph_batch_size < 1:
+            raise ValueError(f"max_cudagraph_batch_size must be > 0, got {self.max_cudagraph_batch_size}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,11 +142,17 @@ DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cuda": 2048, "cpu": 512}
 class SchedulerConfig:
     """One token budget per step; FCFS admission. ``max_num_batched_tokens`` None: the
     device's default (``DEFAULT_MAX_NUM_BATCHED_TOKENS``, made concrete by
-    ``resolve_scheduler_defaults``)."""
+    ``resolve_scheduler_defaults``).
+
+    ``async_scheduling`` (vLLM's flag): schedule step N+1 while the device runs step N
+    (engine/llm_engine.py). None: on for CUDA, off on the CPU, where the host computes
+    the step itself and there is nothing to overlap; never with speculative decoding
+    or tensor parallelism."""
 
     max_num_batched_tokens: int | None = None
     max_num_seqs: int = 256
     max_model_len: int = 2048  # resolved from ModelConfig + model + cache
+    async_scheduling: bool | None = None
 
     def validate(self) -> None:
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
@@ -282,6 +298,12 @@ class EngineConfig:
         self.parallel.validate()
         if self.speculative is not None:
             self.speculative.validate()
+            if self.scheduler.async_scheduling:
+                raise ValueError("async scheduling does not work with speculative decoding: a step's drafts "
+                                 "are proposed from the tokens of the step before")
+        if self.scheduler.async_scheduling and self.parallel.tensor_parallel_size > 1:
+            raise ValueError("async scheduling does not work with tensor parallelism yet: the other ranks "
+                             "would need each step's sampled tokens")
 
 
 def resolve_device_defaults(model: ModelConfig, cuda_available: bool) -> ModelConfig:
@@ -300,12 +322,16 @@ def resolve_device_defaults(model: ModelConfig, cuda_available: bool) -> ModelCo
     return dataclasses.replace(model, device=device, dtype=dtype, quantization=quantization)
 
 
-def resolve_scheduler_defaults(scheduler: SchedulerConfig, device: str) -> SchedulerConfig:
-    """A new config with the device's token budget where none was given."""
-    if scheduler.max_num_batched_tokens is not None:
-        return scheduler
-    budget = DEFAULT_MAX_NUM_BATCHED_TOKENS["cuda" if device.split(":")[0] == "cuda" else "cpu"]
-    return dataclasses.replace(scheduler, max_num_batched_tokens=budget)
+def resolve_scheduler_defaults(scheduler: SchedulerConfig, device: str,
+                               speculative: bool = False, tensor_parallel: bool = False) -> SchedulerConfig:
+    """A new config with the device's token budget where none was given, and async
+    scheduling on or off (auto: on CUDA, on one rank, without speculative decoding)."""
+    on_cuda = device.split(":")[0] == "cuda"
+    budget = scheduler.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS["cuda" if on_cuda else "cpu"]
+    overlap = scheduler.async_scheduling
+    if overlap is None:
+        overlap = on_cuda and not speculative and not tensor_parallel
+    return dataclasses.replace(scheduler, max_num_batched_tokens=budget, async_scheduling=overlap)
 
 
 def replace(cfg, **changes):

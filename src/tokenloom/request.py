@@ -104,6 +104,10 @@ class Request:
         self.spec_token_ids: list[int] = []
         self.num_draft_tokens = 0  # drafts verified for this sequence so far
         self.num_accepted_tokens = 0  # of those, accepted
+        # Overlapped scheduling: what a scheduled step whose results are not applied yet
+        # will add: computed tokens, and a sampled token (0 or 1) the host does not know yet.
+        self.num_inflight_tokens = 0
+        self.num_inflight_outputs = 0
 
     @property
     def num_prompt_tokens(self) -> int:

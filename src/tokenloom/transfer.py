@@ -32,9 +32,25 @@ def host_to_device(host: torch.Tensor, device: torch.device | str) -> torch.Tens
 
 def to_host(tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
     """Device tensors on the host, copied in one batch with a single wait at the end."""
-    if not any(t is not None and t.device.type == "cuda" for t in tensors):
-        return [None if t is None else t.cpu() for t in tensors]
-    copies = [None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
-              for t in tensors]
-    torch.cuda.current_stream().synchronize()
-    return copies
+    return HostCopies(tensors).wait()
+
+
+class HostCopies:
+    """Device tensors on their way to the host: the copies are queued on the stream now
+    (into pinned memory, not blocking), ``wait()`` blocks until they have landed. Made
+    right after a step is queued, it lets the host schedule the next step meanwhile."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor | None]) -> None:
+        self._event: torch.cuda.Event | None = None
+        if not any(t is not None and t.device.type == "cuda" for t in tensors):
+            self._copies = [None if t is None else t.cpu() for t in tensors]
+            return
+        self._copies = [None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(
+            t, non_blocking=True) for t in tensors]
+        self._event = torch.cuda.Event()
+        self._event.record()
+
+    def wait(self) -> list[torch.Tensor | None]:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._copies

@@ -70,11 +70,21 @@ def test_rejects_slots_outside_the_cache_and_mismatched_rows():
     bad[1] = NUM_BLOCKS * BLOCK_SIZE
     with pytest.raises(RuntimeError, match="outside the cache"):
         OPS.write_kv(k_cache, v_cache, k, v, bad)
-    with pytest.raises(RuntimeError, match="outside the cache"):
-        OPS.write_kv(k_cache, v_cache, k, v, slots - 100)
     with pytest.raises(RuntimeError, match="heads x dims"):
         OPS.write_kv(k_cache, v_cache, k[:, :2], v[:, :2], slots)
     with pytest.raises(RuntimeError, match="one slot per row"):
         OPS.write_kv(k_cache, v_cache, k, v, slots[:2])
     with pytest.raises(RuntimeError, match="float32, float16 or int8"):
         OPS.write_kv(k_cache.bfloat16(), v_cache.bfloat16(), k, v, slots)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_negative_slots_are_padding_and_write_nothing(native):
+    """A batch padded to a static size (runner/cuda_graph.py) passes slot -1 for its tail."""
+    k_cache, v_cache, k, v, slots = _case(4, torch.float16)
+    padded = slots.clone()
+    padded[1:3] = -1
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    write_kv(expected_k, expected_v, k[[0, 3]], v[[0, 3]], slots[[0, 3]])  # the real rows alone
+    write_kv(k_cache, v_cache, k, v, padded, native=native)
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)

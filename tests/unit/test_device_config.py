@@ -7,8 +7,11 @@ import pytest
 
 from tokenloom.config import (
     CacheConfig,
+    EngineConfig,
     ModelConfig,
+    ParallelConfig,
     SchedulerConfig,
+    SpeculativeConfig,
     resolve_device_defaults,
     resolve_scheduler_defaults,
 )
@@ -42,7 +45,22 @@ def test_the_token_budget_is_the_devices_unless_given():
     for device, budget in (("cpu", 512), ("cuda", 2048), ("cuda:1", 2048)):
         assert resolve_scheduler_defaults(SchedulerConfig(), device).max_num_batched_tokens == budget
     given = SchedulerConfig(max_num_batched_tokens=4096)
-    assert resolve_scheduler_defaults(given, "cpu") is given
+    assert resolve_scheduler_defaults(given, "cpu").max_num_batched_tokens == 4096
+
+
+def test_async_scheduling_is_on_for_cuda_on_one_rank_without_speculation_unless_given():
+    def overlap(device, *args, given=None):
+        return resolve_scheduler_defaults(SchedulerConfig(async_scheduling=given), device, *args).async_scheduling
+
+    assert (overlap("cpu"), overlap("cuda"), overlap("cuda:1")) == (False, True, True)
+    assert (overlap("cuda", True), overlap("cuda", False, True)) == (False, False)  # speculative, -tp > 1
+    assert (overlap("cpu", given=True), overlap("cuda", given=False)) == (True, False)
+    with pytest.raises(ValueError, match="speculative decoding"):
+        EngineConfig(scheduler=SchedulerConfig(async_scheduling=True),
+                     speculative=SpeculativeConfig(method="ngram", num_speculative_tokens=3)).validate()
+    with pytest.raises(ValueError, match="tensor parallelism"):
+        EngineConfig(scheduler=SchedulerConfig(async_scheduling=True),
+                     parallel=ParallelConfig(tensor_parallel_size=2)).validate()
 
 
 def test_explicit_choices_are_kept():

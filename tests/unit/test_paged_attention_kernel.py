@@ -160,6 +160,20 @@ def test_empty_batch() -> None:
     assert run_kernel(empty, 0.25).shape == (0, 4, 16)
 
 
+@CACHE_DTYPES
+def test_padding_rows_are_zero_and_change_no_other_row(cache_dtype: torch.dtype) -> None:
+    """seq_lens 0 marks a padding row of a batch padded to a static size (runner/cuda_graph.py):
+    it attends to nothing and comes out zero, and the real rows keep their bits."""
+    case = make_case(SEQ_LENS, 9, 3, 64, seed=7, cache_dtype=cache_dtype)
+    padded = dict(case, q=torch.cat([case["q"], torch.randn(3, 9, 64)]),
+                  block_tables=torch.cat([case["block_tables"], torch.zeros(3, case["block_tables"].shape[1],
+                                                                              dtype=torch.int64)]),
+                  seq_lens=torch.cat([case["seq_lens"], torch.zeros(3, dtype=torch.int64)]))
+    out = run_kernel(padded, 0.125)
+    assert torch.equal(out[:len(SEQ_LENS)], run_kernel(case, 0.125))
+    assert torch.equal(out[len(SEQ_LENS):], torch.zeros(3, 9, 64))
+
+
 def _invalid_cases() -> list[object]:
     base = make_case((5, 20), 4, 2, 16)
     q, k, v = base["q"], base["k_cache"], base["v_cache"]
@@ -181,7 +195,7 @@ def _invalid_cases() -> list[object]:
         case("negative block id", r"block_tables\[0, 0\]", block_tables=tables - 100),
         case("lens dtype", "seq_lens must be int64", seq_lens=lens.int()),
         case("lens count", "block_tables has 2 rows, expected num_seqs = 1", seq_lens=lens[:1]),
-        case("empty sequence", r"seq_lens\[0\] = 0", seq_lens=torch.tensor([0, 20])),
+        case("negative length", r"seq_lens\[0\] = -1", seq_lens=torch.tensor([-1, 20])),
         case("too long", rf"seq_lens\[1\] = {too_long} exceeds",
              seq_lens=torch.tensor([5, too_long])),
     ]

@@ -239,7 +239,7 @@ def _invalid_cases() -> list[object]:
         case("block id too large", r"block_tables\[1, 1\]", block_tables=past_last_block),
         case("negative block id", r"block_tables\[0, 0\]", block_tables=tables - 100),
         case("lens dtype", "seq_lens must be int64", seq_lens=lens.int()),
-        case("empty sequence", r"seq_lens\[0\] = 0", seq_lens=torch.tensor([0, 20])),
+        case("negative length", r"seq_lens\[0\] = -1", seq_lens=torch.tensor([-1, 20])),
         case("too long", rf"seq_lens\[1\] = {too_long} exceeds", seq_lens=torch.tensor([5, too_long])),
         case("q_len > seq_len", r"sequence 0 has 5 query tokens, more than seq_lens\[0\] = 4",
              seq_lens=torch.tensor([4, 20])),

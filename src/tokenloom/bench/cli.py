@@ -129,6 +129,12 @@ def _add_throughput_args(p: argparse.ArgumentParser) -> None:
                    help="speculative decoding, as `tokenloom serve --speculative-config` (default: off)")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="ranks the model is split over, as `tokenloom serve -tp` (default: %(default)s)")
+    p.add_argument("--concurrency", default=None,
+                   help="comma-separated levels: instead of the two passes, run bench serve's closed-loop "
+                   "levels offline (same prompts, same timings, a bench serve result file for 'bench report'), "
+                   "e.g. --input-len 2048 --output-len 2048 --concurrency 1,100")
+    p.add_argument("--label", default="tokenloom-offline",
+                   help="name of a --concurrency run in reports (default: %(default)s)")
     p.add_argument("--output-json", type=Path, default=None, help="also write the figures here")
 
 
@@ -216,6 +222,8 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"tokenloom bench: {exc}", file=sys.stderr)
         return 2
+    if args.concurrency is not None:
+        return _offline_levels(llm, args)
     result = run_throughput(llm, args.num_prompts, args.input_len, args.output_len, args.seed)
     print(format_throughput(result))
     if args.output_json:
@@ -225,6 +233,27 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
             "model": args.model, "load_format": resolved.load_format, "device": resolved.device,
             "dtype": resolved.dtype, "quantization": resolved.quantization,
             "tensor_parallel_size": args.tensor_parallel_size, **figures}, indent=1) + "\n")
+    llm.engine.shutdown()
+    return 0
+
+
+def _offline_levels(llm, args: argparse.Namespace) -> int:
+    from tokenloom.bench.offline_sweep import run_offline_sweep
+    from tokenloom.bench.report import markdown, summary_table
+    from tokenloom.bench.workloads import WorkloadSpec
+
+    try:
+        levels = [level.concurrency for level in _parse_levels(args.concurrency, None)]
+        workload = WorkloadSpec("random", args.num_prompts, args.input_len, args.output_len, args.seed)
+        workload.validate()
+    except ValueError as exc:
+        print(f"tokenloom bench: {exc}", file=sys.stderr)
+        return 2
+    result = run_offline_sweep(llm.engine, workload, levels, args.label)
+    output = args.output_json or Path(f"bench-{_slug(args.label)}.json")
+    result.save(output)
+    print(markdown(summary_table([result])))
+    print(f"results: {output}")
     llm.engine.shutdown()
     return 0
 

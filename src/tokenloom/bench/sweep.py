@@ -35,7 +35,7 @@ def run_sweep(target: ServeTarget, tokenizer: Tokenizer, workload: WorkloadSpec,
     def count_tokens(text: str) -> int:
         return len(tokenizer.encode(text, add_special_tokens=False))
 
-    config = _run_config(target, workload, levels, max_seconds, num_warmup, save_texts)
+    config = run_config(target, workload, levels, max_seconds, num_warmup, save_texts)
     _warm_up(target, requests[:num_warmup], count_tokens)
     results = []
     for i, level in enumerate(levels):
@@ -69,12 +69,14 @@ def _run_one_level(target: ServeTarget, batch: Sequence[BenchRequest], level: Lo
     return LevelResult(level=level, summary=summary, records=tuple(records))
 
 
-def _run_config(target: ServeTarget, workload: WorkloadSpec, levels: Sequence[LoadLevel],
-                max_seconds: float | None, num_warmup: int, save_texts: bool) -> dict[str, Any]:
-    return {
+def run_config(target: ServeTarget | None, workload: WorkloadSpec, levels: Sequence[LoadLevel],
+               max_seconds: float | None, num_warmup: int, save_texts: bool) -> dict[str, Any]:
+    """How a run was made, for its result file (``target`` None: offline, no server)."""
+    served = {} if target is None else {
         "base_url": target.base_url, "model": target.model, "endpoint": target.endpoint,
-        "force_output": target.force_output, "temperature": target.temperature,
-        "extra_body": target.extra_body, "workload": dataclasses.asdict(workload),
+        "force_output": target.force_output, "temperature": target.temperature, "extra_body": target.extra_body}
+    return {
+        **served, "workload": dataclasses.asdict(workload),
         "levels": [level.label for level in levels], "max_seconds": max_seconds, "num_warmup": num_warmup,
         "save_texts": save_texts,
         "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

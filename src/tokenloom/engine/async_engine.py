@@ -1,4 +1,4 @@
-"""AsyncLLMEngine: the engine loop in its own thread, one async stream per request.
+"""AsyncLLMEngine: the engine loop in a thread of this process, one async stream per request.
 
 ::
 
@@ -8,15 +8,11 @@
          ^                                   step() -> RequestOutput deltas
          +------ asyncio.Queue <-- call_soon_threadsafe --+
 
-Only the engine thread touches scheduler and KV state; the event loop only
-validates and tokenizes (``prepare_request``), so a bad request fails on the
-caller's side and never reaches the loop. Model compute runs in the thread,
-so the event loop stays responsive while a step is running.
-
-``start()`` runs the loop in a new thread; ``run_in_current_thread()`` runs it
-on the caller's, which the server uses to keep the engine on the process's
-main thread: OpenMP-parallel ops (the native kernels among them) issued from a
-secondary thread ran about 2x slower on a 2-core machine (measured: docs/performance.md).
+Only the engine thread touches scheduler and KV state. Model compute runs in
+the thread, so the event loop stays responsive while a step is running; but the
+two share the GIL, and the engine waits for it after every wake-up of the event
+loop. ``tokenloom serve`` therefore runs the loop in its own process
+(``EngineCoreClient``); this in-process kind serves tests and embedding.
 """
 
 from __future__ import annotations
@@ -26,46 +22,29 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
-from tokenloom.engine.llm_engine import LLMEngine, PreparedRequest
+from tokenloom.engine.client import AbortRequest, AdmitRequest, EngineClient, EngineDeadError, RequestStream
+from tokenloom.engine.input_processor import PreparedRequest
+from tokenloom.engine.llm_engine import LLMEngine
 from tokenloom.request import RequestOutput
-from tokenloom.sampling_params import SamplingParams
+
+__all__ = ["AsyncLLMEngine", "EngineDeadError"]
 
 logger = logging.getLogger(__name__)
 
 
-class EngineDeadError(RuntimeError):
-    """The engine loop stopped on an error; no request can be served."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Admit:
-    prepared: PreparedRequest
-
-
-@dataclass(frozen=True, slots=True)
-class _Abort:
-    request_id: str
-
-
-@dataclass(slots=True)
-class _Stream:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
-
-
-class AsyncLLMEngine:
-    """Background-stepped engine. ``generate`` yields RequestOutput deltas; leaving the
-    iterator early (client disconnect, cancellation) aborts the request and frees its
-    KV blocks at the engine's next loop turn."""
+class AsyncLLMEngine(EngineClient):
+    """Background-stepped engine (``EngineClient``) over an ``LLMEngine`` of this process."""
 
     def __init__(self, engine: LLMEngine, idle_wait_s: float = 0.05) -> None:
+        super().__init__()
         self.engine = engine
-        self._inbox: queue.SimpleQueue[_Admit | _Abort | None] = queue.SimpleQueue()
-        self._streams: dict[str, _Stream] = {}
-        self._lock = threading.Lock()
+        self.tokenizer = engine.tokenizer
+        self.structured = engine.structured
+        self.inputs = engine.inputs
+        self.stats = engine.stats
+        self.model_path = str(engine.config.model.model)
+        self._inbox: queue.SimpleQueue[AdmitRequest | AbortRequest | None] = queue.SimpleQueue()
         self._idle_wait_s = idle_wait_s
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -81,21 +60,6 @@ class AsyncLLMEngine:
             self._thread = threading.Thread(target=self._run, name="tokenloom-engine", daemon=True)
             self._thread.start()
 
-    def claim_current_thread(self) -> None:
-        """Reserve the calling thread for the loop (``start()`` then does nothing);
-        ``run_in_current_thread()`` on it runs the loop."""
-        if self._thread is not None:
-            raise RuntimeError("the engine loop already has a thread")
-        self._thread = threading.current_thread()
-
-    def run_in_current_thread(self) -> None:
-        """Run the loop on the calling thread until ``shutdown()`` (or KeyboardInterrupt)."""
-        if self._thread is None:
-            self.claim_current_thread()
-        elif self._thread is not threading.current_thread():
-            raise RuntimeError("the engine loop belongs to another thread")
-        self._run()
-
     def shutdown(self) -> None:
         """Stop the loop, then the engine (its tensor-parallel ranks, where it has them)."""
         self._stopping = True
@@ -104,6 +68,9 @@ class AsyncLLMEngine:
             self._loop_done.wait(timeout=30)
         self.engine.shutdown()
 
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.shutdown)
+
     @property
     def is_alive(self) -> bool:
         return (self._thread is not None and self._thread.is_alive() and self.error is None
@@ -111,40 +78,11 @@ class AsyncLLMEngine:
 
     # -- requests --------------------------------------------------------------
 
-    async def generate(self, request_id: str, prompt: str | list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Validation errors (ValueError) are raised here, before any output."""
-        if not self.is_alive:
-            raise EngineDeadError("the engine loop is not running") from self.error
-        prepared = self.engine.prepare_request(request_id, prompt, params)
-        if params.structured_outputs is not None:
-            # Compiled on the grammar pool (usually a cache hit: the server compiles first);
-            # one that does not compile raises GrammarCompileError, an InvalidParameter.
-            await asyncio.wrap_future(self.engine.structured.compile(params.structured_outputs))
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        with self._lock:
-            if request_id in self._streams:
-                raise ValueError(f"request id {request_id!r} is already running")
-            self._streams[request_id] = stream
-        self._inbox.put(_Admit(prepared))
-        finished = False
-        try:
-            while True:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
-        finally:
-            with self._lock:
-                self._streams.pop(request_id, None)
-            if not finished:
-                self._inbox.put(_Abort(request_id))
+    def _submit(self, prepared: PreparedRequest) -> None:
+        self._inbox.put(AdmitRequest(prepared))
 
     def abort(self, request_id: str) -> None:
-        self._inbox.put(_Abort(request_id))
+        self._inbox.put(AbortRequest(request_id))
 
     # -- the engine thread -------------------------------------------------------
 
@@ -164,9 +102,6 @@ class AsyncLLMEngine:
                 if self.engine.has_unfinished_requests():
                     self._publish(self.engine.step())
                 self.last_step_time = time.monotonic()
-        except KeyboardInterrupt:  # Ctrl-C on the main thread: a shutdown, not a failure
-            self._fail_all(EngineDeadError("the server is shutting down"))
-            raise
         except BaseException as exc:  # the loop must never die silently
             logger.exception("engine loop failed")
             self.error = exc
@@ -186,13 +121,11 @@ class AsyncLLMEngine:
                 return True
         return False
 
-    def _apply(self, item: _Admit | _Abort) -> None:
-        if isinstance(item, _Abort):
+    def _apply(self, item: AdmitRequest | AbortRequest) -> None:
+        if isinstance(item, AbortRequest):
             self.engine.abort_request(item.request_id)
             return
-        request_id = item.prepared.request_id
-        with self._lock:
-            stream = self._streams.get(request_id)
+        stream = self._stream(item.prepared.request_id)
         if stream is None:  # the caller left before admission
             return
         try:
@@ -202,19 +135,16 @@ class AsyncLLMEngine:
 
     def _publish(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:
-            with self._lock:
-                stream = self._streams.get(output.request_id)
+            stream = self._stream(output.request_id)
             if stream is not None:
                 self._deliver(stream, output if output.error is None else ValueError(output.error))
 
     def _fail_all(self, exc: BaseException) -> None:
-        with self._lock:
-            streams = list(self._streams.values())
-        for stream in streams:
+        for stream in self._all_streams():
             self._deliver(stream, exc)
 
     @staticmethod
-    def _deliver(stream: _Stream, item: RequestOutput | BaseException) -> None:
+    def _deliver(stream: RequestStream, item: RequestOutput | BaseException) -> None:
         try:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
         except RuntimeError:  # the caller's event loop is closed

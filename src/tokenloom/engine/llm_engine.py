@@ -23,10 +23,12 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from tokenloom.config import (
+    DEFAULT_MAX_CUDAGRAPH_BATCH_SIZE,
     CacheConfig,
     EngineConfig,
     ModelArchConfig,
@@ -49,6 +51,7 @@ from tokenloom.engine.memory import (
     num_kv_blocks,
     resolve_max_model_len,
 )
+from tokenloom.engine.input_processor import InputProcessor, PreparedRequest
 from tokenloom.engine.output_processor import OutputProcessor
 from tokenloom.engine.stats import StatsCollector
 from tokenloom.engine.tokenizer import Tokenizer
@@ -62,8 +65,9 @@ from tokenloom.model_files import resolve_model_path, shape_tokenizer
 from tokenloom.parallel.group import SINGLE, TPGroup
 from tokenloom.parallel.layout import tp_shard
 from tokenloom.request import Request, RequestOutput, RequestStatus
-from tokenloom.runner.model_runner import ModelRunner
-from tokenloom.sampling_params import InvalidParameter, SamplingParams
+from tokenloom.runner.graph_buckets import capture_sizes
+from tokenloom.runner.model_runner import LaunchedStep, ModelRunner
+from tokenloom.sampling_params import SamplingParams
 from tokenloom.sched.output import SchedulerOutput
 from tokenloom.sched.scheduler import Scheduler
 from tokenloom.spec_decode.draft_model import DraftModelProposer
@@ -75,17 +79,6 @@ logger = logging.getLogger(__name__)
 _NOTHING_SCHEDULED = SchedulerOutput(scheduled=(), num_batched_tokens=0)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _KV_CACHE_DTYPES = {**_DTYPES, "int8": torch.int8, "fp8": torch.float8_e4m3fn}
-
-
-@dataclass(frozen=True, slots=True)
-class PreparedRequest:
-    """A validated, tokenized request, ready to be admitted (n sequences)."""
-
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    sequences: tuple[Request, ...]
 
 
 class LLMEngine:
@@ -129,7 +122,9 @@ class LLMEngine:
             self.tp.start_runners(self.config, kv_dtype)
         self.runner = ModelRunner(model, arch, cache.num_blocks, cache.block_size, kv_dtype, device,
                                   sched.max_num_seqs, sched.max_model_len,
-                                  broadcast=None if self.tp is None else self.tp.group.broadcast_object)
+                                  broadcast=None if self.tp is None else self.tp.group.broadcast_object,
+                                  cudagraph_sizes=_cudagraph_sizes(self.config, device))
+        self.inputs = InputProcessor(self.tokenizer, arch.vocab_size, self.config.scheduler.max_model_len)
         self.outputs = OutputProcessor(self.tokenizer)
         self.stats = StatsCollector()
         self.eos_token_ids = tuple(dict.fromkeys(self.tokenizer.eos_token_ids + arch.eos_token_ids))
@@ -137,15 +132,18 @@ class LLMEngine:
         self.drafter = _build_drafter(self.config, draft, device)
         # Constrained user requests whose grammar is not yet known to compile (request id -> sequences).
         self._compiling: dict[str, tuple[Request, ...]] = {}
+        self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None  # async scheduling's step N
         self.debug = os.environ.get("TOKENLOOM_DEBUG") == "1"
         logger.info("engine ready in %.1fs: %s%s, %s (quantization %s) on %s, %s kernels, %d KV blocks x %d "
-                    "tokens (%.2f GiB) in %s, max_model_len %d, prefix caching %s", time.perf_counter() - started,
+                    "tokens (%.2f GiB) in %s, max_model_len %d, prefix caching %s, async scheduling %s",
+                    time.perf_counter() - started,
                     path.name, " (dummy weights)" if config.model.load_format == "dummy" else "",
                     config.model.dtype, config.model.quantization, device, model.ops.name, cache.num_blocks,
                     cache.block_size,
                     _kv_cache_bytes(arch, cache, kv_dtype, cache.num_blocks) / GiB,
                     str(kv_dtype).removeprefix("torch."), self.config.scheduler.max_model_len,
-                    "on" if cache.enable_prefix_caching else "off")
+                    "on" if cache.enable_prefix_caching else "off",
+                    "on" if self.config.scheduler.async_scheduling else "off")
         if self.tp is not None:
             _log_tensor_parallel(arch, reports, cache, kv_dtype)
 
@@ -162,27 +160,19 @@ class LLMEngine:
     def prepare_request(self, request_id: str, prompt: str | list[int],
                         params: SamplingParams) -> PreparedRequest:
         """Validate and tokenize; raises ValueError (InvalidParameter names the field)."""
-        params.validate(self.arch.vocab_size)
-        prompt_text = prompt if isinstance(prompt, str) else None
-        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self._check_prompt(token_ids)
-        if params.max_tokens is not None and len(token_ids) + params.max_tokens > self.max_model_len:
-            raise InvalidParameter(
-                "max_tokens", f"({params.max_tokens}) plus the prompt ({len(token_ids)} tokens) exceeds "
-                f"the context length {self.max_model_len}")
-        return PreparedRequest(request_id, prompt_text, token_ids, params,
-                               self._make_sequences(request_id, token_ids, params))
+        return self.inputs.prepare(request_id, prompt, params)
 
     def admit(self, prepared: PreparedRequest) -> None:
         if prepared.request_id in self.outputs:
             raise ValueError(f"request id {prepared.request_id!r} is already running")
+        sequences = self._make_sequences(prepared.request_id, prepared.prompt_token_ids, prepared.params)
         self.outputs.add(prepared.request_id, prepared.prompt, prepared.prompt_token_ids,
-                         prepared.params, [s.request_id for s in prepared.sequences])
-        for seq in prepared.sequences:
+                         prepared.params, [s.request_id for s in sequences])
+        for seq in sequences:
             self.scheduler.add_request(seq)
         if prepared.params.structured_outputs is not None:
             # Watched until its compile is known good; one that already failed is finished at the next step.
-            self._compiling[prepared.request_id] = prepared.sequences
+            self._compiling[prepared.request_id] = sequences
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
         self.admit(self.prepare_request(request_id, prompt, params))
@@ -196,21 +186,48 @@ class LLMEngine:
         self._check_idle()
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        """Requests to run, or a step in flight whose tokens are not applied yet."""
+        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
 
     # -- the loop ------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """One turn of the loop: the outputs of the step that finished in it.
+
+        With async scheduling the turn plans and queues step N+1 before it waits for
+        step N's tokens, so the device is never idle while the host schedules::
+
+            plain       schedule N | run N | update N || schedule N+1 | run N+1 | ...
+            overlapped  schedule N+1 | queue N+1 | wait N, update N || schedule N+2 | ...
+
+        A sequence whose step N ends it (EOS, stop, abort) may have had step N+1
+        computed too: that token is dropped, and the stop stays exact."""
         failed = self._finish_failed_grammars()
+        done: list[RequestOutput] = []
+        if self._in_flight is not None and not self.scheduler.can_schedule_ahead():
+            done = self._finish(*self._in_flight)  # a sequence must see its token before it is planned
+            self._in_flight = None
         out = self.scheduler.schedule()
         self._record_prefix_cache()
-        if out.is_empty:
+        launched = None if out.is_empty else self._launch(out)
+        if not self.config.scheduler.async_scheduling and launched is not None:
+            return failed + self._finish(out, launched)
+        if self._in_flight is not None:
+            done = self._finish(*self._in_flight)
+        self._in_flight = None if launched is None else (out, launched)
+        if out.is_empty and self._in_flight is None and not done:
             self._record_stats(out, 0)
             self._check_idle()
             self._wait_for_grammars()
-            return failed
+        return failed + done
+
+    def _launch(self, out: SchedulerOutput) -> LaunchedStep:
         draft_probs = self.drafter.draft_probs() if self.drafter is not None else None
-        model_out = self.runner.execute(out, self._grammar_bitmask(out), draft_probs)
+        return self.runner.launch(out, self._grammar_bitmask(out), draft_probs)
+
+    def _finish(self, out: SchedulerOutput, launched: LaunchedStep) -> list[RequestOutput]:
+        """Wait for a step's tokens and apply them: stops, blocks, text, stats, drafts."""
+        model_out = self.runner.collect(launched)
         updated = self.scheduler.update(out, model_out)
         for req in self.outputs.stop_string_hits(updated):
             self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
@@ -222,7 +239,7 @@ class LLMEngine:
         if self.drafter is not None:
             self.drafter.propose(self.scheduler.running)
         self._check_idle()
-        return failed + outputs
+        return outputs
 
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()
@@ -278,18 +295,6 @@ class LLMEngine:
 
     # -- helpers -------------------------------------------------------------
 
-    def _check_prompt(self, token_ids: list[int]) -> None:
-        if not token_ids:
-            raise InvalidParameter("prompt", "must contain at least one token")
-        if len(token_ids) > self.max_model_len:
-            raise InvalidParameter(
-                "prompt", f"is {len(token_ids)} tokens long, more than the context length "
-                f"{self.max_model_len}")
-        vocab = self.arch.vocab_size
-        bad = next((t for t in token_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise InvalidParameter("prompt", f"token id {bad} is out of vocabulary (size {vocab})")
-
     def _make_sequences(self, request_id: str, token_ids: list[int],
                         params: SamplingParams) -> tuple[Request, ...]:
         if params.n == 1:
@@ -325,7 +330,7 @@ class LLMEngine:
 
     def _check_idle(self) -> None:
         """In debug mode (TOKENLOOM_DEBUG=1), check every invariant whenever the engine goes idle."""
-        if self.debug and not self.scheduler.has_unfinished_requests():
+        if self.debug and not self.has_unfinished_requests():
             self.check_integrity()
 
 
@@ -390,24 +395,41 @@ def _resolve_devices(config: EngineConfig) -> EngineConfig:
     model = resolve_device_defaults(config.model, torch.cuda.is_available())
     if config.model.device == "auto":
         logger.info("device auto: %s (torch.cuda.is_available() is %s)", model.device, model.device == "cuda")
-    scheduler = resolve_scheduler_defaults(config.scheduler, model.device)
+    scheduler = resolve_scheduler_defaults(config.scheduler, model.device, config.speculative is not None,
+                                           config.parallel.tensor_parallel_size > 1)
     return dataclasses.replace(config, model=model, scheduler=scheduler)
 
 
 def _load_tokenizer_and_model(config: ModelConfig, dtype: torch.dtype, device: torch.device,
                               group: TPGroup = SINGLE):
     """(tokenizer, (model, arch), the path they came from); the model is rank 0's part of it
-    under tensor parallelism. A GGUF file is opened and its header parsed once for both.
-    Dummy weights take the shape's own tokenizer or, for a bare shape, the default
-    model's shipped with the shapes."""
+    under tensor parallelism. A GGUF file is opened and its header parsed once for both."""
     path = resolve_model_path(config.model, config.load_format)
+    file = _gguf_file(config, path)
+    tokenizer = _tokenizer_of(config, path, file)
+    if file is not None:
+        return tokenizer, load_gguf_model(file, dtype, device, config.quantization, group), path
+    return tokenizer, load_model(path, dtype, device, config.quantization, config.load_format, config.seed,
+                                 group), path
+
+
+def load_tokenizer(config: ModelConfig) -> Tokenizer:
+    """The tokenizer of ``config``'s model without the model (a server's front end, whose
+    engine core loads the model in its own process)."""
+    path = resolve_model_path(config.model, config.load_format)
+    return _tokenizer_of(config, path, _gguf_file(config, path))
+
+
+def _gguf_file(config: ModelConfig, path: Path) -> GGUFFile | None:
+    return GGUFFile(path) if config.load_format != "dummy" and path.suffix == ".gguf" and path.is_file() else None
+
+
+def _tokenizer_of(config: ModelConfig, path: Path, file: GGUFFile | None) -> Tokenizer:
+    """Dummy weights take the shape's own tokenizer or, for a bare shape, the default
+    model's shipped with the shapes."""
     if config.load_format == "dummy":
-        return (Tokenizer.from_path(shape_tokenizer(path)),
-                load_model(path, dtype, device, config.quantization, "dummy", config.seed, group), path)
-    if path.suffix == ".gguf" and path.is_file():
-        file = GGUFFile(path)
-        return Tokenizer.from_gguf_file(file), load_gguf_model(file, dtype, device, config.quantization, group), path
-    return Tokenizer.from_path(path), load_model(path, dtype, device, config.quantization, group=group), path
+        return Tokenizer.from_path(shape_tokenizer(path))
+    return Tokenizer.from_gguf_file(file) if file is not None else Tokenizer.from_path(path)
 
 
 def build_engine_config(model: str = "smollm2-135m", *, dtype: str = "auto", device: str = "auto",
@@ -416,20 +438,24 @@ def build_engine_config(model: str = "smollm2-135m", *, dtype: str = "auto", dev
                         kv_cache_memory: float | None = None, num_kv_blocks: int | None = None,
                         gpu_memory_utilization: float = 0.9,
                         max_num_batched_tokens: int | None = None, max_num_seqs: int = 256,
-                        enable_prefix_caching: bool = True,
+                        enable_prefix_caching: bool = True, async_scheduling: bool | None = None,
                         speculative_config: str | dict | SpeculativeConfig | None = None,
                         tensor_parallel_size: int = 1, distributed_init_method: str | None = None,
-                        nnodes: int = 1, node_rank: int = 0) -> EngineConfig:
+                        nnodes: int = 1, node_rank: int = 0, enforce_eager: bool = False,
+                        max_cudagraph_batch_size: int = DEFAULT_MAX_CUDAGRAPH_BATCH_SIZE) -> EngineConfig:
     """The engine's options as keyword arguments (LLM(...) and the CLI use this).
     ``speculative_config``: vLLM's JSON object (or its text), see ``SpeculativeConfig``;
-    the tensor-parallel options: see ``ParallelConfig``."""
+    the tensor-parallel options: see ``ParallelConfig``; ``enforce_eager`` and
+    ``max_cudagraph_batch_size`` (CUDA graphs of decode steps): see ``ModelConfig``."""
     return EngineConfig(
         model=ModelConfig(model=model, dtype=dtype, device=device, quantization=quantization,
-                          load_format=load_format, max_model_len=max_model_len, seed=seed),
+                          load_format=load_format, max_model_len=max_model_len, seed=seed,
+                          enforce_eager=enforce_eager, max_cudagraph_batch_size=max_cudagraph_batch_size),
         cache=CacheConfig(block_size=block_size, kv_cache_dtype=kv_cache_dtype, kv_cache_memory=kv_cache_memory,
                           num_blocks=num_kv_blocks, gpu_memory_utilization=gpu_memory_utilization,
                           enable_prefix_caching=enable_prefix_caching),
-        scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs),
+        scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+                                  async_scheduling=async_scheduling),
         speculative=parse_speculative_config(speculative_config),
         parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size,
                                 distributed_init_method=distributed_init_method, nnodes=nnodes, node_rank=node_rank),
@@ -516,6 +542,19 @@ def _log_tensor_parallel(arch: ModelArchConfig, reports: list[RankReport], cache
                     shard.intermediate[0], shard.intermediate[1] - 1, shard.vocab[0], shard.vocab[1] - 1,
                     report.weights_bytes / GiB,
                     _kv_cache_bytes(_rank_arch(arch, size, report.rank), cache, kv_dtype, cache.num_blocks) / GiB)
+
+
+def _cudagraph_sizes(config: EngineConfig, device: torch.device) -> tuple[int, ...]:
+    """The decode batch sizes to capture as CUDA graphs: none on the CPU (padding would
+    cost it real work), with ``enforce_eager``, or under tensor parallelism, where every
+    rank would have to replay the same graph in lockstep with rank 0's (its collectives
+    inside the graphs); rank 0 alone replaying would leave the others' all-reduces unmatched."""
+    if device.type != "cuda" or config.model.enforce_eager:
+        return ()
+    if config.parallel.tensor_parallel_size > 1:
+        logger.info("CUDA graphs off under tensor parallelism: decode steps run eagerly on every rank")
+        return ()
+    return capture_sizes(config.scheduler.max_num_seqs, config.model.max_cudagraph_batch_size)
 
 
 def _rank_arch(arch: ModelArchConfig, size: int, rank: int) -> ModelArchConfig:

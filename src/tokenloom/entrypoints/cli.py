@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from tokenloom.bench.cli import add_bench_subcommands
-from tokenloom.config import KV_CACHE_DTYPES, EngineConfig
+from tokenloom.config import DEFAULT_MAX_CUDAGRAPH_BATCH_SIZE, KV_CACHE_DTYPES, EngineConfig
 from tokenloom.entrypoints.load_args import add_load_args, load_options
 from tokenloom.entrypoints.openai.server_config import (
     DEFAULT_MAX_QUEUED_REQUESTS,
@@ -109,6 +109,14 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    "5, \"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2} or {\"method\": \"draft_model\", "
                    "\"model\": PATH_OR_ALIAS, \"num_speculative_tokens\": 4}; optional \"disable_by_batch_size\" "
                    "(default 4: no speculation when more sequences run, where on a CPU it stops paying); off when not given")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="run every step eagerly: no CUDA graphs for decode steps (the CPU never uses them)")
+    p.add_argument("--max-cudagraph-batch-size", type=int, default=DEFAULT_MAX_CUDAGRAPH_BATCH_SIZE,
+                   help="largest decode batch (sequences) replayed as a CUDA graph; larger ones run eagerly "
+                   "(default: %(default)s, capped by --max-num-seqs)")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="plan step N+1 while the device runs step N (default: on with CUDA, off on the CPU, "
+                   "where the host runs the step itself; never with speculative decoding or -tp > 1)")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split the model over this many ranks (processes; one GPU each on CUDA), Megatron style; "
                    "on one machine the engine starts them itself (default: %(default)s)")
@@ -162,7 +170,9 @@ def engine_config_from_args(args: argparse.Namespace, parser: argparse.ArgumentP
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype, block_size=args.block_size,
         speculative_config=args.speculative_config, tensor_parallel_size=args.tensor_parallel_size,
-        distributed_init_method=args.distributed_init_method, nnodes=args.nnodes, node_rank=args.node_rank)
+        distributed_init_method=args.distributed_init_method, nnodes=args.nnodes, node_rank=args.node_rank,
+        enforce_eager=args.enforce_eager, max_cudagraph_batch_size=args.max_cudagraph_batch_size,
+        async_scheduling=args.async_scheduling)
     if args.no_prefix_caching:
         if "enable_prefix_caching" not in inspect.signature(build_engine_config).parameters:
             parser.error("--no-prefix-caching: this build has no prefix cache to turn off")
@@ -206,17 +216,16 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser, engine_con
         server_config.validate()
     except ValueError as exc:
         parser.error(str(exc))
-    from tokenloom.engine.async_engine import AsyncLLMEngine
-    from tokenloom.engine.llm_engine import LLMEngine
+    from tokenloom.engine.core_client import EngineCoreClient
     from tokenloom.entrypoints.openai.app import build_app, run_server
 
-    engine = AsyncLLMEngine(LLMEngine(engine_config))
+    engine = EngineCoreClient.launch(engine_config)  # the engine loop runs in its own process
     model_name = server_config.served_model_name or args.model
     app = build_app(engine, server_config, model_name)
     logging.getLogger("tokenloom.server").info(
         "serving %r at http://%s:%d/v1%s", model_name, args.host, args.port,
         " (API key required)" if server_config.api_key else "")
-    run_server(app, engine, server_config)
+    run_server(app, server_config)
     return 0
 
 

@@ -34,7 +34,8 @@ class LLM:
     enable_prefix_caching (on by default), seed, speculative_config (vLLM's dict, e.g.
     ``{"method": "ngram", "num_speculative_tokens": 5}``; off by default),
     tensor_parallel_size (the model split over that many ranks, processes the engine
-    starts; with nnodes, node_rank and distributed_init_method across machines).
+    starts; with nnodes, node_rank and distributed_init_method across machines),
+    enforce_eager and max_cudagraph_batch_size (CUDA graphs of decode steps, on by default on CUDA).
     ``llm.engine.shutdown()`` ends the ranks at once (they also end with the process).
     """
 

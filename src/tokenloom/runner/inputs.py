@@ -46,6 +46,20 @@ class DraftRow:
     seed: int
     eos_token_ids: tuple[int, ...]
 
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class LastSampled:
+    """The token ids a step sampled, still on the device, and the row of each sequence's
+    last one among them: the next step, scheduled before the host saw them, reads its
+    ``token_from_last_step`` tokens from here (overlapped scheduling)."""
+
+    token_ids: torch.Tensor  # [num_sample_rows] int64
+    rows: dict[str, int]
+
 
 @dataclass(frozen=True, slots=True)
 class ModelInputs:
@@ -60,8 +74,9 @@ class ModelInputs:
 
 
 def prepare_inputs(out: SchedulerOutput, block_size: int, device: torch.device,
-                   block_table: BlockTable) -> ModelInputs:
+                   block_table: BlockTable, last_sampled: LastSampled | None = None) -> ModelInputs:
     input_ids: list[int] = []
+    from_last: tuple[list[int], list[int]] = ([], [])  # (row in this batch, row in last_sampled)
     positions: list[int] = []
     slots: list[int] = []
     starts = [0]
@@ -72,6 +87,9 @@ def prepare_inputs(out: SchedulerOutput, block_size: int, device: torch.device,
     prompt_slices: list[PromptLogprobsSlice] = []
     for sr in out.scheduled:
         row0 = len(input_ids)
+        if sr.token_from_last_step:
+            from_last[0].append(row0)
+            from_last[1].append(_last_sampled_row(last_sampled, sr.request_id))
         span = range(sr.num_computed_tokens, sr.context_len)
         input_ids.extend(sr.token_ids)
         positions.extend(span)
@@ -88,8 +106,12 @@ def prepare_inputs(out: SchedulerOutput, block_size: int, device: torch.device,
     table = block_table.plan(out)
     # One host buffer, one copy: the step's ints and the block-table entries that are new.
     (ids_t, positions_t, slots_t, seq_lens_t, starts_t, sample_rows_t, seq_rows_t, rows_t, cols_t,
-     blocks_t) = _to_device([input_ids, positions, slots, seq_lens, starts, sample_rows, table.seq_rows,
-                             table.rows, table.cols, table.block_ids], device)
+     blocks_t, dest_t, src_t) = _to_device([input_ids, positions, slots, seq_lens, starts, sample_rows,
+                                            table.seq_rows, table.rows, table.cols, table.block_ids, *from_last],
+                                           device)
+    if from_last[0]:
+        assert last_sampled is not None  # _last_sampled_row checked it
+        ids_t[dest_t] = last_sampled.token_ids[src_t]  # on the device: the host never waits for them
     meta = AttentionMetadata(
         slot_mapping=slots_t,
         block_tables=block_table.apply(rows_t, cols_t, blocks_t, seq_rows_t, table.width),
@@ -109,6 +131,12 @@ def prepare_inputs(out: SchedulerOutput, block_size: int, device: torch.device,
         sample_seqs=tuple(sample_seqs),
         prompt_logprobs=tuple(prompt_slices),
     )
+
+
+def _last_sampled_row(last: LastSampled | None, request_id: str) -> int:
+    if last is None or request_id not in last.rows:
+        raise ValueError(f"request {request_id} reads a token of the last step, which did not sample it")
+    return last.rows[request_id]
 
 
 def _sample_seqs(sr: ScheduledRequest) -> list[SamplingSequence]:

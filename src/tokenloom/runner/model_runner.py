@@ -7,6 +7,10 @@ Under tensor parallelism every rank has a runner over its part of the model and
 of the KV cache (its own kv heads, the same block ids). Rank 0's runner hands each
 step's ``SchedulerOutput`` to the others (``broadcast``) before its forward; theirs
 run the same forward (``run_peer_step``) and sample nothing.
+
+Decode-only steps go through a ``GraphRunner`` (``cuda_graph.py``) when one is
+built (``cudagraph_sizes``: the engine asks for one on CUDA): CUDA graphs
+replayed over static, padded buffers.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,23 +27,37 @@ from tokenloom.config import ModelArchConfig
 from tokenloom.model.layers.attention import kv_row_width
 from tokenloom.request import Logprob, PositionLogprobs
 from tokenloom.runner.block_table import BlockTable
+from tokenloom.runner.cuda_graph import GraphRunner, build_graph_runner
 from tokenloom.runner.host_allocator import keep_freed_memory, release_freed_memory
-from tokenloom.runner.inputs import ModelInputs, PromptLogprobsSlice, prepare_inputs
+from tokenloom.runner.inputs import LastSampled, ModelInputs, PromptLogprobsSlice, prepare_inputs
 from tokenloom.sample import Sampler, SamplerOutput, build_sampling_metadata, compute_prompt_logprobs
 from tokenloom.sample.metadata import AllowedTokens, DraftSamples
 from tokenloom.sched.output import ModelOutput, SampledToken, SchedulerOutput
 from tokenloom.spec_decode.verify import num_accepted
-from tokenloom.transfer import host_to_device, to_device, to_host
+from tokenloom.transfer import HostCopies, host_to_device, to_device, to_host
 
 if TYPE_CHECKING:
     from tokenloom.structured import GrammarBitmask
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchedStep:
+    """A step queued on the device: its inputs, hidden states [num_tokens, hidden_size]
+    (prompt logprobs read them) and the copies of its sampled tokens (None: none sampled)."""
+
+    inputs: ModelInputs
+    hidden: torch.Tensor
+    copies: HostCopies | None
 
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, arch: ModelArchConfig, num_blocks: int,
                  block_size: int, kv_cache_dtype: torch.dtype, device: torch.device,
                  max_num_seqs: int = 256, max_model_len: int | None = None,
-                 broadcast: Callable[[SchedulerOutput], object] | None = None) -> None:
+                 broadcast: Callable[[SchedulerOutput], object] | None = None,
+                 cudagraph_sizes: tuple[int, ...] = ()) -> None:
+        """``cudagraph_sizes``: the decode batch sizes of a ``GraphRunner`` (captured on
+        CUDA, run as the same padded static forward elsewhere); empty: every step eager."""
         self.model = model
         self.arch = arch
         self.broadcast = broadcast
@@ -60,6 +79,9 @@ class ModelRunner:
              torch.empty(shape, dtype=kv_cache_dtype, device=device))
             for _ in range(arch.num_hidden_layers)
         ]
+        self._last_sampled: LastSampled | None = None  # the last launched step's sampled ids
+        self.graphs: GraphRunner | None = build_graph_runner(
+            model, self.kv_caches, cudagraph_sizes, self.block_table.table.shape[1], max_len, block_size, device)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, grammar: GrammarBitmask | None = None,
@@ -67,11 +89,30 @@ class ModelRunner:
         """``grammar``: the allowed tokens of the step's constrained sample rows (structured
         output). ``draft_probs``: per sequence whose drafts a draft model sampled, the
         distributions they came from [k, vocab] (rejection sampling of its random rows)."""
+        return self.collect(self.launch(out, grammar, draft_probs))
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput, grammar: GrammarBitmask | None = None,
+               draft_probs: Mapping[str, torch.Tensor] | None = None) -> LaunchedStep:
+        """Queue the step on the device and start copying its sampled tokens back; nothing
+        waits (on CUDA). Its sampled ids stay on the device for the next step's
+        ``token_from_last_step`` sequences (overlapped scheduling)."""
         inputs, hidden, result = self.forward_and_sample(out, grammar, draft_probs)
-        rows = () if result is None else _to_sampled_tokens(
-            result, [s.sampling_params.logprobs for s in inputs.sample_seqs])  # the step's one wait
+        if result is None:
+            return LaunchedStep(inputs, hidden, None)
+        self._last_sampled = LastSampled(result.token_ids, {
+            sr.request_id: start + sr.num_sample_rows - 1 for sr, start in zip(inputs.sampled, inputs.sample_starts)})
+        copies = HostCopies([result.token_ids, result.logprob_token_ids, result.logprobs, result.sampled_ranks])
+        return LaunchedStep(inputs, hidden, copies)
+
+    @torch.inference_mode()
+    def collect(self, step: LaunchedStep) -> ModelOutput:
+        """The step's results on the host: the one wait of a step."""
+        inputs = step.inputs
+        rows = () if step.copies is None else _to_sampled_tokens(
+            step.copies.wait(), [s.sampling_params.logprobs for s in inputs.sample_seqs])
         prompt_logprobs = {s.request_id: self._prompt_logprobs(s, logits)
-                           for s, logits in zip(inputs.prompt_logprobs, self._prompt_logits(inputs, hidden))}
+                           for s, logits in zip(inputs.prompt_logprobs, self._prompt_logits(inputs, step.hidden))}
         return ModelOutput(
             request_ids=tuple(sr.request_id for sr in inputs.sampled),
             sampled=_accepted_tokens(inputs, rows),
@@ -96,7 +137,14 @@ class ModelRunner:
         [num_sample_rows, vocab_size] (None: nothing samples). Under ``torch.inference_mode()``."""
         if self.broadcast is not None:
             self.broadcast(_for_peers(out))
-        inputs = prepare_inputs(out, self.block_size, self.device, self.block_table)
+        inputs = prepare_inputs(out, self.block_size, self.device, self.block_table, self._last_sampled)
+        # Prompt logprobs read a step's hidden states late (after the next step is launched,
+        # when steps overlap): not from a graph's outputs, which the next replay rewrites.
+        graphs = self.graphs if not inputs.prompt_logprobs else None
+        replayed = graphs.run(inputs) if graphs is not None else None
+        if replayed is not None:
+            hidden, logits = replayed  # every row's: [n, hidden_size], [n, vocab_size]
+            return inputs, hidden, logits[inputs.sample_rows] if inputs.sampled else None
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches,
                             inputs.attn_metadata)  # [num_tokens, hidden_size]
         if not inputs.sampled:
@@ -180,11 +228,10 @@ def _accepted_tokens(inputs: ModelInputs, rows: tuple[SampledToken, ...]) -> tup
     return tuple(tokens)
 
 
-def _to_sampled_tokens(result: SamplerOutput, wanted: list[int | None]) -> tuple[SampledToken, ...]:
-    """The step's one wait on the device: every result tensor comes back in one batch of copies."""
-    host = to_host([result.token_ids, result.logprob_token_ids, result.logprobs, result.sampled_ranks])
+def _to_sampled_tokens(host: list[torch.Tensor | None], wanted: list[int | None]) -> tuple[SampledToken, ...]:
+    """``host``: the sampler's token ids, logprob ids, logprobs and ranks, on the host."""
     token_ids = host[0].tolist()
-    if result.logprobs is None:
+    if host[2] is None:
         return tuple(SampledToken(t) for t in token_ids)
     ids, values, ranks = (t.tolist() for t in host[1:])
     tokens = []

@@ -26,6 +26,10 @@ class SamplingSequence(Protocol):
     @property
     def output_token_ids(self) -> Sequence[int]: ...
     @property
+    def num_output_tokens(self) -> int:
+        """Output tokens so far: ``output_token_ids`` and, with overlapped scheduling, the
+        one the previous step sampled (still on the device; such a row has no penalties)."""
+    @property
     def seed(self) -> int: ...
     @property
     def eos_token_ids(self) -> tuple[int, ...]: ...
@@ -178,7 +182,7 @@ def _build_random_rows(
         rows=None if len(rows) == len(seqs) else _tensor(rows, torch.int64, device),
         temperature=_tensor([p.temperature for p in params], torch.float32, device),
         seeds=_tensor([s.seed for s in random_seqs], torch.int64, device),
-        positions=_tensor([len(s.output_token_ids) for s in random_seqs], torch.int64, device),
+        positions=_tensor([s.num_output_tokens for s in random_seqs], torch.int64, device),
         top_k=_tensor(top_k, torch.int64, device) if enabled_k else None,
         max_top_k=max(enabled_k, default=0),
         top_p=_optional_row_param([p.top_p for p in params], 1.0, device),
@@ -227,7 +231,7 @@ def _build_min_tokens_mask(
     rows, token_ids = [], []
     for row, s in enumerate(seqs):
         p = s.sampling_params
-        if len(s.output_token_ids) >= p.min_tokens:
+        if s.num_output_tokens >= p.min_tokens:
             continue
         # An eos id past the logits' vocabulary (a padded tokenizer) can never be sampled anyway.
         stop_ids = {t for t in (*s.eos_token_ids, *p.stop_token_ids) if 0 <= t < vocab_size}

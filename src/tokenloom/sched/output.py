@@ -38,11 +38,21 @@ class ScheduledRequest:
     eos_token_ids: tuple[int, ...] = ()
     prompt_logprobs_start: int | None = None
     spec_token_ids: tuple[int, ...] = ()
+    # Overlapped scheduling: the sequence's last sampled token comes from the step before,
+    # whose result the host has not seen: it is the first new token, read on the device
+    # (``token_ids`` starts with a stand-in for it), and ``output_token_ids`` lacks it.
+    token_from_last_step: bool = False
 
     @property
     def context_len(self) -> int:
         """Tokens with KV in the cache once this step has run (drafts included)."""
         return self.num_computed_tokens + self.num_new_tokens
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Output tokens before this step's sample, the one still on the device included
+        (what the random stream's position and min_tokens count)."""
+        return len(self.output_token_ids) + self.token_from_last_step
 
     @property
     def num_sample_rows(self) -> int:

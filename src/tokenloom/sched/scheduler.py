@@ -49,6 +49,14 @@ class Scheduler:
     after them, in order, until a stop condition holds; the KV of rejected drafts is
     dropped (computed = tokens - 1) and the blocks that held only it go back.
 
+    Overlapped (async) scheduling: ``schedule()`` may run once more before the
+    ``update()`` of the step in flight. Each request counts what that step will add
+    (``num_inflight_tokens``, ``num_inflight_outputs``), so the next step starts past
+    it; a sequence whose last token is still being sampled gets it as its first new
+    token, read on the device (``token_from_last_step``). ``update()`` drops the
+    results of requests finished or preempted meanwhile, and a request whose token in
+    flight is certainly its last (max_tokens, max_model_len) is not planned again.
+
     The engine keeps ``max_model_len <= kv.capacity_tokens``, so a request
     running alone always fits.
     """
@@ -109,6 +117,12 @@ class Scheduler:
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
 
+    def can_schedule_ahead(self) -> bool:
+        """Whether the next step may be planned before the host knows the tokens of the
+        one in flight: not while a sequence waits for one that its sampling reads
+        (penalties count its output ids) or that its grammar must accept first."""
+        return not any(req.num_inflight_outputs and _reads_own_output(req) for req in self.running)
+
     @property
     def num_running(self) -> int:
         return len(self.running)
@@ -128,8 +142,12 @@ class Scheduler:
             self._schedule_waiting(budget, chunks)
         finished_ids, self._finished_ids = tuple(self._finished_ids), []
         # Built last: block tables are final once every allocation of the step is done.
+        scheduled = tuple(self._scheduled_request(req, n) for req, n in chunks)
+        for (req, n), sched in zip(chunks, scheduled):
+            req.num_inflight_tokens += n
+            req.num_inflight_outputs += sched.sample
         return SchedulerOutput(
-            scheduled=tuple(self._scheduled_request(req, n) for req, n in chunks),
+            scheduled=scheduled,
             num_batched_tokens=sum(n for _, n in chunks),
             preempted_ids=tuple(preempted),
             finished_ids=finished_ids,
@@ -140,9 +158,12 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if self._ends_in_flight(req):
+                i += 1  # its last token is being sampled: the step in flight finishes it
+                continue
             # A decoding sequence's drafts ride along; the budget may cut them short.
             num_drafts = len(req.spec_token_ids) if req.is_decoding else 0
-            num_new = min(req.num_tokens - req.num_computed_tokens + num_drafts, budget)
+            num_new = min(_num_known_tokens(req) - _num_scheduled_tokens(req) + num_drafts, budget)
             if not self._allocate_or_preempt(req, num_new, preempted):
                 break  # req was the newest: nothing runs after it
             chunks.append((req, num_new))
@@ -150,10 +171,20 @@ class Scheduler:
             i += 1
         return budget
 
+    def _ends_in_flight(self, req: Request) -> bool:
+        """The token a step in flight samples for ``req`` is certainly its last (max_tokens
+        or the context length): scheduling past it would waste a token, or overrun the
+        context. (An EOS or stop token cannot be foreseen: that token's step is wasted.)"""
+        if not req.num_inflight_outputs:
+            return False
+        max_tokens = req.sampling_params.max_tokens
+        return (max_tokens is not None and req.num_output_tokens + req.num_inflight_outputs >= max_tokens) \
+            or _num_known_tokens(req) >= self.config.max_model_len
+
     def _allocate_or_preempt(self, req: Request, num_new: int, preempted: list[str]) -> bool:
         """Allocate, preempting the newest running requests (req itself last) until it fits.
         Victims come from the tail, which holds only requests not yet scheduled this step."""
-        while not self.kv.allocate_slots(req, num_new):
+        while not self.kv.allocate_slots(req, req.num_inflight_tokens + num_new):
             victim = self.running.pop()
             self._preempt(victim)
             preempted.append(victim.request_id)
@@ -162,8 +193,10 @@ class Scheduler:
         return True
 
     def _preempt(self, req: Request) -> None:
+        """Its step in flight, if any, is dropped when its result comes (``update``)."""
         self.kv.free(req)
         req.num_computed_tokens = 0
+        req.num_inflight_tokens = req.num_inflight_outputs = 0
         req.spec_token_ids = []
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
@@ -237,20 +270,23 @@ class Scheduler:
             req.num_prompt_logprobs_done = sibling.num_prompt_logprobs_done
 
     def _scheduled_request(self, req: Request, num_new: int) -> ScheduledRequest:
-        start = req.num_computed_tokens
+        start = _num_scheduled_tokens(req)
         params = req.sampling_params
         wants_prompt_logprobs = (params.prompt_logprobs is not None
                                  and req.num_prompt_logprobs_done < req.num_prompt_tokens)
         prompt = self._prompt_ids[req.request_id]
-        end = min(start + num_new, req.num_tokens)  # past it: drafts
+        known = _num_known_tokens(req)
+        end = min(start + num_new, known)  # past it: drafts
         drafts = tuple(req.spec_token_ids[:start + num_new - end])
+        from_last_step = end > req.num_tokens  # the token a step in flight samples
+        token_ids = _token_slice(prompt, req.output_token_ids, start, min(end, req.num_tokens))
         return ScheduledRequest(
             request_id=req.request_id,
-            token_ids=_token_slice(prompt, req.output_token_ids, start, end) + drafts,
+            token_ids=(_STAND_IN,) + token_ids + drafts if from_last_step else token_ids + drafts,
             num_computed_tokens=start,
             num_new_tokens=num_new,
             block_ids=tuple(req.block_ids),
-            sample=end == req.num_tokens,
+            sample=end == known,
             sampling_params=params,
             prompt_token_ids=prompt,
             output_token_ids=tuple(req.output_token_ids),
@@ -258,6 +294,7 @@ class Scheduler:
             eos_token_ids=tuple(req.eos_token_ids),
             prompt_logprobs_start=start if wants_prompt_logprobs else None,
             spec_token_ids=drafts,
+            token_from_last_step=from_last_step,
         )
 
     # ---- update ---------------------------------------------------------------
@@ -275,6 +312,8 @@ class Scheduler:
                 raise ValueError(f"stale scheduler output for {req.request_id}: scheduled at "
                                  f"{sched.num_computed_tokens} computed tokens, "
                                  f"now {req.num_computed_tokens}")
+            req.num_inflight_tokens -= sched.num_new_tokens
+            req.num_inflight_outputs -= sched.sample
             self._collect_prompt_logprobs(req, sched, model_output)
             if not sched.sample:
                 req.num_computed_tokens += sched.num_new_tokens
@@ -395,6 +434,25 @@ class Scheduler:
             if req.block_ids or req.num_computed_tokens:
                 raise AssertionError(f"waiting request holds computed tokens or blocks: {req!r}")
         self.kv.check_integrity(live)
+
+
+_STAND_IN = 0  # in token_ids, for a token the device fills in (``token_from_last_step``)
+
+
+def _reads_own_output(req: Request) -> bool:
+    params = req.sampling_params
+    return req.grammar is not None or params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 \
+        or params.frequency_penalty != 0.0
+
+
+def _num_known_tokens(req: Request) -> int:
+    """Prompt + output tokens, counting one a step in flight is sampling."""
+    return req.num_tokens + req.num_inflight_outputs
+
+
+def _num_scheduled_tokens(req: Request) -> int:
+    """Tokens whose KV is computed, or will be by the step in flight."""
+    return req.num_computed_tokens + req.num_inflight_tokens
 
 
 def _token_slice(prompt: tuple[int, ...], output: list[int], start: int, end: int) -> tuple[int, ...]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -28,7 +27,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenloom import __version__
-from tokenloom.engine.async_engine import AsyncLLMEngine
+from tokenloom.engine.client import EngineClient
 from tokenloom.engine.chat_template import ChatTemplateError
 from tokenloom.engine.stats_logger import StatsLogger
 from tokenloom.engine.tool_prompt import render_conversation
@@ -54,11 +53,11 @@ logger = logging.getLogger("tokenloom.server")
 _CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away"
 
 
-def build_app(engine: AsyncLLMEngine, config: ServerConfig, model_name: str) -> FastAPI:
+def build_app(engine: EngineClient, config: ServerConfig, model_name: str) -> FastAPI:
     """The app around an engine that is built but not started (the lifespan starts it)."""
     config.validate()
     gate = QueueGate(config.max_queued_requests)
-    metrics = ServerMetrics(engine.engine.stats, lambda: gate.num_queued)
+    metrics = ServerMetrics(engine.stats, lambda: gate.num_queued)
     serving = OpenAIServing(engine, model_name, gate, metrics, config.log_prompts)
     app = FastAPI(title="tokenloom", version=__version__, lifespan=_lifespan(engine, config))
     app.state.serving = serving
@@ -75,13 +74,13 @@ def build_app(engine: AsyncLLMEngine, config: ServerConfig, model_name: str) -> 
     return app
 
 
-def _lifespan(engine: AsyncLLMEngine, config: ServerConfig):
+def _lifespan(engine: EngineClient, config: ServerConfig):
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
         stats_task = None
         if config.log_stats_interval_s > 0:
-            stats_task = asyncio.create_task(_log_stats(StatsLogger(engine.engine.stats),
+            stats_task = asyncio.create_task(_log_stats(StatsLogger(engine.stats),
                                                         config.log_stats_interval_s))
         try:
             yield
@@ -90,7 +89,7 @@ def _lifespan(engine: AsyncLLMEngine, config: ServerConfig):
                 stats_task.cancel()
                 with suppress(asyncio.CancelledError):
                     await stats_task
-            await asyncio.to_thread(engine.shutdown)
+            await engine.stop()
 
     return lifespan
 
@@ -117,7 +116,7 @@ def _add_openai_routes(app: FastAPI, serving: OpenAIServing, config: ServerConfi
     @app.get("/v1/models")
     async def models() -> ModelList:
         card = ModelCard(id=serving.model_name, created=int(app.state.started_at),
-                         root=str(serving.engine.engine.config.model.model), max_model_len=serving.max_model_len)
+                         root=serving.engine.model_path, max_model_len=serving.max_model_len)
         return ModelList(data=[card])
 
 
@@ -216,29 +215,22 @@ def _validation_error(exc: RequestValidationError) -> OpenAIError:
     return bad_request(param, f"{where}: {message}")
 
 
-def run_server(app: FastAPI, engine: AsyncLLMEngine, config: ServerConfig) -> None:
-    """Serve ``app`` until interrupted (Ctrl-C / SIGTERM shut it down cleanly).
-
-    The engine loop runs on this (the main) thread and uvicorn's event loop on
-    a second one: see ``AsyncLLMEngine.run_in_current_thread`` for why."""
+def run_server(app: FastAPI, config: ServerConfig) -> None:
+    """Serve ``app`` until interrupted (Ctrl-C / SIGTERM shut it down cleanly: uvicorn
+    runs the lifespan's end, which stops the engine)."""
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port,
                                            log_level=config.log_level, timeout_graceful_shutdown=5))
-    engine.claim_current_thread()  # the lifespan's start() leaves the loop to this thread
-    http = threading.Thread(target=server.run, name="tokenloom-http", daemon=True)
-    http.start()
-    while not server.started:  # the lifespan is up and the socket bound, or startup failed
-        if not http.is_alive():
-            raise SystemExit(1)  # uvicorn has logged why (e.g. the port is taken)
-        time.sleep(0.05)
+    # uvicorn shuts down on SIGINT/SIGTERM, then raises the signal again: a KeyboardInterrupt
+    # for both (not SIGTERM's default death) ends the process as a clean exit.
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
-        engine.run_in_current_thread()  # returns when the lifespan shuts the engine down
+        server.run()
     except KeyboardInterrupt:
-        pass
+        return
     finally:
         signal.signal(signal.SIGTERM, previous)
-        server.should_exit = True
-        http.join(timeout=30)
+    if not server.started:
+        raise SystemExit(1)  # uvicorn has logged why (e.g. the port is taken)
 
 
 def _raise_keyboard_interrupt(signum: int, frame: object) -> None:

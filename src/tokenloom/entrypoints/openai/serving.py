@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
 
-from tokenloom.engine.async_engine import AsyncLLMEngine, EngineDeadError
+from tokenloom.engine.client import EngineClient, EngineDeadError
 from tokenloom.entrypoints.openai.errors import (
     SERVER_ERROR,
     OpenAIError,
@@ -85,21 +85,21 @@ class EngineRequest:
 
 
 class OpenAIServing:
-    """Validation, admission, metrics and logging around ``AsyncLLMEngine.generate``."""
+    """Validation, admission, metrics and logging around ``EngineClient.generate``."""
 
-    def __init__(self, engine: AsyncLLMEngine, model_name: str, gate: QueueGate, metrics: ServerMetrics,
+    def __init__(self, engine: EngineClient, model_name: str, gate: QueueGate, metrics: ServerMetrics,
                  log_prompts: bool = False) -> None:
         self.engine = engine
-        self.tokenizer = engine.engine.tokenizer
+        self.tokenizer = engine.tokenizer
         self.model_name = model_name
         self.gate = gate
         self.metrics = metrics
         self.log_prompts = log_prompts
-        self.vocab_size = engine.engine.arch.vocab_size
+        self.vocab_size = engine.vocab_size
 
     @property
     def max_model_len(self) -> int:
-        return self.engine.engine.max_model_len
+        return self.engine.max_model_len
 
     # -- checks --------------------------------------------------------------
 
@@ -160,7 +160,7 @@ class OpenAIServing:
         """Wait for the grammar on the compile pool (the engine then finds it cached);
         a grammar that does not compile is a 400 naming ``field``."""
         try:
-            await asyncio.wrap_future(self.engine.engine.structured.compile(spec))
+            await asyncio.wrap_future(self.engine.structured.compile(spec))
         except GrammarCompileError as exc:
             raise bad_request(field, f"{field} cannot be used to constrain the output: {exc.reason}") from None
 

@@ -7,7 +7,8 @@
 //                     contiguous, any stride between tokens (v is a view into the fused
 //                     qkv output)
 //   slot_mapping      [num_tokens] int64: token i goes to slot slot_mapping[i], that is
-//                     block slot / block_size, offset slot % block_size
+//                     block slot / block_size, offset slot % block_size; a slot < 0 is
+//                     padding (a batch padded to a static size) and writes nothing
 //
 // The PyTorch form is a cast and an index_copy_ per cache: four ops, each
 // ~10-20 us of dispatch for a decode step's handful of rows, 60 times a step
@@ -79,7 +80,9 @@ void write_rows(const at::Tensor& rows, const at::Tensor& cache, const int64_t* 
   const float* src = rows.data_ptr<float>();
   T* dst = cache.data_ptr<T>();
   at::parallel_for(0, rows.size(0), 256, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) copy_token(src + i * stride, dst + slots[i] * slot_width, heads, head_dim);
+    for (int64_t i = begin; i < end; ++i) {
+      if (slots[i] >= 0) copy_token(src + i * stride, dst + slots[i] * slot_width, heads, head_dim);
+    }
   });
 }
 
@@ -99,7 +102,7 @@ void write_kv(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Te
   const int64_t num_slots = k_cache.size(0) * k_cache.size(1);
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
   for (int64_t i = 0; i < slot_mapping.size(0); ++i)
-    TORCH_CHECK(slots[i] >= 0 && slots[i] < num_slots, "write_kv: slot ", slots[i], " of token ", i,
+    TORCH_CHECK(slots[i] < num_slots, "write_kv: slot ", slots[i], " of token ", i,
                 " is outside the cache's ", num_slots, " slots");
   if (k_cache.scalar_type() == at::kHalf) {
     write_rows<at::Half>(k, k_cache, slots);

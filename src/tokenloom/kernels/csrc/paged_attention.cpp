@@ -22,6 +22,9 @@
 //   seq_lens[s]:       context length after this step (the new tokens' K/V are
 //                      already cached); query j of s sits at position
 //                      seq_lens[s] - q_len + j and sees keys 0..that position.
+//                      seq_lens[s] = 0 marks padding (a batch padded to a static
+//                      size, runner/cuda_graph.py): its rows attend to nothing
+//                      and come out zero.
 //
 // Algorithm (flash attention): a task is (sequence, kv head, up to kQueryTokens
 // query tokens). Its query rows are those tokens' heads of that GQA group,
@@ -431,6 +434,7 @@ std::vector<Task> make_tasks(const int64_t* starts, const int64_t* lens, int64_t
   std::vector<Task> tasks;
   for (int64_t s = 0; s < num_seqs; ++s) {
     const int64_t q_len = starts[s + 1] - starts[s];
+    if (lens[s] == 0) continue;  // padding: zero_padding_rows writes its rows
     for (int64_t j = 0; j < q_len; j += kQueryTokens) {
       const int64_t count = std::min(kQueryTokens, q_len - j);
       for (int64_t h = 0; h < num_kv_heads; ++h) {
@@ -484,10 +488,22 @@ void check_tables(const at::Tensor& block_tables, const at::Tensor& seq_lens,
     const int64_t q_len = starts[i + 1] - starts[i];
     TORCH_CHECK(q_len >= 0, "query_start_loc must be nondecreasing, but query_start_loc[", i + 1,
                 "] = ", starts[i + 1], " < query_start_loc[", i, "] = ", starts[i]);
+    if (lens[i] == 0) continue;  // padding: reads nothing
     attention_checks::check_sequence(i, lens[i], tables + i * max_num_blocks, max_num_blocks, num_blocks,
                                      block_size);
     TORCH_CHECK(q_len <= lens[i], "sequence ", i, " has ", q_len, " query tokens, more than seq_lens[",
                 i, "] = ", lens[i]);
+  }
+}
+
+// The rows of padding sequences (seq_lens 0), which no task writes: zero, not
+// whatever empty_like left there (a NaN would be harmless to the other rows but
+// poisons any reduction a caller makes over the whole padded batch).
+void zero_padding_rows(at::Tensor& out, const at::Tensor& seq_lens, const at::Tensor& query_start_loc) {
+  const int64_t* lens = seq_lens.data_ptr<int64_t>();
+  const int64_t* starts = query_start_loc.data_ptr<int64_t>();
+  for (int64_t s = 0; s < seq_lens.size(0); ++s) {
+    if (lens[s] == 0 && starts[s + 1] > starts[s]) out.narrow(0, starts[s], starts[s + 1] - starts[s]).zero_();
   }
 }
 
@@ -501,6 +517,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
   check_tables(block_tables, seq_lens, query_start_loc, q.size(0), num_blocks, block_size);
 
   at::Tensor out = at::empty_like(q);
+  zero_padding_rows(out, seq_lens, query_start_loc);
   const std::vector<Task> tasks = make_tasks(query_start_loc.data_ptr<int64_t>(),
                                              seq_lens.data_ptr<int64_t>(), seq_lens.size(0),
                                              k_cache.size(2));

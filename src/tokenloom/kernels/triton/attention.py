@@ -194,9 +194,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
     ``query_start_loc`` [num_seqs + 1] and ``seq_lens`` [num_seqs] are device
     tensors; ``max_query_len`` and ``max_seq_len`` are the host's own numbers
-    (from the scheduler) and only size the launch. ``split``: one program per
-    segment of keys plus a merge pass (flash-decoding), for long contexts at
-    small batch; the result is the same bits either way.
+    (from the scheduler) and only size the launch: an upper bound gives the same
+    bits (a CUDA graph's launch is sized for max_model_len; segments past a row's
+    keys merge as (-inf, 0, 0)), and a row of seq_lens 0 (padding) comes out 0.
+    ``split``: one program per segment of keys plus a merge pass (flash-decoding),
+    for long contexts at small batch; the result is the same bits either way.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, width = k_cache.shape

@@ -41,7 +41,8 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [num_seqs, max_num_blocks] int64, rows padded with block 0
     seq_lens: torch.Tensor  # [num_seqs] int64: context length after this step
     query_start_loc: tuple[int, ...]  # len num_seqs + 1, host ints
-    seq_lens_host: tuple[int, ...]  # seq_lens as host ints
+    # seq_lens as host ints; in a CUDA graph's static batch a bound on each (runner/cuda_graph.py)
+    seq_lens_host: tuple[int, ...]
     block_size: int
     # query_start_loc on the device (int64), for kernels that find their rows there
     query_start_loc_tensor: torch.Tensor | None = None
@@ -107,10 +108,17 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     ``native``: one C++ call for both caches (float32 rows into a float32,
     float16 or int8 CPU cache), the same bits as the cast (or ``quantize_kv``)
     and ``index_copy_`` below.
+
+    A slot < 0 is padding (a batch padded to a static size, runner/cuda_graph.py)
+    and writes nothing. Here that is checked on the CPU only: on CUDA the check
+    would wait for the device, and padded CUDA steps use the Triton write.
     """
     if native and k.dtype == torch.float32 and k_cache.dtype in NATIVE_CACHE_DTYPES:
         kernels.ops().write_kv(k_cache, v_cache, k, v, slot_mapping)
         return
+    if slot_mapping.device.type == "cpu" and slot_mapping.numel() and slot_mapping.min() < 0:
+        keep = slot_mapping >= 0
+        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
     for cache, x in ((k_cache, k), (v_cache, v)):
         rows = to_cache_rows(x, cache.dtype)
         if cache.dtype in FP8_CACHE_DTYPES:  # index_copy_ has no float8 kernels: copy the bytes
@@ -183,6 +191,8 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     Padding keys are masked out and their K/V zeroed first (the cache holds
     anything where nobody wrote: it is not initialised), so they add exact
     zeros and a sequence's result does not depend on what else is in the batch.
+    A padding row (seq_lens 0, runner/cuda_graph.py) sees one zeroed key and
+    gives 0: a row that sees nothing is NaN on some SDPA backends.
     """
     block_size = k_cache.shape[1]
     max_len = meta.max_seq_len
@@ -190,9 +200,10 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     tables = meta.block_tables[:, :num_blocks]  # [S, nb]
     k = cache_rows_as(k_cache[tables].flatten(1, 2)[:, :max_len], q.dtype)  # [S, max_len, KVH, D]
     v = cache_rows_as(v_cache[tables].flatten(1, 2)[:, :max_len], q.dtype)
-    mask = torch.arange(max_len, device=q.device).unsqueeze(0) < meta.seq_lens.unsqueeze(1)
-    padding = ~mask[:, :, None, None]
+    keys = torch.arange(max_len, device=q.device).unsqueeze(0)  # [1, max_len]
+    padding = ~(keys < meta.seq_lens.unsqueeze(1))[:, :, None, None]
     k, v = k.masked_fill(padding, 0), v.masked_fill(padding, 0)
+    mask = keys < meta.seq_lens.clamp(min=1).unsqueeze(1)  # [S, max_len]
     qh = q.unsqueeze(2)  # [S, H, 1, D]
     kh = k.transpose(1, 2)  # [S, KVH, max_len, D]
     vh = v.transpose(1, 2)
