@@ -102,3 +102,20 @@ def test_a_stop_token_ends_the_output_exactly(tiny_checkpoint, stop_at):
     assert overlapped == plain
     token_ids, _, _, reason = overlapped[0][1][0]
     assert token_ids[-1] == stop_id and stop_id not in token_ids[:-1] and reason == "stop"
+
+
+def test_an_id_sent_again_while_its_old_step_is_in_flight_gets_its_own_tokens(tiny_checkpoint):
+    engine = LLM(str(tiny_checkpoint.hf_dir), **engine_options(True)).engine
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    engine.add_request("r", PROMPTS[0], greedy)
+    for _ in range(5):
+        engine.step()
+    assert engine._in_flight is not None and any(s.request_id == "r" for s in engine._in_flight[0].scheduled)
+    engine.abort_request("r")
+    engine.add_request("r", PROMPTS[1], greedy)  # the old step's results must not land on it
+    tokens = []
+    while engine.has_unfinished_requests():
+        tokens += [t for out in engine.step() for t in out.outputs[0].token_ids]
+    alone = LLM(str(tiny_checkpoint.hf_dir), **engine_options(False)).generate([PROMPTS[1]], greedy, use_tqdm=False)
+    assert tokens == alone[0].outputs[0].token_ids
+    engine.check_integrity()

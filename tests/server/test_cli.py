@@ -205,3 +205,19 @@ def test_tensor_parallel_ranks_that_cannot_meet_are_one_clear_line(tiny_checkpoi
         line = _startup_failure("serve", str(tiny_checkpoint.hf_dir), "-tp", "2", "--distributed-init-method",
                                 f"tcp://127.0.0.1:{port}")
     assert f"the tensor-parallel ranks could not meet at tcp://127.0.0.1:{port}" in line and "in use" in line
+
+
+def test_sigterm_to_the_whole_process_group_stops_the_server_and_its_engine_core_cleanly(tiny_checkpoint):
+    """systemd and `timeout` signal every process: the engine core leaves the shutdown to
+    the server, which stops it after the lifespan's end, so nothing dies mid-stream."""
+    port = free_port()
+    process = subprocess.Popen([*CLI, "serve", str(tiny_checkpoint.gguf_path), "--port", str(port),
+                                "--kv-cache-memory", "0.01"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    try:
+        wait_for_health(f"http://127.0.0.1:{port}", process)
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        log, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, log
+    assert "engine core is gone" not in log and "Application shutdown complete" in log

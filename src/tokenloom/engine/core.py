@@ -106,7 +106,11 @@ class LogSetup:
 def run_engine_core(config: EngineConfig, sock: socket.socket, log_setup: LogSetup) -> None:
     """The core process's main: build the engine, say so, and step until told to stop
     or until the server's end of the socket closes."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server, which stops us in order
+    # Ctrl-C (the terminal's process group) and a SIGTERM sent to every process (systemd,
+    # `timeout`) reach the server too, which finishes its streams and then stops us; a core
+    # whose server is gone sees the end of its socket and stops on its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     log_setup.apply()
     channel = BlockingChannel(sock)
     try:

@@ -133,6 +133,7 @@ class LLMEngine:
         # Constrained user requests whose grammar is not yet known to compile (request id -> sequences).
         self._compiling: dict[str, tuple[Request, ...]] = {}
         self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None  # async scheduling's step N
+        self._settled: list[RequestOutput] = []  # outputs of a step in flight applied early (_settle_in_flight)
         self.debug = os.environ.get("TOKENLOOM_DEBUG") == "1"
         logger.info("engine ready in %.1fs: %s%s, %s (quantization %s) on %s, %s kernels, %d KV blocks x %d "
                     "tokens (%.2f GiB) in %s, max_model_len %d, prefix caching %s, async scheduling %s",
@@ -166,6 +167,7 @@ class LLMEngine:
         if prepared.request_id in self.outputs:
             raise ValueError(f"request id {prepared.request_id!r} is already running")
         sequences = self._make_sequences(prepared.request_id, prepared.prompt_token_ids, prepared.params)
+        self._settle_in_flight({s.request_id for s in sequences})
         self.outputs.add(prepared.request_id, prepared.prompt, prepared.prompt_token_ids,
                          prepared.params, [s.request_id for s in sequences])
         for seq in sequences:
@@ -202,7 +204,8 @@ class LLMEngine:
 
         A sequence whose step N ends it (EOS, stop, abort) may have had step N+1
         computed too: that token is dropped, and the stop stays exact."""
-        failed = self._finish_failed_grammars()
+        ready = self._finish_failed_grammars() + self._settled  # outputs this turn made apart from steps
+        self._settled = []
         done: list[RequestOutput] = []
         if self._in_flight is not None and not self.scheduler.can_schedule_ahead():
             done = self._finish(*self._in_flight)  # a sequence must see its token before it is planned
@@ -211,7 +214,7 @@ class LLMEngine:
         self._record_prefix_cache()
         launched = None if out.is_empty else self._launch(out)
         if not self.config.scheduler.async_scheduling and launched is not None:
-            return failed + self._finish(out, launched)
+            return ready + self._finish(out, launched)
         if self._in_flight is not None:
             done = self._finish(*self._in_flight)
         self._in_flight = None if launched is None else (out, launched)
@@ -219,7 +222,15 @@ class LLMEngine:
             self._record_stats(out, 0)
             self._check_idle()
             self._wait_for_grammars()
-        return failed + done
+        return ready + done
+
+    def _settle_in_flight(self, sequence_ids: set[str]) -> None:
+        """A new sequence taking the id of one in the step in flight (aborted, then sent
+        again): apply that step first, so that its results cannot land on the newcomer.
+        Its outputs come with the next ``step()``."""
+        if self._in_flight is not None and any(s.request_id in sequence_ids for s in self._in_flight[0].scheduled):
+            self._settled.extend(self._finish(*self._in_flight))
+            self._in_flight = None
 
     def _launch(self, out: SchedulerOutput) -> LaunchedStep:
         draft_probs = self.drafter.draft_probs() if self.drafter is not None else None
