@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from tests.helpers.streams import read_then_leave
 from tokenloom import LLM, SamplingParams
 from tokenloom.engine.async_engine import AsyncLLMEngine
 from tokenloom.engine.llm_engine import LLMEngine
@@ -60,18 +61,7 @@ def test_concurrent_streams_equal_offline_greedy(async_engine, tiny_checkpoint):
 
 def test_leaving_a_stream_early_aborts_and_frees_blocks(async_engine):
     engine = async_engine.engine
-
-    async def read_two_then_leave():
-        stream = async_engine.generate("leaver", PROMPTS[0], SamplingParams(max_tokens=200, ignore_eos=True))
-        got = 0
-        async for _ in stream:
-            got += 1
-            if got == 2:
-                break
-        await stream.aclose()
-        return got
-
-    assert asyncio.run(read_two_then_leave()) == 2
+    assert asyncio.run(read_then_leave(async_engine, "leaver", PROMPTS[0])) == 2
     wait_until(lambda: not engine.has_unfinished_requests())
     wait_until(lambda: engine.kv_manager.pool.num_used_blocks == 0)
     assert async_engine.is_alive

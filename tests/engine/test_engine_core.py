@@ -12,6 +12,7 @@ import signal
 
 import pytest
 
+from tests.helpers.streams import read_then_leave
 from tokenloom import LLM, SamplingParams
 from tokenloom.engine.client import EngineDeadError
 from tokenloom.engine.core_client import EngineCoreClient
@@ -86,13 +87,7 @@ def test_concurrent_streams_equal_offline_greedy(served, tiny_checkpoint):
 
 def test_leaving_a_stream_early_aborts_and_frees_blocks(served):
     async def read_two_then_leave():
-        stream = served.client.generate("leaver", PROMPTS[0], SamplingParams(max_tokens=200, ignore_eos=True))
-        got = 0
-        async for _ in stream:
-            got += 1
-            if got == 2:
-                break
-        await stream.aclose()
+        got = await read_then_leave(served.client, "leaver", PROMPTS[0])
         assert served.client.stats.snapshot().kv_cache_usage > 0
         while served.client.stats.snapshot().kv_cache_usage > 0:  # the core's next message says so
             await asyncio.sleep(0.01)

@@ -20,7 +20,6 @@ checks it feeds (a stop string ends a sequence in the step that produced it).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import pickle
 import signal
@@ -170,7 +169,8 @@ class EngineCore:
             raise TypeError(f"unexpected message {type(message).__name__}")
 
     def _send(self, outputs: list[RequestOutput]) -> None:
-        wire = [dataclasses.replace(o, prompt=None, prompt_token_ids=[]) for o in outputs]
-        self.channel.send(CoreOutputs(wire, self._rejected, self.engine.stats.snapshot()))
+        for o in outputs:  # each step's deltas are its own objects: drop what the server has
+            o.prompt, o.prompt_token_ids = None, []
+        self.channel.send(CoreOutputs(outputs, self._rejected, self.engine.stats.snapshot()))
         self._rejected = []
         self._last_sent = time.monotonic()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import dataclasses
 import logging
 import multiprocessing
 import socket
@@ -212,6 +211,7 @@ class EngineCoreClient(EngineClient):
 
 
 def _with_prompt(output: RequestOutput, stream: RequestStream) -> RequestOutput:
-    """A delta as the engine made it: the core leaves out the prompt, which we sent it."""
-    prepared = stream.prepared
-    return dataclasses.replace(output, prompt=prepared.prompt, prompt_token_ids=prepared.prompt_token_ids)
+    """A delta as the engine made it: the core leaves out the prompt, which we sent it
+    (the unpickled delta is ours alone, so it is completed in place)."""
+    output.prompt, output.prompt_token_ids = stream.prepared.prompt, stream.prepared.prompt_token_ids
+    return output

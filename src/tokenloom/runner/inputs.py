@@ -53,12 +53,17 @@ class DraftRow:
 
 @dataclass(frozen=True, slots=True)
 class LastSampled:
-    """The token ids a step sampled, still on the device, and the row of each sequence's
-    last one among them: the next step, scheduled before the host saw them, reads its
+    """The token ids a step sampled, still on the device, and which sequences sampled
+    them: the next step, scheduled before the host saw them, reads its
     ``token_from_last_step`` tokens from here (overlapped scheduling)."""
 
     token_ids: torch.Tensor  # [num_sample_rows] int64
-    rows: dict[str, int]
+    sampled: tuple[ScheduledRequest, ...]  # ModelInputs.sampled of that step
+    sample_starts: tuple[int, ...]  # and where each one's sample rows begin
+
+    def last_rows(self) -> dict[str, int]:
+        """Each sequence's last sample row (the token after its drafts, with speculation)."""
+        return {sr.request_id: start + sr.num_sample_rows - 1 for sr, start in zip(self.sampled, self.sample_starts)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +82,7 @@ def prepare_inputs(out: SchedulerOutput, block_size: int, device: torch.device,
                    block_table: BlockTable, last_sampled: LastSampled | None = None) -> ModelInputs:
     input_ids: list[int] = []
     from_last: tuple[list[int], list[int]] = ([], [])  # (row in this batch, row in last_sampled)
+    last_rows: dict[str, int] | None = None  # built at the first sequence that reads last_sampled
     positions: list[int] = []
     slots: list[int] = []
     starts = [0]
@@ -88,8 +94,10 @@ def prepare_inputs(out: SchedulerOutput, block_size: int, device: torch.device,
     for sr in out.scheduled:
         row0 = len(input_ids)
         if sr.token_from_last_step:
+            if last_rows is None:
+                last_rows = last_sampled.last_rows() if last_sampled is not None else {}
             from_last[0].append(row0)
-            from_last[1].append(_last_sampled_row(last_sampled, sr.request_id))
+            from_last[1].append(_last_sampled_row(last_rows, sr.request_id))
         span = range(sr.num_computed_tokens, sr.context_len)
         input_ids.extend(sr.token_ids)
         positions.extend(span)
@@ -133,10 +141,10 @@ def prepare_inputs(out: SchedulerOutput, block_size: int, device: torch.device,
     )
 
 
-def _last_sampled_row(last: LastSampled | None, request_id: str) -> int:
-    if last is None or request_id not in last.rows:
+def _last_sampled_row(last_rows: dict[str, int], request_id: str) -> int:
+    if request_id not in last_rows:
         raise ValueError(f"request {request_id} reads a token of the last step, which did not sample it")
-    return last.rows[request_id]
+    return last_rows[request_id]
 
 
 def _sample_seqs(sr: ScheduledRequest) -> list[SamplingSequence]:

@@ -100,8 +100,7 @@ class ModelRunner:
         inputs, hidden, result = self.forward_and_sample(out, grammar, draft_probs)
         if result is None:
             return LaunchedStep(inputs, hidden, None)
-        self._last_sampled = LastSampled(result.token_ids, {
-            sr.request_id: start + sr.num_sample_rows - 1 for sr, start in zip(inputs.sampled, inputs.sample_starts)})
+        self._last_sampled = LastSampled(result.token_ids, inputs.sampled, inputs.sample_starts)
         copies = HostCopies([result.token_ids, result.logprob_token_ids, result.logprobs, result.sampled_ranks])
         return LaunchedStep(inputs, hidden, copies)
 
